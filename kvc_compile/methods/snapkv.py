@@ -1,0 +1,82 @@
+"""SnapKV: "SnapKV: LLM Knows What You Are Looking for Before Generation" (Li et al., NeurIPS 2024,
+arXiv 2404.14469).
+
+The last ``window_size`` prompt queries (the observation window) vote for the prefix keys they
+attend to; votes are smoothed by 1-D pooling so neighbours of important tokens survive, and the
+window itself is always kept. Defaults and semantics follow kvpress's ``SnapKVPress`` (window
+64, average pooling with kernel 5, votes averaged over the GQA group, window inside the budget);
+the paper's LongBench setting is ``window_size=32, kernel_size=7, pooling="max"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_mean
+
+POOLINGS = ("avg", "max")
+
+
+def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, window_size: int) -> Tensor:
+    """Attention of the last ``window_size`` queries over all keys, fp32, causal inside the window.
+
+    Returns [batch, q_heads, window, n]; padding keys get zero weight and padding queries a zero row.
+    """
+    batch, q_heads, n, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    window = queries[:, :, n - window_size :].float()
+    # Repeat KV heads lazily through a grouped view instead of materialising repeat_kv.
+    logits = torch.einsum(
+        "bhgwd,bhnd->bhgwn",
+        window.view(batch, kv_heads, group, window_size, head_dim),
+        keys.float(),
+    ).reshape(batch, q_heads, window_size, n) / math.sqrt(head_dim)
+    query_pos = torch.arange(n - window_size, n, device=keys.device)
+    key_pos = torch.arange(n, device=keys.device)
+    visible = (key_pos[None, :] <= query_pos[:, None])[None, None] & valid[:, None, None, :]
+    weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    query_valid = valid[:, n - window_size :]
+    return weights * query_valid[:, None, :, None]
+
+
+@dataclass(frozen=True)
+class SnapKV(Method):
+    name = "snapkv"
+    paper = "arXiv 2404.14469"
+
+    window_size: int = 64
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        if self.window_size <= 0:
+            raise ValueError(f"snapkv: window_size must be a positive integer, got {self.window_size}")
+        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"snapkv: kernel_size must be a positive odd integer (pooling keeps the length), "
+                f"got {self.kernel_size}"
+            )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"snapkv: unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
+
+    @property
+    def min_uncompressed_length(self) -> int:
+        return self.window_size
+
+    def score(self, inputs: ScoreInputs) -> Tensor:
+        keys, valid, w = inputs.keys, inputs.valid, self.window_size
+        n = keys.shape[2]
+        votes = window_attention(inputs.queries, keys, valid, w)[..., : n - w].mean(dim=-2)
+        pad = self.kernel_size // 2
+        if self.pooling == "avg":
+            votes = F.avg_pool1d(votes, self.kernel_size, stride=1, padding=pad)
+        else:
+            votes = F.max_pool1d(votes, self.kernel_size, stride=1, padding=pad)
+        scores = gqa_mean(votes, keys.shape[1])
+        return F.pad(scores, (0, w), value=PROTECTED)

@@ -1,0 +1,7 @@
+"""FX graph passes: find attention sites, insert compression after prefill attention."""
+
+from kvc_compile.passes.attention_sites import AttentionSite, find_attention_sites
+from kvc_compile.passes.manager import NoAttentionSiteError, PassManager
+from kvc_compile.passes.prefill_compression import InsertPrefillCompression
+
+__all__ = ["AttentionSite", "InsertPrefillCompression", "NoAttentionSiteError", "PassManager", "find_attention_sites"]

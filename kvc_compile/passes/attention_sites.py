@@ -1,0 +1,163 @@
+"""Find the attention sites of a traced decoder and the cache tensors each one reads.
+
+Works on Dynamo graphs (torch-level calls) and ``torch.export`` graphs (aten ops). An attention
+site is either a scaled-dot-product-attention call or transformers' eager pattern
+``matmul(q, k^T) [* scale] [+ mask] -> softmax -> [dropout] -> matmul(., v)``. From the site's
+key and value operands we walk back through the GQA expansion (``repeat_kv``: index, expand,
+reshape) to the tensors that the graph also returns: those are what the KV cache stores.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default}
+SOFTMAX_TARGETS = {torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default}
+SOFTMAX_METHODS = {"softmax"}
+ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor}
+
+# Ops that only re-lay out a tensor (repeat_kv, transposes, dtype casts): walked through when
+# looking for the cached tensor behind an attention operand.
+LAYOUT_METHODS = {"expand", "reshape", "view", "transpose", "contiguous", "repeat_interleave", "to", "unsqueeze", "clone", "float", "type_as"}
+LAYOUT_FUNCTIONS = {
+    operator.getitem, torch.repeat_interleave, torch.transpose, torch.reshape, torch.unsqueeze,
+    aten.expand.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.transpose.int,
+    aten.clone.default, aten._unsafe_view.default, aten.slice.Tensor, aten.repeat_interleave.self_int,
+    aten._to_copy.default, aten.alias.default, aten.contiguous.default, aten.permute.default,
+}
+# Ops between the score matmul and the softmax (scale, mask, dtype casts) or between the softmax
+# and the value matmul (dropout, casts).
+SCORE_CHAIN_METHODS = {"to", "float", "type_as", "contiguous"}
+SCORE_CHAIN_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, aten.mul.Tensor, aten.div.Tensor, F.dropout, aten.dropout.default, aten._to_copy.default, aten.clone.default} | ADD_TARGETS
+
+
+@dataclass
+class AttentionSite:
+    """One attention layer in a graph."""
+
+    layer_idx: int
+    attention: fx.Node  # the node after which the cache may be rewritten
+    query: fx.Node
+    cached_keys: fx.Node  # tensors the graph returns and the cache stores
+    cached_values: fx.Node
+    mask: fx.Node | None
+
+    @property
+    def query_length(self):
+        return fake_value(self.query).shape[-2]
+
+    @property
+    def cached_length(self):
+        return fake_value(self.cached_keys).shape[-2]
+
+    @property
+    def is_prefill(self) -> bool:
+        """Query length above 1 and nothing cached before this call (cache length == query length)."""
+        q_len, kv_len = self.query_length, self.cached_length
+        if isinstance(q_len, int) and q_len == 1:
+            return False
+        return statically_known_true(q_len == kv_len)
+
+
+def fake_value(node: fx.Node):
+    value = node.meta.get("val", node.meta.get("example_value"))
+    if value is None:
+        raise ValueError(f"node {node.name} carries no shape metadata; run the pass on a traced graph")
+    return value
+
+
+def graph_outputs(graph: fx.Graph) -> set[fx.Node]:
+    outputs: set[fx.Node] = set()
+    fx.node.map_arg(graph.output_node().args, outputs.add)
+    return outputs
+
+
+def _is_call(node: fx.Node, functions: set, methods: set = frozenset()) -> bool:
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods
+    )
+
+
+def _cached_source(node: fx.Node, outputs: set[fx.Node]) -> fx.Node | None:
+    """Walk back through layout-only ops to a tensor the graph returns."""
+    while isinstance(node, fx.Node):
+        if node in outputs:
+            return node
+        if not _is_call(node, LAYOUT_FUNCTIONS, LAYOUT_METHODS) or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _sdpa_site(node: fx.Node, outputs: set[fx.Node]) -> tuple | None:
+    query, keys, values = node.args[:3]
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    cached_keys, cached_values = _cached_source(keys, outputs), _cached_source(values, outputs)
+    if cached_keys is None or cached_values is None:
+        return None
+    return node, query, cached_keys, cached_values, mask
+
+
+def _eager_site(node: fx.Node, outputs: set[fx.Node]) -> tuple | None:
+    """``node`` is a matmul; accept it if it is q @ K^T of the eager attention pattern."""
+    cached_keys = _cached_source(node.args[1], outputs)
+    if cached_keys is None:
+        return None
+    mask, current = None, node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if _is_call(user, SOFTMAX_TARGETS, SOFTMAX_METHODS):
+            current = user
+            break
+        if not _is_call(user, SCORE_CHAIN_FUNCTIONS, SCORE_CHAIN_METHODS):
+            return None
+        if _is_call(user, ADD_TARGETS):
+            mask = next((a for a in user.args if isinstance(a, fx.Node) and a is not current), None)
+        current = user
+    else:
+        return None
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if _is_call(user, MATMUL_TARGETS) and user.args[0] is current:
+            cached_values = _cached_source(user.args[1], outputs)
+            if cached_values is None:
+                return None
+            return user, node.args[0], cached_keys, cached_values, mask
+        if not _is_call(user, SCORE_CHAIN_FUNCTIONS, SCORE_CHAIN_METHODS):
+            return None
+        current = user
+    return None
+
+
+def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
+    """Every attention site of ``graph`` that reads cached keys and values, in layer order."""
+    outputs = graph_outputs(graph)
+    sites: list[AttentionSite] = []
+    for node in graph.nodes:
+        found = None
+        if _is_call(node, SDPA_TARGETS):
+            found = _sdpa_site(node, outputs)
+        elif _is_call(node, MATMUL_TARGETS):
+            found = _eager_site(node, outputs)
+        if found is not None:
+            sites.append(AttentionSite(len(sites), *found))
+    return sites
+
+
+def root_module_name(gm: fx.GraphModule) -> str:
+    """The class name of the traced model, read from Dynamo's module-stack metadata when present."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            _, module_type = next(iter(stack.values()))
+            return getattr(module_type, "__name__", str(module_type))
+    return type(gm).__name__

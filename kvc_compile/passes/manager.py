@@ -1,0 +1,36 @@
+"""The pass manager: analyses the graph once, then applies the kvc passes in a stated order."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from kvc_compile.config import CompressionConfig
+from kvc_compile.passes.attention_sites import find_attention_sites, root_module_name
+from kvc_compile.passes.prefill_compression import InsertPrefillCompression
+
+
+class NoAttentionSiteError(RuntimeError):
+    pass
+
+
+class PassManager:
+    """Order: (1) find attention sites, (2) insert prefill compression."""
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+        self.passes = [InsertPrefillCompression(config)]
+
+    def run(self, gm: fx.GraphModule) -> int:
+        """Rewrite ``gm`` in place; returns the number of compressed sites."""
+        sites = find_attention_sites(gm.graph)
+        if not sites:
+            raise NoAttentionSiteError(
+                f"kvc: no attention site found in the graph traced from {root_module_name(gm)}. The pass "
+                f"recognises scaled_dot_product_attention and transformers' eager attention whose keys and "
+                f"values are also returned as the KV cache: call the model with use_cache=True, and compile "
+                f"the whole decoder (a graph break inside attention hides it; fullgraph=True shows where)."
+            )
+        rewritten = sum(p(gm.graph, sites) for p in self.passes)
+        gm.graph.lint()
+        gm.recompile()
+        return rewritten
