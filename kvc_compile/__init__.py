@@ -1,0 +1,27 @@
+"""kvc-compile: KV-cache compression as a torch.compile graph pass.
+
+    model.compile(backend="kvc", options={"method": "snapkv", "compression_ratio": 0.5})
+    model.generate(input_ids, max_new_tokens=32)   # the cache inside is the compressed one
+"""
+
+from kvc_compile.backend import kvc_backend
+from kvc_compile.cache import CompressedCache, cache_nbytes, kept_tokens_per_layer
+from kvc_compile.config import CompressionConfig
+from kvc_compile.methods import list_methods
+from kvc_compile.models import ModelNotFoundError, load_model
+from kvc_compile.reference import reference_generate, reference_prefill
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressedCache",
+    "CompressionConfig",
+    "ModelNotFoundError",
+    "cache_nbytes",
+    "kept_tokens_per_layer",
+    "kvc_backend",
+    "list_methods",
+    "load_model",
+    "reference_generate",
+    "reference_prefill",
+]

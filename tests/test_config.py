@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from kvc_compile import CompressionConfig, list_methods
+
+
+def test_registry_lists_first_methods():
+    assert {"snapkv", "streamingllm", "knorm", "random"} <= set(list_methods())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "snapk", "compression_ratio": 0.5}, "unknown method 'snapk'; valid methods: "),
+        ({"method": "snapkv", "compression_ratio": 1.0}, "compression_ratio must be a number in [0, 1)"),
+        ({"method": "snapkv", "compression_ratio": -0.1}, "compression_ratio must be a number in [0, 1)"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "budget": 64}, "give exactly one of compression_ratio"),
+        ({"method": "snapkv"}, "got neither"),
+        ({"method": "snapkv", "budget": 0}, "budget must be a positive integer"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "window_size": 0}, "window_size must be a positive integer"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "window_size": -4}, "window_size must be a positive integer"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "kernel_size": 4}, "kernel_size must be a positive odd"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "pooling": "median"}, "valid choices: avg, max"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "windw_size": 8}, "unknown option(s) 'windw_size'"),
+        ({"method": "knorm", "compression_ratio": 0.5, "window_size": 8}, "valid options: method, compression_ratio"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "window_size": 8.5}, "must be of type int"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "inner_backend": "aot"}, "valid choices: inductor, eager"),
+        ({"compression_ratio": 0.5}, "must name a 'method'"),
+    ],
+)
+def test_bad_options_are_rejected_with_the_fix(options, message):
+    with pytest.raises(ValueError) as error:
+        CompressionConfig.from_options(options)
+    assert message in str(error.value)
+
+
+def test_bad_options_fail_before_compilation():
+    """The backend validates first: the error surfaces from the first call, naming the problem."""
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="kvc", options={"method": "snapkv", "compression_ratio": 2})
+    with pytest.raises(Exception, match=r"compression_ratio must be a number in \[0, 1\)"):
+        compiled(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "options, n, expected",
+    [
+        ({"compression_ratio": 0.5}, 200, 100),
+        ({"compression_ratio": 0.5}, 201, 100),  # floor(n * (1 - ratio))
+        ({"compression_ratio": 0.75}, 203, 50),
+        ({"compression_ratio": 0.7}, 210, 63),  # exact arithmetic: 0.3 * 210 is 63, not 62.99...
+        ({"compression_ratio": 0.0}, 200, 200),
+        ({"compression_ratio": 0.5}, 64, 64),  # not longer than the window: left whole
+        ({"compression_ratio": 0.5}, 65, 32),
+        ({"budget": 100}, 300, 100),
+        ({"budget": 100}, 80, 80),  # shorter than the budget: left whole
+    ],
+)
+def test_kept_length(options, n, expected):
+    config = CompressionConfig.from_options({"method": "snapkv", **options})
+    assert config.kept_length(n) == expected
+
+
+def test_kept_length_without_window_compresses_short_prompts():
+    config = CompressionConfig.from_options({"method": "knorm", "compression_ratio": 0.5})
+    assert config.kept_length(10) == 5
+
+
+def test_spec_round_trip():
+    config = CompressionConfig.from_options({"method": "snapkv", "budget": 32, "window_size": 8, "pooling": "max"})
+    assert CompressionConfig.from_spec(config.to_spec()) == config

@@ -1,0 +1,118 @@
+"""Each method's formula pinned on a case small enough to check by hand."""
+
+import math
+
+import pytest
+import torch
+
+from kvc_compile.methods.base import ScoreInputs, compress_layer, select_kept
+from kvc_compile.methods.knorm import KNorm
+from kvc_compile.methods.random import Random
+from kvc_compile.methods.snapkv import SnapKV
+from kvc_compile.methods.streamingllm import StreamingLLM
+
+INF = float("inf")
+
+
+def inputs(keys, queries=None, valid=None, values=None, layer_idx=0):
+    keys = torch.as_tensor(keys, dtype=torch.float32)
+    queries = keys.new_ones(keys.shape) if queries is None else torch.as_tensor(queries, dtype=torch.float32)
+    valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool) if valid is None else valid
+    return ScoreInputs(queries, keys, keys if values is None else values, valid, layer_idx)
+
+
+# SnapKV, one head, head_dim 1, window 2, queries 1 -> logit of key j is k_j.
+# keys [0, ln 3, 0, 0, 0, 0]: the query at position 4 sees exp-weights [1, 3, 1, 1, 1] (sum 7), the one at
+# position 5 [1, 3, 1, 1, 1, 1] (sum 8). Prefix votes (mean over the two queries), in units of 1/112:
+# j=0: (1/7 + 1/8)/2 = 15, j=1: 45, j=2: 15, j=3: 15.
+SNAP_KEYS = [[[[0.0], [math.log(3)], [0.0], [0.0], [0.0], [0.0]]]]
+
+
+def test_snapkv_votes_without_pooling():
+    scores = SnapKV(window_size=2, kernel_size=1).score(inputs(SNAP_KEYS))
+    expected = torch.tensor([15, 45, 15, 15]) / 112
+    torch.testing.assert_close(scores[0, 0, :4], expected)
+    assert torch.isinf(scores[0, 0, 4:]).all()  # the window is always kept
+
+
+def test_snapkv_average_pooling_counts_padding():
+    # kernel 3, zero padding counted: j=0 (0+15+45)/3=20, j=1 (15+45+15)/3=25, j=2 25, j=3 (15+15+0)/3=10.
+    scores = SnapKV(window_size=2, kernel_size=3, pooling="avg").score(inputs(SNAP_KEYS))
+    torch.testing.assert_close(scores[0, 0, :4], torch.tensor([20, 25, 25, 10]) / 112)
+
+
+def test_snapkv_max_pooling():
+    scores = SnapKV(window_size=2, kernel_size=3, pooling="max").score(inputs(SNAP_KEYS))
+    torch.testing.assert_close(scores[0, 0, :4], torch.tensor([45, 45, 45, 15]) / 112)
+
+
+def test_snapkv_averages_votes_over_the_gqa_group():
+    keys = torch.tensor(SNAP_KEYS)
+    # Two query heads share the KV head; the second has zero queries, so its attention is uniform over what it sees:
+    # position 4 sees 5 keys (1/5 each), position 5 sees 6 (1/6): prefix vote (1/5 + 1/6)/2 = 11/60 each.
+    queries = torch.cat([torch.ones(1, 1, 6, 1), torch.zeros(1, 1, 6, 1)], dim=1)
+    scores = SnapKV(window_size=2, kernel_size=1).score(inputs(keys, queries))
+    expected = (torch.tensor([15, 45, 15, 15]) / 112 + 11 / 60) / 2
+    torch.testing.assert_close(scores[0, 0, :4], expected)
+
+
+def test_snapkv_padding_gets_no_attention_and_no_vote():
+    keys = torch.tensor([[[[5.0], [0.0], [math.log(3)], [0.0], [0.0], [0.0], [0.0]]]])
+    valid = torch.tensor([[False, True, True, True, True, True, True]])
+    scores = SnapKV(window_size=2, kernel_size=1).score(inputs(keys, valid=valid))
+    # With the padded key masked out this is the hand case above shifted by one position.
+    torch.testing.assert_close(scores[0, 0, 1:5], torch.tensor([15, 45, 15, 15]) / 112)
+    assert scores[0, 0, 0] == 0
+
+
+def test_streamingllm_keeps_sinks_and_recent_tokens():
+    keys = torch.randn(1, 2, 10, 4)
+    sink = StreamingLLM(n_sink=2)
+    kept = select_kept(sink.score(inputs(keys)), torch.ones(1, 10, dtype=torch.bool), 6)
+    assert kept[0, 0].tolist() == [0, 1, 6, 7, 8, 9]
+    assert kept[0, 1].tolist() == [0, 1, 6, 7, 8, 9]
+
+
+def test_streamingllm_sinks_start_at_the_first_real_token():
+    keys = torch.randn(1, 1, 10, 4)
+    valid = torch.tensor([[False, False] + [True] * 8])
+    kept = select_kept(StreamingLLM(n_sink=2).score(inputs(keys, valid=valid)), valid, 5)
+    assert kept[0, 0].tolist() == [2, 3, 7, 8, 9]
+
+
+def test_knorm_keeps_the_smallest_keys():
+    keys = torch.tensor([[[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.3, 0.4]]]])  # norms 5, 1, 2, 0.5
+    scores = KNorm().score(inputs(keys))
+    torch.testing.assert_close(scores[0, 0], torch.tensor([-5.0, -1.0, -2.0, -0.5]))
+    kept = select_kept(scores, torch.ones(1, 4, dtype=torch.bool), 2)
+    assert kept[0, 0].tolist() == [1, 3]
+
+
+def test_random_is_seeded_per_layer_and_seed():
+    keys = torch.randn(2, 2, 50, 4)
+    first = Random(seed=3).score(inputs(keys, layer_idx=1))
+    assert torch.equal(first, Random(seed=3).score(inputs(keys, layer_idx=1)))
+    assert not torch.equal(first, Random(seed=4).score(inputs(keys, layer_idx=1)))
+    assert not torch.equal(first, Random(seed=3).score(inputs(keys, layer_idx=0)))
+
+
+def test_selection_sorts_and_never_prefers_padding():
+    scores = torch.tensor([[[9.0, 8.0, 1.0, 3.0, 2.0, 7.0]]])
+    valid = torch.tensor([[False, False, True, True, True, True]])
+    assert select_kept(scores, valid, 3).tolist() == [[[3, 4, 5]]]
+    # Forced to keep more than the row's real tokens: the padding slots come first.
+    assert select_kept(scores, valid, 5)[0, 0, 1:].tolist() == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("n_kept", [3, 8])
+def test_compress_layer_gathers_kept_tokens(n_kept):
+    keys, values = torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4)
+    q = torch.randn(2, 4, 8, 4)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    kept_keys, kept_values, kept = compress_layer(KNorm(), n_kept, q, keys, values, valid, 0)
+    assert kept_keys.shape == (2, 2, n_kept, 4)
+    for b in range(2):
+        for h in range(2):
+            assert torch.equal(kept_keys[b, h], keys[b, h, kept[b, h]])
+            assert torch.equal(kept_values[b, h], values[b, h, kept[b, h]])
+    assert kept_keys.data_ptr() != keys.data_ptr()  # custom-op outputs never alias inputs
