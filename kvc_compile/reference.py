@@ -72,9 +72,18 @@ def reference_prefill(
     """Run the prompt eagerly and compress every layer's cache with the reference method."""
     config = _as_config(config)
     cache = CompressedCache()
+    position_ids = None
+    if attention_mask is not None:  # left padding: count positions from each row's first real token
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     with _capture_prefill_attention(model) as captured:
         # .forward, not __call__: a model compiled in place must still run eagerly here.
-        out = model.forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = model.forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
     kept_indices = []
     for layer_idx in sorted(captured):
         query, keys, values, mask = captured[layer_idx]

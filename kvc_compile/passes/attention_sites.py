@@ -10,6 +10,7 @@ reshape) to the tensors that the graph also returns: those are what the KV cache
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -154,10 +155,21 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
 
 
 def root_module_name(gm: fx.GraphModule) -> str:
-    """The class name of the traced model, read from Dynamo's module-stack metadata when present."""
+    """The class of the traced model, for error messages (best effort).
+
+    Dynamo graphs do not record the root module, so look for the ``self`` of the frame Dynamo is
+    converting on the Python stack; fall back to the outermost module in the graph's module stack.
+    """
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and "convert_frame" in frame.f_code.co_filename:
+            frame_locals = frame.f_locals.get("locals")
+            if isinstance(frame_locals, dict) and isinstance(frame_locals.get("self"), torch.nn.Module):
+                return type(frame_locals["self"]).__name__
+        frame = frame.f_back
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:
             _, module_type = next(iter(stack.values()))
             return getattr(module_type, "__name__", str(module_type))
-    return type(gm).__name__
+    return "the compiled function"
