@@ -177,5 +177,8 @@ def test_inductor_end_to_end_tiny():
 
 
 def test_backend_is_registered_by_entry_point():
-    code = "import sys, torch; ok = 'kvc' in torch._dynamo.list_backends(); sys.exit(0 if ok and 'kvc_compile' not in sys.modules else 1)"
+    code = (
+        "import sys, torch; ok = 'kvc' in torch._dynamo.list_backends(); "
+        "sys.exit(0 if ok and 'kvc_compile' not in sys.modules else 1)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for column in ("key", "full cache", "compressed", "cache bytes full -> compressed"):
         table.add_column(column)
     start = time.perf_counter()
-    for sample, (full_text, full_out) in zip(samples, full_answers):
+    for sample, (full_text, full_out) in zip(samples, full_answers, strict=True):
         ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
         out = _generate(model, ids, 8)
         text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)

@@ -20,7 +20,11 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+SDPA_TARGETS = {
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention.default,
+}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default}
 SOFTMAX_TARGETS = {torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default}
 SOFTMAX_METHODS = {"softmax"}
@@ -28,7 +32,10 @@ ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor}
 
 # Ops that only re-lay out a tensor (repeat_kv, transposes, dtype casts): walked through when
 # looking for the cached tensor behind an attention operand.
-LAYOUT_METHODS = {"expand", "reshape", "view", "transpose", "contiguous", "repeat_interleave", "to", "unsqueeze", "clone", "float", "type_as"}
+LAYOUT_METHODS = {
+    "expand", "reshape", "view", "transpose", "contiguous", "repeat_interleave", "to", "unsqueeze", "clone", "float",
+    "type_as",
+}
 LAYOUT_FUNCTIONS = {
     operator.getitem, torch.repeat_interleave, torch.transpose, torch.reshape, torch.unsqueeze,
     aten.expand.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.transpose.int,
@@ -38,7 +45,10 @@ LAYOUT_FUNCTIONS = {
 # Ops between the score matmul and the softmax (scale, mask, dtype casts) or between the softmax
 # and the value matmul (dropout, casts).
 SCORE_CHAIN_METHODS = {"to", "float", "type_as", "contiguous"}
-SCORE_CHAIN_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, aten.mul.Tensor, aten.div.Tensor, F.dropout, aten.dropout.default, aten._to_copy.default, aten.clone.default} | ADD_TARGETS
+SCORE_CHAIN_FUNCTIONS = {
+    operator.mul, operator.truediv, torch.mul, aten.mul.Tensor, aten.div.Tensor, F.dropout, aten.dropout.default,
+    aten._to_copy.default, aten.clone.default,
+} | ADD_TARGETS
 
 
 @dataclass
