@@ -1,6 +1,7 @@
 """Find the attention sites of a traced decoder and the cache tensors each one reads.
 
-Works on Dynamo graphs (torch-level calls) and ``torch.export`` graphs (aten ops). An attention
+Works on Dynamo graphs (torch-level calls); the aten-level spellings are listed too so that the same
+analysis can serve ``torch.export`` graphs (not yet exercised by the tests). An attention
 site is either a scaled-dot-product-attention call or transformers' eager pattern
 ``matmul(q, k^T) [* scale] [+ mask] -> softmax -> [dropout] -> matmul(., v)``. From the site's
 key and value operands we walk back through the GQA expansion (``repeat_kv``: index, expand,
