@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m kvc_compile.cli.demo
+	# SnapKV with the paper's LongBench setting (window 32, max-pool 7); kvpress's defaults lose key digits on SmolLM2.
+	$(PY) -m kvc_compile.cli.demo --option window_size=32 --option kernel_size=7 --option pooling=max
 
 test: install
-	$(PY) -m ruff check kvc_compile tests examples
+	$(PY) -m ruff check kvc_compile tests examples benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check kvc_compile tests examples
+	$(PY) -m ruff check kvc_compile tests examples benchmarks

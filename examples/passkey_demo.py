@@ -13,7 +13,11 @@ sample = passkey_sample(tokenizer, target_tokens=1500, seed=0)
 input_ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
 
 # In place: generate() calls the compiled forward, so the cache it carries is the compressed one.
-model.compile(backend="kvc", options={"method": "snapkv", "compression_ratio": 0.5}, dynamic=True)
+model.compile(
+    backend="kvc",
+    options={"method": "snapkv", "compression_ratio": 0.5, "window_size": 32, "kernel_size": 7, "pooling": "max"},
+    dynamic=True,
+)
 with torch.no_grad():
     out = model.generate(input_ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
 
