@@ -38,6 +38,9 @@ class CompressionConfig:
     inner_backend: str = "inductor"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str):
+            raise ValueError(f"method must be a method name (a string), got {self.method!r}; valid methods: "
+                             f"{', '.join(list_methods())}")
         method_class(self.method)  # unknown method -> ValueError listing the valid ones
         if (self.compression_ratio is None) == (self.budget is None):
             given = "both" if self.compression_ratio is not None else "neither"

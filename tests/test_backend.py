@@ -79,12 +79,15 @@ def test_left_padding_is_never_kept_and_generation_matches_reference():
         assert kept[2, :, 10:].min() >= 30 and (kept[2, :, :10] < 30).all()
     expected = reference_generate(model, ids, opts, max_new_tokens=10, attention_mask=mask)
     model.compile(backend="kvc", options=opts)
+    counters.clear()
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
             past_key_values=CompressedCache(), return_dict_in_generate=True,
         )
     assert torch.equal(out.sequences[:, PROMPT:], expected)
+    # Prefill, then decode once static and once dynamic: the logical length does not recompile every step.
+    assert counters["stats"]["unique_graphs"] <= 3
     # Row 2 keeps all 10 of its real tokens: its padding slots are masked, so it matches the row alone, uncompressed.
     alone_tokens = reference_generate(model, ids[2:3, 30:], opts | {"compression_ratio": 0.0}, max_new_tokens=10)
     assert torch.equal(out.sequences[2:3, PROMPT:], alone_tokens)
@@ -112,6 +115,21 @@ def test_prompt_not_longer_than_the_window_is_left_uncompressed():
     with torch.no_grad():
         out = torch.compile(model, backend="kvc", options=options("snapkv"))(ids, use_cache=True)
     assert out.past_key_values.layers[0].keys.shape[-2] == 8
+
+
+def test_prompt_not_longer_than_the_budget_is_left_uncompressed():
+    model = tiny_model("llama")
+    opts = {"method": "knorm", "budget": 64, "inner_backend": "eager"}
+    with torch.no_grad():
+        out = torch.compile(model, backend="kvc", options=opts)(random_prompt(1, PROMPT), use_cache=True)
+    assert out.past_key_values.layers[0].keys.shape[-2] == PROMPT
+
+
+def test_mode_without_options_gets_the_options_error():
+    """torch.compile forbids mode together with options; mode alone must still reach a clear message."""
+    compiled = torch.compile(tiny_model("llama"), backend="kvc", mode="max-autotune")
+    with pytest.raises(Exception, match="the kvc backend needs options"):
+        compiled(random_prompt(1, PROMPT), use_cache=True)
 
 
 def test_budget_keeps_an_absolute_count():

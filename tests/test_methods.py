@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvc_compile.methods.base import ScoreInputs, compress_layer, select_kept
 from kvc_compile.methods.knorm import KNorm
@@ -116,3 +118,23 @@ def test_compress_layer_gathers_kept_tokens(n_kept):
             assert torch.equal(kept_keys[b, h], keys[b, h, kept[b, h]])
             assert torch.equal(kept_values[b, h], values[b, h, kept[b, h]])
     assert kept_keys.data_ptr() != keys.data_ptr()  # custom-op outputs never alias inputs
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    pad=st.integers(0, 39),
+    kept_fraction=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_properties(n, pad, kept_fraction, seed):
+    """Exactly n_kept distinct ascending indices; padding only when the row has too few real tokens."""
+    pad = min(pad, n - 1)
+    n_kept = max(1, int(n * kept_fraction))
+    scores = torch.randn(1, 2, n, generator=torch.Generator().manual_seed(seed))
+    valid = torch.arange(n)[None] >= pad
+    kept = select_kept(scores, valid, n_kept)
+    assert kept.shape == (1, 2, n_kept)
+    assert (kept.diff(dim=-1) > 0).all()
+    padding_kept = (kept < pad).sum(dim=-1)
+    assert (padding_kept == max(0, n_kept - (n - pad))).all()

@@ -17,9 +17,14 @@ from kvc_compile.passes import PassManager
 
 
 def kvc_backend(
-    gm: fx.GraphModule, example_inputs: list[torch.Tensor], options: dict[str, Any] | None = None
+    gm: fx.GraphModule,
+    example_inputs: list[torch.Tensor],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
 ) -> Callable:
-    config = CompressionConfig.from_options(options)
+    # torch.compile refuses mode together with options, so ``mode`` only arrives alone; accepting it
+    # lets that call reach the clear "needs options" error instead of a TypeError.
+    config = CompressionConfig.from_options(options)  # validate before touching the graph
     PassManager(config).run(gm)
     if config.inner_backend == "eager":
         return gm.forward
