@@ -183,6 +183,13 @@ def test_graph_without_attention_names_the_model():
     assert isinstance(error.value.__cause__ or error.value, (NoAttentionSiteError, Exception))
 
 
+def test_all_sliding_window_layers_are_reported():
+    model = tiny_model("mistral", sliding_window=16)
+    compiled = torch.compile(model, backend="kvc", options=options("knorm"))
+    with pytest.raises(Exception, match="MistralForCausalLM.*Sliding-window layers"):
+        compiled(random_prompt(1, PROMPT), use_cache=True)
+
+
 def test_inductor_end_to_end_tiny():
     model = tiny_model("qwen3")
     ids = random_prompt(1, PROMPT)
@@ -200,3 +207,45 @@ def test_backend_is_registered_by_entry_point():
         "sys.exit(0 if ok and 'kvc_compile' not in sys.modules else 1)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+class RepeatKVAttention(torch.nn.Module):
+    """Attention as transformers writes it when SDPA cannot take enable_gqa: repeat_kv, then plain SDPA."""
+
+    def __init__(self, dim=16, q_heads=4, kv_heads=2, head_dim=8):
+        super().__init__()
+        self.shape = (q_heads, kv_heads, head_dim)
+        self.q_proj = torch.nn.Linear(dim, q_heads * head_dim)
+        self.k_proj = torch.nn.Linear(dim, kv_heads * head_dim)
+        self.v_proj = torch.nn.Linear(dim, kv_heads * head_dim)
+
+    def forward(self, x):
+        batch, n, _ = x.shape
+        q_heads, kv_heads, head_dim = self.shape
+        q = self.q_proj(x).view(batch, n, q_heads, head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, n, kv_heads, head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, n, kv_heads, head_dim).transpose(1, 2)
+
+        def repeat_kv(t):
+            return t[:, :, None].expand(batch, kv_heads, q_heads // kv_heads, n, head_dim).reshape(
+                batch, q_heads, n, head_dim
+            )
+
+        out = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), is_causal=True)
+        return out, q, k, v
+
+
+def test_sdpa_after_repeat_kv_is_found():
+    from kvc_compile.ops import compress_kv
+
+    torch.manual_seed(0)
+    module = RepeatKVAttention()
+    x = torch.randn(2, 30, 16)
+    opts = options("snapkv")
+    with torch.no_grad():
+        _, q, k, v = module(x)
+        expected_k, expected_v, _ = compress_kv(q, k, v, None, 0, CompressionConfig.from_options(opts).to_spec())
+        _, _, kept_k, kept_v = torch.compile(module, backend="kvc", options=opts)(x)
+    assert kept_k.shape == (2, 2, 15, 8)
+    torch.testing.assert_close(kept_k, expected_k)
+    torch.testing.assert_close(kept_v, expected_v)

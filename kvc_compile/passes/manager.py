@@ -28,7 +28,9 @@ class PassManager:
                 f"kvc: no attention site found in the graph traced from {root_module_name(gm)}. The pass "
                 f"recognises scaled_dot_product_attention and transformers' eager attention whose keys and "
                 f"values are also returned as the KV cache: call the model with use_cache=True, and compile "
-                f"the whole decoder (a graph break inside attention hides it; fullgraph=True shows where)."
+                f"the whole decoder (a graph break inside attention hides it; fullgraph=True shows where). "
+                f"Sliding-window layers cache only a slice of what attention reads and are left uncompressed: "
+                f"a model whose every layer slides (config.sliding_window set) has nothing to compress."
             )
         rewritten = sum(p(gm.graph, sites) for p in self.passes)
         gm.graph.lint()
