@@ -13,8 +13,6 @@ from kvc_compile.methods.random import Random
 from kvc_compile.methods.snapkv import SnapKV
 from kvc_compile.methods.streamingllm import StreamingLLM
 
-INF = float("inf")
-
 
 def inputs(keys, queries=None, valid=None, values=None, layer_idx=0):
     keys = torch.as_tensor(keys, dtype=torch.float32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -36,10 +36,6 @@ class ScoreInputs:
     valid: Tensor
     layer_idx: int
 
-    @property
-    def group_size(self) -> int:
-        return self.queries.shape[1] // self.keys.shape[1]
-
 
 @dataclass(frozen=True)
 class Method(ABC):
@@ -60,9 +56,6 @@ class Method(ABC):
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
-
-    def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def gqa_mean(per_query_head: Tensor, kv_heads: int) -> Tensor:
