@@ -20,7 +20,7 @@ import transformers
 from tqdm import tqdm
 
 from kvc_compile import load_model, reference_generate
-from kvc_compile.eval.passkey import answer_is_correct, passkey_sample
+from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 
 CONFIGS = {
     "full cache": {"method": "snapkv", "compression_ratio": 0.0},
@@ -44,8 +44,7 @@ def main() -> int:
     correct = dict.fromkeys(CONFIGS, 0)
     start = time.perf_counter()
     for seed in tqdm(range(args.samples), desc="samples"):
-        sample = passkey_sample(tokenizer, args.context_tokens, seed)
-        ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+        sample, ids = passkey_inputs(tokenizer, args.context_tokens, seed)
         for name, options in CONFIGS.items():
             tokens = reference_generate(model, ids, options, max_new_tokens=8)
             correct[name] += answer_is_correct(tokenizer.decode(tokens[0]), sample)

@@ -6,11 +6,10 @@ Run: python examples/passkey_demo.py   (or `make demo`)
 import torch
 
 import kvc_compile
-from kvc_compile.eval.passkey import passkey_sample
+from kvc_compile.eval.passkey import passkey_inputs
 
 model, tokenizer = kvc_compile.load_model("smollm2-135m")
-sample = passkey_sample(tokenizer, target_tokens=1500, seed=0)
-input_ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+sample, input_ids = passkey_inputs(tokenizer, target_tokens=1500, seed=0)
 
 # In place: generate() calls the compiled forward, so the cache it carries is the compressed one.
 model.compile(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvc_compile import CompressionConfig, reference_generate, reference_prefill
-from kvc_compile.eval.passkey import answer_is_correct, passkey_sample
+from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 from kvc_compile.methods.base import gather_kept
 
 pytestmark = pytest.mark.smollm2
@@ -31,14 +31,9 @@ def _fresh_dynamo():
     yield  # keep the module's compiled program between its tests
 
 
-def _passkey_ids(tokenizer, seed):
-    sample = passkey_sample(tokenizer, target_tokens=1300, seed=seed)
-    return sample, tokenizer(sample.prompt, return_tensors="pt").input_ids
-
-
 def test_compiled_generate_keeps_reference_tokens(compiled_smollm2):
     model, tokenizer = compiled_smollm2
-    _, ids = _passkey_ids(tokenizer, seed=0)
+    _, ids = passkey_inputs(tokenizer, target_tokens=1300, seed=0)
     n = ids.shape[1]
     n_kept = CompressionConfig.from_options(PAPER_SNAPKV).kept_length(n)
     reference = reference_prefill(model, ids, PAPER_SNAPKV)
@@ -59,7 +54,7 @@ def test_passkey_accuracy_compressed_matches_full_cache(compiled_smollm2, record
     model, tokenizer = compiled_smollm2
     full_correct = compressed_correct = 0
     for seed in range(PASSKEY_SAMPLES):
-        sample, ids = _passkey_ids(tokenizer, seed)
+        sample, ids = passkey_inputs(tokenizer, target_tokens=1300, seed=seed)
         with torch.no_grad():
             compressed = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         full = reference_generate(model, ids, {"method": "snapkv", "compression_ratio": 0.0}, NEW_TOKENS)

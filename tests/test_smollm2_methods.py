@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvc_compile import reference_generate, reference_prefill
-from kvc_compile.eval.passkey import passkey_sample
+from kvc_compile.eval.passkey import passkey_inputs
 from kvc_compile.methods.base import gather_kept
 
 pytestmark = pytest.mark.smollm2
@@ -16,7 +16,7 @@ NEW_TOKENS = 6
 def test_method_generate_equals_reference(smollm2, method):
     model, tokenizer = smollm2
     options = {"method": method, "compression_ratio": 0.5, "inner_backend": "eager"}
-    ids = tokenizer(passkey_sample(tokenizer, target_tokens=1300, seed=1).prompt, return_tensors="pt").input_ids
+    _, ids = passkey_inputs(tokenizer, target_tokens=1300, seed=1)
     n, n_kept = ids.shape[1], ids.shape[1] // 2
     reference = reference_prefill(model, ids, options)
     expected = reference_generate(model, ids, options, max_new_tokens=NEW_TOKENS)

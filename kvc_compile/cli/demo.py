@@ -15,8 +15,10 @@ from rich.table import Table
 
 from kvc_compile.cache import cache_nbytes, kept_tokens_per_layer
 from kvc_compile.config import CompressionConfig
-from kvc_compile.eval.passkey import answer_is_correct, passkey_sample
+from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 from kvc_compile.models import load_model
+
+MARK = {True: "[green]✓[/green]", False: "[red]✗[/red]"}
 
 
 def _generate(model, input_ids, max_new_tokens: int):
@@ -47,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print(f"loading [bold]{args.model}[/bold] ...")
     model, tokenizer = load_model(args.model)
-    samples = [passkey_sample(tokenizer, args.context_tokens, seed) for seed in range(args.samples)]
+    samples = [passkey_inputs(tokenizer, args.context_tokens, seed) for seed in range(args.samples)]
 
     full_answers = []
-    for sample in samples:
-        ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+    for _, ids in samples:
         out = _generate(model, ids, 8)
         full_answers.append((tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True), out))
 
@@ -62,15 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     for column in ("key", "full cache", "compressed", "cache bytes full -> compressed"):
         table.add_column(column)
     start = time.perf_counter()
-    for sample, (full_text, full_out) in zip(samples, full_answers, strict=True):
-        ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+    for (sample, ids), (full_text, full_out) in zip(samples, full_answers, strict=True):
         out = _generate(model, ids, 8)
         text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
-        mark = {True: "[green]✓[/green]", False: "[red]✗[/red]"}
         table.add_row(
             sample.answer,
-            f"{mark[answer_is_correct(full_text, sample)]} {full_text.strip()!r}",
-            f"{mark[answer_is_correct(text, sample)]} {text.strip()!r}",
+            f"{MARK[answer_is_correct(full_text, sample)]} {full_text.strip()!r}",
+            f"{MARK[answer_is_correct(text, sample)]} {text.strip()!r}",
             f"{cache_nbytes(full_out.past_key_values):,} -> {cache_nbytes(out.past_key_values):,}",
         )
         last = out, ids.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -40,3 +41,11 @@ def passkey_sample(
 
 def answer_is_correct(generated_text: str, sample: PassKeySample) -> bool:
     return sample.answer in generated_text
+
+
+def passkey_inputs(
+    tokenizer: PreTrainedTokenizerBase, target_tokens: int, seed: int
+) -> tuple[PassKeySample, torch.Tensor]:
+    """A seeded sample and its tokenized prompt ([1, n] input ids)."""
+    sample = passkey_sample(tokenizer, target_tokens, seed)
+    return sample, tokenizer(sample.prompt, return_tensors="pt").input_ids
