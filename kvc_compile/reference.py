@@ -21,8 +21,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvc_compile.cache import CompressedCache
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import compress_layer
-from kvc_compile.ops.compress import valid_keys_from_mask
+from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.ops.compress import compress_site
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
 _captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
@@ -39,22 +39,40 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # the same masks 
 
 
 @contextmanager
+def _attention_implementation(model: PreTrainedModel, name: str):
+    original = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+@contextmanager
 def _capture_prefill_attention(model: PreTrainedModel):
     global _captured
-    original = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_ATTENTION)
     _captured = {}
     try:
-        yield _captured
+        with _attention_implementation(model, CAPTURE_ATTENTION):
+            yield _captured
     finally:
         _captured = None
-        model.set_attn_implementation(original)
+
+
+def _rotary_tables(model: PreTrainedModel, values: Tensor, position_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """cos/sin [batch, 1, n, d] as the model's rotary embedding computes them for these positions."""
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    if rotary is None:
+        return None, None
+    cos, sin = rotary(values, position_ids)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
 @dataclass
 class ReferencePrefill:
     cache: CompressedCache
-    kept_indices: list[Tensor]  # per layer, [batch, kv_heads, n_kept], ascending positions
+    kept_indices: list[Tensor]  # per layer: kept positions, [batch, kv_heads, k] (dense) or [batch, 1, T] (packed)
+    kept_heads: list[Tensor]  # per layer: KV head of each kept entry, same shape (-1: padding slot)
     logits: Tensor  # [batch, n, vocab]
 
 
@@ -72,7 +90,7 @@ def reference_prefill(
     """Run the prompt eagerly and compress every layer's cache with the reference method."""
     config = _as_config(config)
     cache = CompressedCache()
-    position_ids = None
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     if attention_mask is not None:  # left padding: count positions from each row's first real token
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     with _capture_prefill_attention(model) as captured:
@@ -84,17 +102,15 @@ def reference_prefill(
             past_key_values=cache,
             use_cache=True,
         )
-    kept_indices = []
+    kept_indices, kept_heads = [], []
     for layer_idx in sorted(captured):
         query, keys, values, mask = captured[layer_idx]
-        batch, _, n, _ = keys.shape
-        valid = valid_keys_from_mask(mask, batch, n, keys.device)
-        kept_keys, kept_values, kept = compress_layer(
-            config.method_impl, config.kept_length(n), query, keys, values, valid, layer_idx
-        )
-        cache.layers[layer_idx].set_compressed(kept_keys, kept_values, logical_length=n)
-        kept_indices.append(kept)
-    return ReferencePrefill(cache, kept_indices, out.logits)
+        cos, sin = _rotary_tables(model, values, position_ids)
+        compressed = compress_site(config, query, keys, values, mask, cos, sin, layer_idx, len(captured))
+        cache.layers[layer_idx].set_compressed(compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1])
+        kept_indices.append(compressed.positions)
+        kept_heads.append(compressed.heads)
+    return ReferencePrefill(cache, kept_indices, kept_heads, out.logits)
 
 
 @torch.no_grad()
@@ -110,8 +126,14 @@ def reference_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     next_token = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
-    generated = [next_token]
     logical = input_ids.shape[1]
+    packed = any(layer.packed for layer in prefill.cache.layers)
+    with _attention_implementation(model, ATTENTION_IMPLEMENTATION if packed else model.config._attn_implementation):
+        return _greedy_decode(model, prefill, attention_mask, next_token, logical, max_new_tokens)
+
+
+def _greedy_decode(model, prefill, attention_mask, next_token, logical, max_new_tokens):
+    generated = [next_token]
     for _ in range(max_new_tokens - 1):
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
         position_ids = attention_mask.long().cumsum(-1)[:, -1:] - 1
@@ -119,7 +141,7 @@ def reference_generate(
             input_ids=next_token,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache_position=torch.tensor([logical], device=input_ids.device),
+            cache_position=torch.tensor([logical], device=next_token.device),
             past_key_values=prefill.cache,
             use_cache=True,
         )

@@ -7,28 +7,80 @@ tracks both. Masks use the physical length with the offset ``n - k``, so the 2-D
 ascending order, so with left padding any padding slot a short row had to keep comes first, at
 a logical position the mask marks as padding.
 
-A plain ``DynamicCache`` also works for unpadded batches under ``generate()``, which passes
-logical positions itself; use ``CompressedCache`` for padded batches and for direct forward
-calls without positions.
+Layers also record which prompt entries they kept (``positions``, ``heads``). Methods whose heads
+or layers keep different counts store the *packed* layout (``kvc_compile.methods.base``): one
+flat run of entries per row, labelled by KV head, read at decode time by the ``"kvc"`` attention
+implementation (``kvc_compile.cache.attention``). Decoding appends one entry per KV head.
+
+A plain ``DynamicCache`` also works for unpadded batches under ``generate()`` with the dense
+layout, which passes logical positions itself; use ``CompressedCache`` for padded batches, for
+packed layouts and for direct forward calls without positions.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from kvc_compile.methods.base import INDEX_DTYPE
+from kvc_compile.ops import prefill_entries
+
+
+class PackedKeys(NamedTuple):
+    """What a packed layer hands to attention instead of a dense key tensor."""
+
+    keys: Tensor  # [batch, 1, T, d]
+    heads: Tensor  # [batch, 1, T], KV head of each entry (-1: padding, attended by nobody)
+
+    def __getattr__(self, name: str):
+        # Reached when a dense attention implementation treats this as a tensor (``.shape``, ...).
+        raise TypeError(
+            f"this layer's KV cache uses the packed per-head layout (its heads keep different numbers of "
+            f"tokens), which dense attention cannot read (it asked for .{name}). Load the model with "
+            f"attn_implementation='kvc' (after `import kvc_compile`), or call model.set_attn_implementation('kvc')."
+        )
 
 
 class CompressedLayer(DynamicLayer):
     """A ``DynamicLayer`` that also counts the tokens it has seen (its logical length)."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.logical_length = 0
+        self.kv_heads = key_states.shape[1]
+        self.positions: Tensor | None = None
+        self.heads: Tensor | None = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    @property
+    def packed(self) -> bool:
+        """True when the layer stores the packed per-head layout (one flat run of labelled entries)."""
+        return self.is_initialized and self.keys.shape[1] != self.kv_heads
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        first = not self.is_initialized
+        if self.packed:
+            return self._append_packed(key_states, value_states)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if first:
+            # What the prompt cached; the kvc pass rewires this to what compression kept.
+            self.positions, self.heads = prefill_entries(key_states)
         self.logical_length += key_states.shape[-2]
         return keys, values
+
+    def _append_packed(self, key_states: Tensor, value_states: Tensor):
+        batch, kv_heads, q_len, head_dim = key_states.shape
+        # Token-major, head-minor: the new token's entries are the last kv_heads of the run.
+        self.keys = torch.cat([self.keys, key_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)], dim=-2)
+        self.values = torch.cat(
+            [self.values, value_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)], dim=-2
+        )
+        new_heads = torch.arange(kv_heads, device=self.heads.device, dtype=INDEX_DTYPE).repeat(q_len)
+        self.heads = torch.cat([self.heads, new_heads.expand(batch, 1, -1)], dim=-1)
+        self.logical_length += q_len
+        return PackedKeys(self.keys, self.heads), self.values
 
     @property
     def physical_length(self) -> int:
@@ -40,18 +92,27 @@ class CompressedLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_initialized:
             return query_length, 0
+        if self.packed:
+            # The "kvc" attention masks packed entries by their head labels; the mask only needs
+            # a consistent (logical) size.
+            return self.logical_length + query_length, 0
         return self.physical_length + query_length, self.logical_length - self.physical_length
 
     def crop(self, tokens_to_remove: int) -> None:
+        if self.packed:
+            raise NotImplementedError("cropping a packed (per-head budget) cache is not supported")
         before = self.physical_length
         super().crop(tokens_to_remove)
         self.logical_length -= before - self.physical_length
 
-    def set_compressed(self, keys: torch.Tensor, values: torch.Tensor, logical_length: int) -> None:
-        """Replace the stored tokens by a compressed set that stands for ``logical_length`` tokens."""
+    def set_compressed(self, compressed, logical_length: int, kv_heads: int) -> None:
+        """Replace the stored tokens by a compressed set (a ``CompressedKV``) standing for ``logical_length``."""
         if not self.is_initialized:
-            self.lazy_initialization(keys, values)
-        self.keys, self.values, self.logical_length = keys, values, logical_length
+            self.lazy_initialization(compressed.keys, compressed.values)
+        self.kv_heads = kv_heads
+        self.keys, self.values = compressed.keys, compressed.values
+        self.positions, self.heads = compressed.positions, compressed.heads
+        self.logical_length = logical_length
 
 
 class CompressedCache(DynamicCache):
@@ -64,19 +125,23 @@ class CompressedCache(DynamicCache):
         return [layer.physical_length for layer in self.layers]
 
 
+def _storage_bytes(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.untyped_storage().nbytes()
+
+
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by the key and value tensors of a cache (measured from the tensors)."""
+    """Bytes of storage the cache's tensors hold: keys and values, plus entry positions and heads
+    where the layer records them. Measured from the tensors' storages, not from the budget."""
     total = 0
     for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
+        total += _storage_bytes(layer.keys) + _storage_bytes(layer.values)
+        total += _storage_bytes(getattr(layer, "positions", None)) + _storage_bytes(getattr(layer, "heads", None))
     return total
 
 
 def kept_tokens_per_layer(cache: Cache) -> list[int]:
-    """Tokens each layer physically stores, per KV head."""
+    """Entries each layer physically stores: per KV head (dense layout) or per row (packed layout)."""
     return [layer.keys.shape[-2] if layer.keys is not None else 0 for layer in cache.layers]
 
 
-__all__ = ["CompressedCache", "CompressedLayer", "cache_nbytes", "kept_tokens_per_layer"]
+__all__ = ["CompressedCache", "CompressedLayer", "PackedKeys", "cache_nbytes", "kept_tokens_per_layer"]

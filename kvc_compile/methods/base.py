@@ -1,8 +1,17 @@
 """What a compression method is, and the selection every scorer shares.
 
 A method only says how much each cached token is worth (``score``). The framework turns the
-scores into a fixed number of kept tokens per KV head (``select_kept``), so every method gets
+scores into kept tokens (``select_uniform`` / ``select_head_adaptive``), so every method gets
 the same budget arithmetic, padding rules and static output shapes.
+
+Two cache layouts come out of compression:
+
+* ``dense``: every KV head keeps the same number of tokens: keys ``[batch, kv_heads, k, d]``.
+* ``packed``: heads (or layers) keep different counts. A layer stores its entries flattened,
+  keys ``[batch, 1, T, d]`` with ``T = kv_heads * k`` per row, and ``heads [batch, 1, T]`` says which
+  KV head each entry belongs to (-1 for a padding slot nobody may attend to). Nothing is padded
+  per head, so the memory of evicted entries is really freed; ``kvc_compile.attention`` reads
+  this layout at decode time.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,6 +28,18 @@ from torch import Tensor
 # (padding). Infinite values keep them apart from every finite score a method can produce.
 PROTECTED = float("inf")
 EXCLUDED = float("-inf")
+LAYOUTS = ("dense", "packed")
+# Entry positions and heads: int32 keeps their overhead at 8 bytes per cached entry.
+INDEX_DTYPE = torch.int32
+
+
+class RotaryNotFoundError(ValueError):
+    pass
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -27,7 +48,9 @@ class ScoreInputs:
 
     Shapes: ``queries`` [batch, q_heads, n, head_dim] (post-RoPE), ``keys``/``values``
     [batch, kv_heads, n, head_dim] (post-RoPE keys, as cached), ``valid`` [batch, n] bool
-    (False at padding positions).
+    (False at padding positions). ``cos``/``sin`` are the rotary tables the keys were rotated with
+    (broadcastable to [batch, 1, n, head_dim]), when the model has them; ``n_layers`` is the number
+    of compressed layers.
     """
 
     queries: Tensor
@@ -35,6 +58,24 @@ class ScoreInputs:
     values: Tensor
     valid: Tensor
     layer_idx: int
+    n_layers: int = 1
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+
+    def _rotary(self, who: str) -> tuple[Tensor, Tensor]:
+        if self.cos is None or self.sin is None:
+            raise RotaryNotFoundError(
+                f"{who} needs pre-RoPE queries/keys, but no rotary embedding was found at this attention "
+                f"site (layer {self.layer_idx}); it supports models that apply transformers' rotate_half RoPE "
+                f"(Llama, Mistral, Qwen2, Qwen3)"
+            )
+        return self.cos.float(), self.sin.float()
+
+    def unrotate(self, x: Tensor, who: str = "this method") -> Tensor:
+        """Undo RoPE: rotate every position back by its angle (fp32). ``x`` [batch, heads, n, d]."""
+        cos, sin = self._rotary(who)
+        x = x.float()
+        return x * cos - rotate_half(x) * sin
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,10 @@ class Method(ABC):
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
+    # "packed" when heads or layers keep different numbers of tokens (see the module docstring).
+    layout: ClassVar[str] = "dense"
+    # Methods that read pre-RoPE queries/keys: the pass must find the rotary tables.
+    needs_rotary: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> Tensor:
@@ -52,6 +97,19 @@ class Method(ABC):
     def min_uncompressed_length(self) -> int:
         """Prompts this long or shorter are left uncompressed (e.g. shorter than the window)."""
         return 0
+
+    def layer_kept_length(self, n_kept, n, layer_idx: int, n_layers: int):
+        """Tokens per KV head that layer ``layer_idx`` keeps when the average is ``n_kept``.
+
+        Must be SymInt-safe (integer arithmetic on ``n`` and ``n_kept`` only); layer-budget methods
+        override it.
+        """
+        return n_kept
+
+    def select(self, scores: Tensor, valid: Tensor, n_kept) -> Tensor:
+        """Indices of kept tokens: dense [batch, kv_heads, n_kept] positions, or packed
+        [batch, kv_heads * n_kept] flat indices ``head * n + position`` (see ``select_head_adaptive``)."""
+        return select_uniform(scores, valid, n_kept)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -64,7 +122,13 @@ def gqa_mean(per_query_head: Tensor, kv_heads: int) -> Tensor:
     return per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).mean(dim=2)
 
 
-def select_kept(scores: Tensor, valid: Tensor, n_kept: int) -> Tensor:
+def gqa_max(per_query_head: Tensor, kv_heads: int) -> Tensor:
+    """Max of [batch, q_heads, n] scores over each GQA group -> [batch, kv_heads, n]."""
+    batch, q_heads, n = per_query_head.shape
+    return per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).amax(dim=2)
+
+
+def select_uniform(scores: Tensor, valid: Tensor, n_kept) -> Tensor:
     """Indices of the ``n_kept`` best tokens per KV head, in ascending position order.
 
     Padding never outranks a real token. Ascending order matters: with left padding, any padding
@@ -73,6 +137,26 @@ def select_kept(scores: Tensor, valid: Tensor, n_kept: int) -> Tensor:
     """
     scores = scores.float().masked_fill(~valid[:, None, :], EXCLUDED)
     kept = scores.topk(n_kept, dim=-1, sorted=False).indices
+    return kept.sort(dim=-1).values
+
+
+def select_head_adaptive(scores: Tensor, valid: Tensor, n_kept, alpha_safeguard: float) -> Tensor:
+    """AdaKV selection: ``kv_heads * n_kept`` entries per row, shared out between heads by score.
+
+    Each head first keeps its own top ``int(n_kept * alpha_safeguard)`` tokens (the safeguard
+    floor), then the best remaining (head, token) pairs of the whole layer fill the budget, so
+    heads whose attention is concentrated give slots to heads whose attention is spread.
+    Returns [batch, kv_heads * n_kept] flat indices ``head * n + position``, ascending.
+    """
+    batch, kv_heads, n = scores.shape
+    scores = scores.float().masked_fill(~valid[:, None, :], EXCLUDED)
+    floor = int(n_kept * alpha_safeguard)
+    if floor > 0:
+        own_best = scores.topk(floor, dim=-1).indices
+        # Above every finite score but below PROTECTED ties, so the floor never displaces a window.
+        boosted = scores.scatter(-1, own_best, torch.finfo(torch.float32).max)
+        scores = torch.where(torch.isinf(scores), scores, boosted)
+    kept = scores.reshape(batch, kv_heads * n).topk(kv_heads * n_kept, dim=-1, sorted=False).indices
     return kept.sort(dim=-1).values
 
 
@@ -91,21 +175,56 @@ def kv_heads_view(x: Tensor, kv_heads: int) -> Tensor:
     return x[:, None, :].expand(-1, kv_heads, -1)
 
 
-def keep_everything(batch: int, kv_heads: int, n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device).expand(batch, kv_heads, n)
+class CompressedKV(NamedTuple):
+    """One layer after compression. ``positions``: prompt position of each kept entry; ``heads``:
+    its KV head (-1: a padding slot in the packed layout). Dense: [b, h, k(, d)]; packed: [b, 1, T(, d)]."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    heads: Tensor
 
 
-def compress_layer(
-    method: Method, n_kept: int, queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor, layer_idx: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Score, select and gather one layer: returns kept keys, kept values and kept indices.
+def prefill_entries(batch: int, kv_heads: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Positions and heads of an uncompressed dense cache: [batch, kv_heads, n] each."""
+    positions = torch.arange(n, device=device, dtype=INDEX_DTYPE).expand(batch, kv_heads, n).clone()
+    heads = torch.arange(kv_heads, device=device, dtype=INDEX_DTYPE)[:, None].expand(batch, kv_heads, n).clone()
+    return positions, heads
+
+
+def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
+    """Score, select and gather one layer. ``n_kept``: tokens per KV head on average over the model.
 
     The outputs are fresh tensors (never views of the inputs), as a custom op's outputs must be.
     """
-    batch, kv_heads, n, _ = keys.shape
+    keys, values, valid = inputs.keys, inputs.values, inputs.valid
+    batch, kv_heads, n, head_dim = keys.shape
+    n_kept = method.layer_kept_length(n_kept, n, inputs.layer_idx, inputs.n_layers)
+    if method.layout == "dense":
+        if n_kept >= n:
+            positions, heads = prefill_entries(batch, kv_heads, n, keys.device)
+            return CompressedKV(keys.clone(), values.clone(), positions, heads)
+        kept = method.select(method.score(inputs), valid, n_kept)
+        heads = torch.arange(kv_heads, device=keys.device, dtype=INDEX_DTYPE)[:, None].expand_as(kept).clone()
+        return CompressedKV(gather_kept(keys, kept), gather_kept(values, kept), kept.to(INDEX_DTYPE), heads)
     if n_kept >= n:
-        kept = keep_everything(batch, kv_heads, n, keys.device)
-        return keys.clone(), values.clone(), kept.clone()
-    scores = method.score(ScoreInputs(queries, keys, values, valid, layer_idx))
-    kept = select_kept(scores, valid, n_kept)
-    return gather_kept(keys, kept), gather_kept(values, kept), kept
+        flat = torch.arange(kv_heads * n, device=keys.device).expand(batch, kv_heads * n)
+    else:
+        flat = method.select(method.score(inputs), valid, n_kept)
+    heads, positions = flat // n, flat % n
+    heads = heads.masked_fill(~valid.gather(1, positions), -1)  # padding slots: attended by no head
+
+    def pack(x: Tensor) -> Tensor:
+        rows = x.reshape(batch, kv_heads * n, x.shape[-1])
+        return rows.gather(1, flat.unsqueeze(-1).expand(-1, -1, x.shape[-1])).unsqueeze(1)
+
+    positions, heads = positions.to(INDEX_DTYPE).unsqueeze(1), heads.to(INDEX_DTYPE).unsqueeze(1)
+    return CompressedKV(pack(keys), pack(values), positions, heads)
+
+
+def compressed_shapes(method: Method, n_kept, batch: int, kv_heads: int, n, layer_idx: int, n_layers: int):
+    """(entry axis shape [batch, heads_axis, length]) of ``compress_layer``'s outputs, SymInt-safe."""
+    n_kept = method.layer_kept_length(n_kept, n, layer_idx, n_layers)
+    if method.layout == "dense":
+        return (batch, kv_heads, n_kept)
+    return (batch, 1, kv_heads * n_kept)

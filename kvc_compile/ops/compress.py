@@ -1,18 +1,25 @@
 """``kvc::compress_kv``: prefill KV compression as one opaque op in the compiled graph.
 
 Inputs are what the attention site already has (post-RoPE queries, the cached keys and values,
-the attention mask); the method and budget travel as a canonical string. The fake
-implementation gives the kept length as a function of the (possibly symbolic) prompt length, so
-the graph stays shape-static with no ``.item()`` and no host sync.
+the attention mask, the rotary tables when the model has them); the method and budget travel as
+a canonical string. The fake implementation gives the kept length as a function of the
+(possibly symbolic) prompt length, so the graph stays shape-static with no ``.item()`` and no
+host sync.
+
+``kvc::prefill_entries`` is what ``CompressedCache`` records for an uncompressed prompt (the
+position and KV head of every cached entry); the pass rewires it to the entries compression kept.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
 
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import compress_layer
+from kvc_compile.methods.base import INDEX_DTYPE, CompressedKV, ScoreInputs, compress_layer, compressed_shapes
+from kvc_compile.methods.base import prefill_entries as dense_entries
 
 
 def valid_keys_from_mask(attn_mask: Tensor | None, batch: int, n: int, device: torch.device) -> Tensor:
@@ -30,24 +37,73 @@ def valid_keys_from_mask(attn_mask: Tensor | None, batch: int, n: int, device: t
     return last_row.expand(batch, n)
 
 
+def compress_site(
+    config: CompressionConfig,
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attn_mask: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    layer_idx: int,
+    n_layers: int,
+) -> CompressedKV:
+    """What the op computes; the eager reference calls it directly."""
+    batch, _, n, _ = keys.shape
+    method = config.method_impl
+    if 0 < n <= method.min_uncompressed_length:
+        warnings.warn(
+            f"kvc: a {n}-token prompt is not longer than {config.method}'s observation window "
+            f"({method.min_uncompressed_length} tokens); its cache is left uncompressed. Lower window_size "
+            f"to compress prompts this short.",
+            stacklevel=2,
+        )
+    valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
+    inputs = ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin)
+    return compress_layer(method, config.kept_length(n), inputs)
+
+
 @torch.library.custom_op("kvc::compress_kv", mutates_args=())
 def compress_kv(
-    query: Tensor, keys: Tensor, values: Tensor, attn_mask: Tensor | None, layer_idx: int, spec: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Compress one layer's prefill cache: returns kept keys, kept values, kept indices [b, h, k]."""
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attn_mask: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    layer_idx: int,
+    n_layers: int,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compress one layer's prefill cache: kept keys, kept values, their positions and KV heads."""
     config = CompressionConfig.from_spec(spec)
-    batch, _, n, _ = keys.shape
-    valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
-    n_kept = config.kept_length(n)
-    return compress_layer(config.method_impl, n_kept, query, keys, values, valid, layer_idx)
+    return tuple(compress_site(config, query, keys, values, attn_mask, cos, sin, layer_idx, n_layers))
 
 
 @compress_kv.register_fake
-def _(query: Tensor, keys: Tensor, values: Tensor, attn_mask: Tensor | None, layer_idx: int, spec: str):
+def _(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
     batch, kv_heads, n, _ = keys.shape
-    n_kept = CompressionConfig.from_spec(spec).kept_length(n)
+    config = CompressionConfig.from_spec(spec)
+    entries = compressed_shapes(config.method_impl, config.kept_length(n), batch, kv_heads, n, layer_idx, n_layers)
     return (
-        keys.new_empty(batch, kv_heads, n_kept, keys.shape[-1]),
-        values.new_empty(batch, kv_heads, n_kept, values.shape[-1]),
-        keys.new_empty(batch, kv_heads, n_kept, dtype=torch.long),
+        keys.new_empty(*entries, keys.shape[-1]),
+        values.new_empty(*entries, values.shape[-1]),
+        keys.new_empty(entries, dtype=INDEX_DTYPE),
+        keys.new_empty(entries, dtype=INDEX_DTYPE),
+    )
+
+
+@torch.library.custom_op("kvc::prefill_entries", mutates_args=())
+def prefill_entries(key_states: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions and KV heads of freshly cached prompt entries: two [batch, kv_heads, n] tensors."""
+    batch, kv_heads, n, _ = key_states.shape
+    return dense_entries(batch, kv_heads, n, key_states.device)
+
+
+@prefill_entries.register_fake
+def _(key_states):
+    batch, kv_heads, n, _ = key_states.shape
+    return (
+        key_states.new_empty(batch, kv_heads, n, dtype=INDEX_DTYPE),
+        key_states.new_empty(batch, kv_heads, n, dtype=INDEX_DTYPE),
     )

@@ -1,0 +1,61 @@
+"""The ``"kvc"`` attention implementation: SDPA for dense caches, a packed-layout reader otherwise.
+
+Registered through transformers' ``AttentionInterface`` (the library's extension point), so
+``from_pretrained(..., attn_implementation="kvc")`` selects it without editing model code. Prefill
+and dense layers call transformers' own SDPA function, so the kvc pass sees the usual SDPA site.
+Packed layers (per-head or per-layer budgets) arrive as ``PackedKeys`` and are read by
+``packed_attention``, the pure-PyTorch reference of the variable-length decode attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvc_compile.cache import PackedKeys
+
+ATTENTION_IMPLEMENTATION = "kvc"
+
+
+def packed_attention(
+    query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
+) -> Tensor:
+    """Attention of ``q`` new tokens over a packed layer whose last entries are those tokens.
+
+    ``query`` [batch, q_heads, q, d]; ``keys``/``values`` [batch, 1, T, d]; ``heads`` [batch, 1, T]
+    (entry's KV head, -1 for padding). Query head ``h`` reads only the entries of KV head
+    ``h // (q_heads / kv_heads)``; the i-th new token does not see the new tokens after it (the
+    last ``q * kv_heads`` entries, token-major). Returns [batch, q, q_heads, d] like transformers'
+    attention functions. Computed in fp32.
+    """
+    batch, q_heads, q_len, _ = query.shape
+    owner = heads[:, 0]  # [batch, T]
+    total = owner.shape[-1]
+    group_of_head = torch.arange(q_heads, device=query.device) // (q_heads // kv_heads)
+    visible = owner[:, None, None, :] == group_of_head[None, :, None, None]  # [batch, q_heads, 1, T]
+    # Entry t of the new tokens belongs to token (t - first_new) // kv_heads.
+    entry_token = (torch.arange(total, device=query.device) - (total - q_len * kv_heads)).div(
+        kv_heads, rounding_mode="floor"
+    )
+    causal = entry_token[None, :] <= torch.arange(q_len, device=query.device)[:, None]  # [q, T]
+    logits = torch.einsum("bhqd,btd->bhqt", query.float(), keys[:, 0].float()) * scaling
+    weights = logits.masked_fill(~(visible & causal), float("-inf")).softmax(dim=-1)
+    out = torch.einsum("bhqt,btd->bhqd", weights, values[:, 0].float())
+    return out.transpose(1, 2)
+
+
+def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    if isinstance(key, PackedKeys):
+        kv_heads = module.config.num_key_value_heads
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        out = packed_attention(query, key.keys, value, key.heads, kv_heads, scaling)
+        return out.to(query.dtype), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, _kvc_attention)
+AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
