@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvc_compile.methods import Method, list_methods, method_class
+from kvc_compile.methods import Method, build_method, list_methods, method_class
 
 INNER_BACKENDS = ("inductor", "eager")
 COMMON_OPTIONS = ("method", "compression_ratio", "budget", "inner_backend")
@@ -83,22 +83,7 @@ class CompressionConfig:
         return cls(method=method, method_options=options, **common)
 
     def build_method(self) -> Method:
-        cls = method_class(self.method)
-        valid = cls.option_names()
-        unknown = sorted(set(self.method_options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(map(repr, unknown))} for method {self.method!r}; valid options: "
-                f"{', '.join(list(COMMON_OPTIONS) + valid)}"
-            )
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        for name, value in self.method_options.items():
-            expected = type(defaults[name])
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise ValueError(
-                    f"{self.method}: option {name!r} must be of type {expected.__name__}, got {value!r}"
-                )
-        return cls(**self.method_options)
+        return build_method(self.method, self.method_options, common_options=COMMON_OPTIONS)
 
     @cached_property
     def method_impl(self) -> Method:

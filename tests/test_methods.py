@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvc_compile.methods.base import ScoreInputs, compress_layer, select_kept
+from kvc_compile.methods.base import ScoreInputs, compress_layer, select_uniform
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.random import Random
 from kvc_compile.methods.snapkv import SnapKV
@@ -68,7 +68,7 @@ def test_snapkv_padding_gets_no_attention_and_no_vote():
 def test_streamingllm_keeps_sinks_and_recent_tokens():
     keys = torch.randn(1, 2, 10, 4)
     sink = StreamingLLM(n_sink=2)
-    kept = select_kept(sink.score(inputs(keys)), torch.ones(1, 10, dtype=torch.bool), 6)
+    kept = select_uniform(sink.score(inputs(keys)), torch.ones(1, 10, dtype=torch.bool), 6)
     assert kept[0, 0].tolist() == [0, 1, 6, 7, 8, 9]
     assert kept[0, 1].tolist() == [0, 1, 6, 7, 8, 9]
 
@@ -76,7 +76,7 @@ def test_streamingllm_keeps_sinks_and_recent_tokens():
 def test_streamingllm_sinks_start_at_the_first_real_token():
     keys = torch.randn(1, 1, 10, 4)
     valid = torch.tensor([[False, False] + [True] * 8])
-    kept = select_kept(StreamingLLM(n_sink=2).score(inputs(keys, valid=valid)), valid, 5)
+    kept = select_uniform(StreamingLLM(n_sink=2).score(inputs(keys, valid=valid)), valid, 5)
     assert kept[0, 0].tolist() == [2, 3, 7, 8, 9]
 
 
@@ -84,7 +84,7 @@ def test_knorm_keeps_the_smallest_keys():
     keys = torch.tensor([[[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.3, 0.4]]]])  # norms 5, 1, 2, 0.5
     scores = KNorm().score(inputs(keys))
     torch.testing.assert_close(scores[0, 0], torch.tensor([-5.0, -1.0, -2.0, -0.5]))
-    kept = select_kept(scores, torch.ones(1, 4, dtype=torch.bool), 2)
+    kept = select_uniform(scores, torch.ones(1, 4, dtype=torch.bool), 2)
     assert kept[0, 0].tolist() == [1, 3]
 
 
@@ -99,9 +99,9 @@ def test_random_is_seeded_per_layer_and_seed():
 def test_selection_sorts_and_never_prefers_padding():
     scores = torch.tensor([[[9.0, 8.0, 1.0, 3.0, 2.0, 7.0]]])
     valid = torch.tensor([[False, False, True, True, True, True]])
-    assert select_kept(scores, valid, 3).tolist() == [[[3, 4, 5]]]
+    assert select_uniform(scores, valid, 3).tolist() == [[[3, 4, 5]]]
     # Forced to keep more than the row's real tokens: the padding slots come first.
-    assert select_kept(scores, valid, 5)[0, 0, 1:].tolist() == [2, 3, 4, 5]
+    assert select_uniform(scores, valid, 5)[0, 0, 1:].tolist() == [2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("n_kept", [3, 8])
@@ -109,7 +109,8 @@ def test_compress_layer_gathers_kept_tokens(n_kept):
     keys, values = torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4)
     q = torch.randn(2, 4, 8, 4)
     valid = torch.ones(2, 8, dtype=torch.bool)
-    kept_keys, kept_values, kept = compress_layer(KNorm(), n_kept, q, keys, values, valid, 0)
+    kept_keys, kept_values, kept, heads = compress_layer(KNorm(), n_kept, ScoreInputs(q, keys, values, valid, 0))
+    assert (heads == torch.arange(2)[:, None]).all()
     assert kept_keys.shape == (2, 2, n_kept, 4)
     for b in range(2):
         for h in range(2):
@@ -131,7 +132,7 @@ def test_selection_properties(n, pad, kept_fraction, seed):
     n_kept = max(1, int(n * kept_fraction))
     scores = torch.randn(1, 2, n, generator=torch.Generator().manual_seed(seed))
     valid = torch.arange(n)[None] >= pad
-    kept = select_kept(scores, valid, n_kept)
+    kept = select_uniform(scores, valid, n_kept)
     assert kept.shape == (1, 2, n_kept)
     assert (kept.diff(dim=-1) > 0).all()
     padding_kept = (kept < pad).sum(dim=-1)

@@ -37,6 +37,8 @@ class PackedKeys(NamedTuple):
 
     def __getattr__(self, name: str):
         # Reached when a dense attention implementation treats this as a tensor (``.shape``, ...).
+        if name.startswith("__"):
+            raise AttributeError(name)
         raise TypeError(
             f"this layer's KV cache uses the packed per-head layout (its heads keep different numbers of "
             f"tokens), which dense attention cannot read (it asked for .{name}). Load the model with "

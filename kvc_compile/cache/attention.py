@@ -20,6 +20,7 @@ from kvc_compile.cache import PackedKeys
 ATTENTION_IMPLEMENTATION = "kvc"
 
 
+@torch.library.custom_op("kvc::packed_attention", mutates_args=())
 def packed_attention(
     query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
 ) -> Tensor:
@@ -29,7 +30,8 @@ def packed_attention(
     (entry's KV head, -1 for padding). Query head ``h`` reads only the entries of KV head
     ``h // (q_heads / kv_heads)``; the i-th new token does not see the new tokens after it (the
     last ``q * kv_heads`` entries, token-major). Returns [batch, q, q_heads, d] like transformers'
-    attention functions. Computed in fp32.
+    attention functions. Computed in fp32, returned in the query's dtype. An op of its own so
+    compiled decode graphs show where the packed layout is read (and a kernel can replace it).
     """
     batch, q_heads, q_len, _ = query.shape
     owner = heads[:, 0]  # [batch, T]
@@ -44,7 +46,13 @@ def packed_attention(
     logits = torch.einsum("bhqd,btd->bhqt", query.float(), keys[:, 0].float()) * scaling
     weights = logits.masked_fill(~(visible & causal), float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhqt,btd->bhqd", weights, values[:, 0].float())
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(query.dtype).contiguous()
+
+
+@packed_attention.register_fake
+def _(query, keys, values, heads, kv_heads, scaling):
+    batch, q_heads, q_len, _ = query.shape
+    return query.new_empty(batch, q_len, q_heads, values.shape[-1])
 
 
 def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -52,8 +60,7 @@ def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kw
         kv_heads = module.config.num_key_value_heads
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        out = packed_attention(query, key.keys, value, key.heads, kv_heads, scaling)
-        return out.to(query.dtype), None
+        return packed_attention(query, key.keys, value, key.heads, kv_heads, float(scaling)), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

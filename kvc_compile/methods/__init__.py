@@ -3,13 +3,25 @@ compiled and kernel path."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from kvc_compile.methods.adakv import AdaKV
 from kvc_compile.methods.base import Method, ScoreInputs
+from kvc_compile.methods.chunkkv import ChunkKV
 from kvc_compile.methods.knorm import KNorm
+from kvc_compile.methods.lava import LAVa
+from kvc_compile.methods.pyramidkv import PyramidKV
 from kvc_compile.methods.random import Random
 from kvc_compile.methods.snapkv import SnapKV
 from kvc_compile.methods.streamingllm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SnapKV, StreamingLLM, KNorm, Random)}
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
 
 
 def list_methods() -> list[str]:
@@ -24,4 +36,32 @@ def method_class(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}") from None
 
 
-__all__ = ["METHODS", "Method", "ScoreInputs", "list_methods", "method_class"]
+def _default(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def build_method(name: str, options: dict[str, Any], common_options: tuple[str, ...] = ()) -> Method:
+    """Instantiate a method from user options, checking names and types against its dataclass fields."""
+    cls = method_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r}; valid options: "
+            f"{', '.join(list(common_options) + list(fields))}"
+        )
+    for option, value in options.items():
+        default = _default(fields[option])
+        expected = float if isinstance(default, float) else type(default)
+        ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True  # 1 is a fine value for a float option
+        if not ok:
+            raise ValueError(f"{name}: option {option!r} must be of type {expected.__name__}, got {value!r}")
+    return cls(**options)
+
+
+for _cls in (SnapKV, StreamingLLM, KNorm, Random, AdaKV, ChunkKV, PyramidKV, LAVa):
+    register(_cls)
+
+__all__ = ["METHODS", "Method", "ScoreInputs", "build_method", "list_methods", "method_class", "register"]

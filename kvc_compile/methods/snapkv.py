@@ -56,27 +56,29 @@ class SnapKV(Method):
 
     def __post_init__(self) -> None:
         if self.window_size <= 0:
-            raise ValueError(f"snapkv: window_size must be a positive integer, got {self.window_size}")
+            raise ValueError(f"{self.name}: window_size must be a positive integer, got {self.window_size}")
         if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
             raise ValueError(
-                f"snapkv: kernel_size must be a positive odd integer (pooling keeps the length), "
+                f"{self.name}: kernel_size must be a positive odd integer (pooling keeps the length), "
                 f"got {self.kernel_size}"
             )
         if self.pooling not in POOLINGS:
-            raise ValueError(f"snapkv: unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
+            raise ValueError(f"{self.name}: unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
 
     @property
     def min_uncompressed_length(self) -> int:
         return self.window_size
 
+    def pool(self, votes: Tensor) -> Tensor:
+        """1-D pooling along the token axis (zero padding, length kept): neighbours of a hit survive."""
+        pad = self.kernel_size // 2
+        if self.pooling == "avg":
+            return F.avg_pool1d(votes, self.kernel_size, stride=1, padding=pad)
+        return F.max_pool1d(votes, self.kernel_size, stride=1, padding=pad)
+
     def score(self, inputs: ScoreInputs) -> Tensor:
         keys, valid, w = inputs.keys, inputs.valid, self.window_size
         n = keys.shape[2]
-        votes = window_attention(inputs.queries, keys, valid, w)[..., : n - w].mean(dim=-2)
-        pad = self.kernel_size // 2
-        if self.pooling == "avg":
-            votes = F.avg_pool1d(votes, self.kernel_size, stride=1, padding=pad)
-        else:
-            votes = F.max_pool1d(votes, self.kernel_size, stride=1, padding=pad)
+        votes = self.pool(window_attention(inputs.queries, keys, valid, w)[..., : n - w].mean(dim=-2))
         scores = gqa_mean(votes, keys.shape[1])
         return F.pad(scores, (0, w), value=PROTECTED)

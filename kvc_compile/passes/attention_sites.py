@@ -184,3 +184,9 @@ def root_module_name(gm: fx.GraphModule) -> str:
             _, module_type = next(iter(stack.values()))
             return getattr(module_type, "__name__", str(module_type))
     return "the compiled function"
+
+
+def reads_packed_cache(graph: fx.Graph) -> bool:
+    """Whether ``graph`` is a decode step over packed (per-head budget) caches: no site to rewrite."""
+    packed = {torch.ops.kvc.packed_attention.default, torch.ops.kvc.packed_attention}
+    return any(node.op == "call_function" and node.target in packed for node in graph.nodes)

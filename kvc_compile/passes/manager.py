@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import fx
 
+import kvc_compile.cache.attention  # noqa: F401  (registers torch.ops.kvc.packed_attention)
 from kvc_compile.config import CompressionConfig
-from kvc_compile.passes.attention_sites import find_attention_sites, root_module_name
+from kvc_compile.passes.attention_sites import find_attention_sites, reads_packed_cache, root_module_name
 from kvc_compile.passes.prefill_compression import InsertPrefillCompression
 
 
@@ -23,7 +24,7 @@ class PassManager:
     def run(self, gm: fx.GraphModule) -> int:
         """Rewrite ``gm`` in place; returns the number of compressed sites."""
         sites = find_attention_sites(gm.graph)
-        if not sites:
+        if not sites and not reads_packed_cache(gm.graph):
             raise NoAttentionSiteError(
                 f"kvc: no attention site found in the graph traced from {root_module_name(gm)}. The pass "
                 f"recognises scaled_dot_product_attention and transformers' eager attention whose keys and "
