@@ -20,8 +20,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvc_compile.cache import CompressedCache
-from kvc_compile.config import CompressionConfig
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.config import CompressionConfig
 from kvc_compile.ops.compress import compress_site
 
 CAPTURE_ATTENTION = "kvc_reference_capture"

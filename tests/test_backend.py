@@ -244,7 +244,8 @@ def test_sdpa_after_repeat_kv_is_found():
     opts = options("snapkv")
     with torch.no_grad():
         _, q, k, v = module(x)
-        expected_k, expected_v, _ = compress_kv(q, k, v, None, 0, CompressionConfig.from_options(opts).to_spec())
+        spec = CompressionConfig.from_options(opts).to_spec()
+        expected_k, expected_v, _, _ = compress_kv(q, k, v, None, None, None, 0, 1, spec)
         _, _, kept_k, kept_v = torch.compile(module, backend="kvc", options=opts)(x)
     assert kept_k.shape == (2, 2, 15, 8)
     torch.testing.assert_close(kept_k, expected_k)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kvc_compile.methods.adacurdkv import AdaCurDKV
 from kvc_compile.methods.adakv import AdaKV
 from kvc_compile.methods.base import Method, ScoreInputs
 from kvc_compile.methods.chunkkv import ChunkKV
+from kvc_compile.methods.compactor import Compactor
+from kvc_compile.methods.curdkv import CurDKV
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.lava import LAVa
 from kvc_compile.methods.pyramidkv import PyramidKV
@@ -61,7 +64,9 @@ def build_method(name: str, options: dict[str, Any], common_options: tuple[str, 
     return cls(**options)
 
 
-for _cls in (SnapKV, StreamingLLM, KNorm, Random, AdaKV, ChunkKV, PyramidKV, LAVa):
+for _cls in (
+    SnapKV, StreamingLLM, KNorm, Random, AdaKV, ChunkKV, PyramidKV, LAVa, CurDKV, AdaCurDKV, Compactor,
+):
     register(_cls)
 
 __all__ = ["METHODS", "Method", "ScoreInputs", "build_method", "list_methods", "method_class", "register"]

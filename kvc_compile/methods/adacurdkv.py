@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from kvc_compile.methods.adakv import check_alpha
 from kvc_compile.methods.base import select_head_adaptive
 from kvc_compile.methods.curdkv import CurDKV
 
@@ -35,8 +36,7 @@ class AdaCurDKV(CurDKV):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise ValueError(f"{self.name}: alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
+        check_alpha(self.name, self.alpha_safeguard)
 
     def select(self, scores: Tensor, valid: Tensor, n_kept) -> Tensor:
         return select_head_adaptive(scores, valid, n_kept, self.alpha_safeguard)

@@ -85,9 +85,7 @@ class CurDKV(Method):
         if self.sketch_rank <= 0:
             raise ValueError(f"{self.name}: sketch_rank must be a positive integer, got {self.sketch_rank}")
         if self.local_window_size <= 0:
-            raise ValueError(
-                f"{self.name}: local_window_size must be a positive integer, got {self.local_window_size}"
-            )
+            raise ValueError(f"{self.name}: local_window_size must be a positive integer, got {self.local_window_size}")
 
     def leverage(self, inputs: ScoreInputs) -> tuple[Tensor, Tensor]:
         """Key and value approximate leverages [batch, kv_heads, n] (block-normalised if enabled)."""

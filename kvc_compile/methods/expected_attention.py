@@ -53,17 +53,14 @@ def mean_future_rotation(cos: Tensor, sin: Tensor, valid: Tensor, n_future: int)
     index = torch.arange(n, device=valid.device)
     last = torch.where(valid, index, -1).amax(dim=-1).clamp(min=0)
     before = torch.where(valid & (index < last[:, None]), index, -1).amax(dim=-1)
-    # theta is a model constant: take it from the row with the most real tokens, so a row with a single
-    # real token (whose neighbour is padding at an unrelated position) still gets it.
-    ref = int(valid.sum(dim=-1).argmax())
-    ratio = table[ref, last[ref]] / table[ref, before[ref].clamp(min=0)]
-    if before[ref] < 0:  # a one-token prompt: no step to measure
-        ratio = torch.ones_like(ratio)
-    theta = ratio.angle()  # float64 keeps the t * theta phases accurate up to t = n_future
-    steps = torch.arange(1, n_future + 1, device=valid.device, dtype=torch.float64)
-    mean_step = torch.polar(torch.ones_like(steps[:, None] * theta), steps[:, None] * theta).mean(dim=0)
-    current = table[torch.arange(batch, device=valid.device), last]
-    return current * mean_step
+    rows = torch.arange(batch, device=valid.device)
+    ratio = table[rows, last] / table[rows, before.clamp(min=0)]
+    # A row with one real token has one key to rank: any step will do, take none.
+    ratio = torch.where(before[:, None] >= 0, ratio, torch.ones_like(ratio))
+    theta = ratio.angle()[:, None]  # [batch, 1, d/2]; float64 keeps t * theta accurate up to t = n_future
+    phases = torch.arange(1, n_future + 1, device=valid.device, dtype=torch.float64)[:, None] * theta
+    mean_step = torch.polar(torch.ones_like(phases), phases).mean(dim=1)
+    return table[rows, last] * mean_step
 
 
 def rotation_matrix(rotation: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ def rotary_tables(k_rope: fx.Node | None) -> tuple[fx.Node | None, fx.Node | Non
     terms = [a for a in k_rope.args if isinstance(a, fx.Node)]
     if len(terms) != 2 or not all(t.op == "call_function" and t.target in MUL_TARGETS for t in terms):
         return None, None
-    (k, cos), (_, sin) = terms[0].args[:2], terms[1].args[:2]
+    (_, cos), (_, sin) = terms[0].args[:2], terms[1].args[:2]
     if not all(isinstance(x, fx.Node) for x in (cos, sin)):
         return None, None
     key_shape, cos_shape = fake_value(k_rope).shape, fake_value(cos).shape
