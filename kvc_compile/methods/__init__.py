@@ -12,12 +12,16 @@ from kvc_compile.methods.base import Method, ScoreInputs
 from kvc_compile.methods.chunkkv import ChunkKV
 from kvc_compile.methods.compactor import Compactor
 from kvc_compile.methods.curdkv import CurDKV
+from kvc_compile.methods.expected_attention import ExpectedAttention
+from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.lava import LAVa
+from kvc_compile.methods.obcache import OBCache
 from kvc_compile.methods.pyramidkv import PyramidKV
 from kvc_compile.methods.random import Random
 from kvc_compile.methods.snapkv import SnapKV
 from kvc_compile.methods.streamingllm import StreamingLLM
+from kvc_compile.methods.tova import TOVA
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -65,7 +69,8 @@ def build_method(name: str, options: dict[str, Any], common_options: tuple[str, 
 
 
 for _cls in (
-    SnapKV, StreamingLLM, KNorm, Random, AdaKV, ChunkKV, PyramidKV, LAVa, CurDKV, AdaCurDKV, Compactor,
+    SnapKV, StreamingLLM, KNorm, Random, H2O, TOVA, ExpectedAttention, OBCache, CurDKV, AdaCurDKV, Compactor,
+    LAVa, PyramidKV, AdaKV, ChunkKV,
 ):
     register(_cls)
 

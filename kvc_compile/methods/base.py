@@ -72,10 +72,14 @@ class ScoreInputs:
         return self.cos.float(), self.sin.float()
 
     def unrotate(self, x: Tensor, who: str = "this method") -> Tensor:
-        """Undo RoPE: rotate every position back by its angle (fp32). ``x`` [batch, heads, n, d]."""
+        """Undo RoPE: rotate every position back by its angle (fp32). ``x`` [batch, heads, n, d].
+
+        Tables of YaRN-like RoPE carry an attention scaling ``m`` (``m cos``, ``m sin``): rotating back
+        with them scales by ``m`` once more, so divide by ``m^2 = cos^2 + sin^2``.
+        """
         cos, sin = self._rotary(who)
         x = x.float()
-        return x * cos - rotate_half(x) * sin
+        return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
 @dataclass(frozen=True)

@@ -97,14 +97,11 @@ class ExpectedAttention(Method):
     def query_statistics(self, inputs: ScoreInputs) -> tuple[Tensor, Tensor | None]:
         """Mean [batch, q_heads, d] and covariance [batch, q_heads, d, d] of the future queries (fp32)."""
         pre_rope = inputs.unrotate(inputs.queries, self.name)
-        # unrotate multiplies by m^2 (it applies the m-scaled tables once more); m^2 = cos^2 + sin^2.
-        cos, sin = inputs.cos.float(), inputs.sin.float()
-        pre_rope = pre_rope / (cos * cos + sin * sin)
         used = inputs.valid & (positions_from_first_valid(inputs.valid) >= self.n_sink)
         weight = used[:, None, :, None].float()
         count = used.sum(dim=-1).clamp(min=1)[:, None, None].float()  # an empty row gives mean 0, not NaN
         mean = (pre_rope * weight).sum(dim=2) / count
-        rotation = rotation_matrix(mean_future_rotation(cos, sin, inputs.valid, self.n_future_positions))
+        rotation = rotation_matrix(mean_future_rotation(inputs.cos, inputs.sin, inputs.valid, self.n_future_positions))
         future_mean = torch.einsum("bij,bhj->bhi", rotation, mean)
         if not self.use_covariance:
             return future_mean, None

@@ -39,7 +39,7 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor) -> Tenso
         # attention of that shorter prompt (keys after ``stop`` are invisible to them anyway).
         weights = window_attention(queries[:, :, :stop], keys[:, :, :stop], valid[:, :stop], stop - start)
         # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
-        totals[..., :stop] += weights.nan_to_num(nan=0.0).sum(dim=2)
+        totals[..., :stop] += weights.sum(dim=2)
     return totals
 
 

@@ -20,17 +20,17 @@ only the last token.
 Defaults: the tracker defaults of the paper's code (``p = 2`` with the value norm, key, value and
 cross terms: ``variant="kv"``) on its SnapKV-style preset (max pool of kernel 7), with SnapKV's
 LongBench window of 32; the paper's LongBench scripts size the window as 5 % of the budget instead.
-kvpress has no OBCache press. Differences: the official
-code repeats the KV heads before caching, so every query head keeps its own tokens (no GQA memory
-saving); here one selection per KV head aggregates the group's scores (``gqa``: ``mean``, or ``max``).
-The official scorer also runs during decoding (running sums, ``decode_evict``); this is the
-prefill-only, one-shot version, and its budget is the framework's (window inside the budget) rather
-than the code's recent/heavy split.
+kvpress has no OBCache press.
+
+Differences from the paper's code: it repeats the KV heads before caching, so every query head keeps
+its own tokens (no GQA memory saving); here one selection per KV head aggregates the group's scores
+(``gqa``: ``mean``, or ``max``). It also scores during decoding (running sums, ``decode_evict``);
+this is the prefill-only, one-shot version, and its budget is the framework's (window inside the
+budget) rather than the code's recent/heavy split.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,24 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_max, gqa_mean
-from kvc_compile.methods.snapkv import window_attention
+from kvc_compile.methods.snapkv import window_attention, window_logits
 
 VARIANTS = ("v", "k", "kv")
 BASES = ("h2o", "snapkv", "tova")
 POOLINGS = ("avg", "max")
 GQA_AGGREGATIONS = ("mean", "max")
-
-
-def window_logits(queries: Tensor, keys: Tensor, window_size: int) -> Tensor:
-    """Unmasked logits ``q_i.k_j / sqrt(d)`` of the last ``window_size`` queries, [batch, q_heads, window, n] fp32.
-
-    The same product ``window_attention`` softmaxes; masked entries are left finite (their ``A`` is 0).
-    """
-    batch, q_heads, n, head_dim = queries.shape
-    kv_heads = keys.shape[1]
-    window = queries[:, :, n - window_size :].float().view(batch, kv_heads, q_heads // kv_heads, window_size, head_dim)
-    logits = torch.einsum("bhgwd,bhnd->bhgwn", window, keys.float())
-    return logits.reshape(batch, q_heads, window_size, n) / math.sqrt(head_dim)
 
 
 def output_saliency(attention: Tensor, logits: Tensor, values: Tensor, variant: str) -> Tensor:
@@ -126,7 +114,7 @@ class OBCache(Method):
         keys, w = inputs.keys, self.protected_window
         n, kv_heads = keys.shape[2], keys.shape[1]
         # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
-        attention = window_attention(inputs.queries, keys, inputs.valid, w).nan_to_num(nan=0.0)
+        attention = window_attention(inputs.queries, keys, inputs.valid, w)
         logits = window_logits(inputs.queries, keys, w)
         saliency = output_saliency(attention, logits, inputs.values, self.variant)[..., : n - w]
         if self.base == "snapkv":
