@@ -69,3 +69,42 @@ def test_kept_length_without_window_compresses_short_prompts():
 def test_spec_round_trip():
     config = CompressionConfig.from_options({"method": "snapkv", "budget": 32, "window_size": 8, "pooling": "max"})
     assert CompressionConfig.from_spec(config.to_spec()) == config
+
+
+def test_wrapper_scorer_options_are_checked_like_a_method():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'windw' for method 'snapkv'; valid options: .*window_size"):
+        CompressionConfig.from_options({"method": "adakv", "compression_ratio": 0.5, "scorer_options": {"windw": 8}})
+    with pytest.raises(ValueError, match="unknown method 'snap'"):
+        CompressionConfig.from_options({"method": "chunkkv", "compression_ratio": 0.5, "scorer": "snap"})
+    with pytest.raises(ValueError, match="already chooses its own per-head or per-layer budgets"):
+        CompressionConfig.from_options({"method": "adakv", "compression_ratio": 0.5, "scorer": "lava"})
+    with pytest.raises(ValueError, match="scorer_options' must be of type dict"):
+        CompressionConfig.from_options({"method": "adakv", "compression_ratio": 0.5, "scorer_options": "w=8"})
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("obcache", {"variant": "q"}, "variant"),
+        ("obcache", {"base": "pyramid"}, "base"),
+        ("curdkv", {"leverage_type": "norm"}, "leverage_type"),
+        ("compactor", {"chunk_size": 0}, "chunk_size"),
+        ("pyramidkv", {"beta": 0}, "beta"),
+        ("lava", {"alpha_safeguard": 1.5}, "alpha_safeguard"),
+        ("chunkkv", {"chunk_length": 0}, "chunk_length"),
+        ("expected_attention", {"n_future_positions": 0}, "n_future_positions"),
+    ],
+)
+def test_invalid_method_options_name_the_option(method, options, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig.from_options({"method": method, "compression_ratio": 0.5, **options})
+
+
+def test_window_longer_than_the_prompt_explains_itself():
+    from conftest import random_prompt, tiny_model
+
+    from kvc_compile import reference_prefill
+
+    with pytest.warns(UserWarning, match="not longer than snapkv's observation window .* Lower window_size"):
+        prefill = reference_prefill(tiny_model("llama"), random_prompt(1, 40), {"method": "snapkv", "budget": 8})
+    assert prefill.cache.layers[0].keys.shape[-2] == 40

@@ -1,35 +1,47 @@
-"""Every method on SmolLM2-135M through the kvc pass (eager inner backend: the point is the pass),
-against the eager reference: kept tokens, cache size during generate(), greedy tokens."""
+"""Every registered method on SmolLM2-135M through the kvc pass (eager inner backend: the point is
+the pass), against the eager reference: kept entries, greedy tokens, cache size after generate()."""
 
 import pytest
 import torch
 
-from kvc_compile import reference_generate, reference_prefill
+from kvc_compile import CompressedCache, list_methods, reference_generate, reference_prefill
 from kvc_compile.eval.passkey import passkey_inputs
-from kvc_compile.methods.base import gather_kept
 
 pytestmark = pytest.mark.smollm2
 NEW_TOKENS = 6
 
 
-@pytest.mark.parametrize("method", ["snapkv", "streamingllm", "knorm", "random"])
-def test_method_generate_equals_reference(smollm2, method):
-    model, tokenizer = smollm2
+@pytest.fixture(scope="module")
+def prompt(smollm2):
+    _, tokenizer = smollm2
+    return passkey_inputs(tokenizer, target_tokens=600, seed=1)[1]
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_method_generate_equals_reference(smollm2, prompt, method):
+    model, _ = smollm2
     options = {"method": method, "compression_ratio": 0.5, "inner_backend": "eager"}
-    _, ids = passkey_inputs(tokenizer, target_tokens=1300, seed=1)
-    n, n_kept = ids.shape[1], ids.shape[1] // 2
-    reference = reference_prefill(model, ids, options)
-    expected = reference_generate(model, ids, options, max_new_tokens=NEW_TOKENS)
-    with torch.no_grad():
-        full = model.forward(ids, use_cache=True).past_key_values
-    model.compile(backend="kvc", options=options)
+    n = prompt.shape[1]
+    original_attention = model.config._attn_implementation
+    model.set_attn_implementation("kvc")  # SDPA for dense caches, the packed reader for per-head budgets
     try:
+        reference = reference_prefill(model, prompt, options)
+        expected = reference_generate(model, prompt, options, max_new_tokens=NEW_TOKENS)
+        model.compile(backend="kvc", options=options, dynamic=True)
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
+            out = model.generate(
+                prompt, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=CompressedCache(),
+                return_dict_in_generate=True,
+            )
     finally:
         model._compiled_call_impl = None  # leave the shared model eager
+        model.set_attn_implementation(original_attention)
     assert torch.equal(out.sequences[:, n:], expected)
-    for layer_idx, layer in enumerate(out.past_key_values.layers):
-        assert layer.keys.shape[-2] == n_kept + NEW_TOKENS - 1
-        kept = reference.kept_indices[layer_idx]
-        torch.testing.assert_close(layer.values[:, :, :n_kept], gather_kept(full.layers[layer_idx].values, kept))
+    kv_heads = model.config.num_key_value_heads
+    entries = 0
+    for layer, positions, heads in zip(out.past_key_values.layers, reference.kept_indices, reference.kept_heads,
+                                       strict=True):
+        assert torch.equal(layer.positions, positions) and torch.equal(layer.heads[..., : heads.shape[-1]], heads)
+        entries += heads.numel()
+    # Whatever the layout, the layers together keep the budget: kv_heads x n // 2 entries per layer.
+    assert entries == len(out.past_key_values.layers) * kv_heads * (n // 2)
