@@ -72,7 +72,7 @@ def test_spec_round_trip():
 
 
 def test_wrapper_scorer_options_are_checked_like_a_method():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) 'windw' for method 'snapkv'; valid options: .*window_size"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'windw' for method 'snapkv'; valid options: .*window"):
         CompressionConfig.from_options({"method": "adakv", "compression_ratio": 0.5, "scorer_options": {"windw": 8}})
     with pytest.raises(ValueError, match="unknown method 'snap'"):
         CompressionConfig.from_options({"method": "chunkkv", "compression_ratio": 0.5, "scorer": "snap"})
