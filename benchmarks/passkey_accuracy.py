@@ -31,6 +31,23 @@ CONFIGS = {
     "streamingllm": {"method": "streamingllm", "compression_ratio": 0.5},
     "knorm": {"method": "knorm", "compression_ratio": 0.5},
     "random": {"method": "random", "compression_ratio": 0.5},
+    "h2o": {"method": "h2o", "compression_ratio": 0.5},
+    "tova": {"method": "tova", "compression_ratio": 0.5},
+    "expected_attention": {"method": "expected_attention", "compression_ratio": 0.5},
+    "obcache (kv, snapkv base, w32)": {"method": "obcache", "compression_ratio": 0.5},
+    "curdkv": {"method": "curdkv", "compression_ratio": 0.5},
+    "adacurdkv": {"method": "adacurdkv", "compression_ratio": 0.5},
+    "compactor": {"method": "compactor", "compression_ratio": 0.5},
+    "pyramidkv (kvpress defaults)": {"method": "pyramidkv", "compression_ratio": 0.5},
+    "lava (w32, max k7)": {"method": "lava", "compression_ratio": 0.5},
+    "adakv(snapkv w32, max k7)": {
+        "method": "adakv", "compression_ratio": 0.5,
+        "scorer_options": {"window_size": 32, "kernel_size": 7, "pooling": "max"},
+    },
+    "chunkkv(snapkv w32, max k7)": {
+        "method": "chunkkv", "compression_ratio": 0.5,
+        "scorer_options": {"window_size": 32, "kernel_size": 7, "pooling": "max"},
+    },
 }
 
 
