@@ -39,7 +39,8 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # the same masks 
 
 
 @contextmanager
-def _attention_implementation(model: PreTrainedModel, name: str):
+def attention_implementation(model: PreTrainedModel, name: str):
+    """Run the model with another registered attention implementation, then restore it."""
     original = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
@@ -53,7 +54,7 @@ def _capture_prefill_attention(model: PreTrainedModel):
     global _captured
     _captured = {}
     try:
-        with _attention_implementation(model, CAPTURE_ATTENTION):
+        with attention_implementation(model, CAPTURE_ATTENTION):
             yield _captured
     finally:
         _captured = None
@@ -128,7 +129,7 @@ def reference_generate(
     next_token = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
     logical = input_ids.shape[1]
     packed = any(layer.packed for layer in prefill.cache.layers)
-    with _attention_implementation(model, ATTENTION_IMPLEMENTATION if packed else model.config._attn_implementation):
+    with attention_implementation(model, ATTENTION_IMPLEMENTATION if packed else model.config._attn_implementation):
         return _greedy_decode(model, prefill, attention_mask, next_token, logical, max_new_tokens)
 
 

@@ -40,7 +40,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -51,7 +50,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
-from kvc_compile.reference import reference_prefill
+from kvc_compile.reference import attention_implementation, reference_prefill
 
 FORMAT = "kvc-context-calibration"
 FORMAT_VERSION = 1
@@ -212,16 +211,6 @@ class QualityRow(NamedTuple):
     quality: float  # y(r) = NLL(continuation | full cache) / NLL(continuation | compressed cache)
 
 
-@contextmanager
-def _attention_implementation(model: PreTrainedModel, name: str):
-    original = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(original)
-
-
 def _continuation_nll(model: PreTrainedModel, cache, continuation: Tensor, split: int) -> Tensor:
     """Teacher-forced NLL [batch] of ``continuation[:, 1:]`` read on a prefilled ``cache``.
 
@@ -231,7 +220,7 @@ def _continuation_nll(model: PreTrainedModel, cache, continuation: Tensor, split
     batch, length = continuation.shape
     positions = torch.arange(split, split + length, device=continuation.device)
     # The "kvc" implementation reads both dense and packed (per-head budget) layers.
-    with _attention_implementation(model, ATTENTION_IMPLEMENTATION):
+    with attention_implementation(model, ATTENTION_IMPLEMENTATION):
         out = model.forward(
             input_ids=continuation,
             attention_mask=torch.ones(batch, split + length, dtype=torch.long, device=continuation.device),

@@ -11,13 +11,12 @@ stored in the packed per-head layout, so the evicted entries' memory is released
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from torch import Tensor
 
-from kvc_compile.methods.base import Method, ScoreInputs, select_head_adaptive
-from kvc_compile.methods.wrapped import build_scorer
+from kvc_compile.methods.base import select_head_adaptive
+from kvc_compile.methods.wrapped import ScorerWrapper
 
 
 def check_alpha(method: str, alpha: float) -> None:
@@ -27,29 +26,16 @@ def check_alpha(method: str, alpha: float) -> None:
 
 
 @dataclass(frozen=True)
-class AdaKV(Method):
+class AdaKV(ScorerWrapper):
     name = "adakv"
     paper = "arXiv 2407.11550"
     layout = "packed"
 
-    scorer: str = "snapkv"
-    scorer_options: dict[str, Any] = field(default_factory=dict)
     alpha_safeguard: float = 0.2
 
     def __post_init__(self) -> None:
         check_alpha(self.name, self.alpha_safeguard)
-        object.__setattr__(self, "inner", build_scorer(self.name, self.scorer, self.scorer_options))
-
-    @property
-    def needs_rotary(self) -> bool:  # type: ignore[override]
-        return self.inner.needs_rotary
-
-    @property
-    def min_uncompressed_length(self) -> int:
-        return self.inner.min_uncompressed_length
-
-    def score(self, inputs: ScoreInputs) -> Tensor:
-        return self.inner.score(inputs)
+        super().__post_init__()
 
     def select(self, scores: Tensor, valid: Tensor, n_kept) -> Tensor:
         return select_head_adaptive(scores, valid, n_kept, self.alpha_safeguard)

@@ -12,15 +12,14 @@ be cut, keeping its first tokens), so the cache shape does not depend on the dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvc_compile.methods.base import Method, ScoreInputs
-from kvc_compile.methods.wrapped import build_scorer
+from kvc_compile.methods.base import ScoreInputs
+from kvc_compile.methods.wrapped import ScorerWrapper
 
 
 def chunk_order_scores(token_scores: Tensor, valid: Tensor, chunk_length: int) -> Tensor:
@@ -44,26 +43,16 @@ def chunk_order_scores(token_scores: Tensor, valid: Tensor, chunk_length: int) -
 
 
 @dataclass(frozen=True)
-class ChunkKV(Method):
+class ChunkKV(ScorerWrapper):
     name = "chunkkv"
     paper = "arXiv 2502.00299"
 
-    scorer: str = "snapkv"
-    scorer_options: dict[str, Any] = field(default_factory=dict)
     chunk_length: int = 20
 
     def __post_init__(self) -> None:
         if self.chunk_length <= 0:
             raise ValueError(f"chunkkv: chunk_length must be a positive integer, got {self.chunk_length}")
-        object.__setattr__(self, "inner", build_scorer(self.name, self.scorer, self.scorer_options))
-
-    @property
-    def needs_rotary(self) -> bool:  # type: ignore[override]
-        return self.inner.needs_rotary
-
-    @property
-    def min_uncompressed_length(self) -> int:
-        return self.inner.min_uncompressed_length
+        super().__post_init__()
 
     def score(self, inputs: ScoreInputs) -> Tensor:
         token_scores = self.inner.score(inputs).float()

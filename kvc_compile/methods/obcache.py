@@ -38,11 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_max, gqa_mean
-from kvc_compile.methods.snapkv import window_attention, window_logits
+from kvc_compile.methods.snapkv import check_window_options, window_attention, window_logits
 
 VARIANTS = ("v", "k", "kv")
 BASES = ("h2o", "snapkv", "tova")
-POOLINGS = ("avg", "max")
 GQA_AGGREGATIONS = ("mean", "max")
 
 
@@ -88,18 +87,11 @@ class OBCache(Method):
         for option, value, choices in (
             ("variant", self.variant, VARIANTS),
             ("base", self.base, BASES),
-            ("pooling", self.pooling, POOLINGS),
             ("gqa", self.gqa, GQA_AGGREGATIONS),
         ):
             if value not in choices:
                 raise ValueError(f"{self.name}: unknown {option} {value!r}; valid choices: {', '.join(choices)}")
-        if self.window_size <= 0:
-            raise ValueError(f"{self.name}: window_size must be a positive integer, got {self.window_size}")
-        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
-            raise ValueError(
-                f"{self.name}: kernel_size must be a positive odd integer (pooling keeps the length), "
-                f"got {self.kernel_size}"
-            )
+        check_window_options(self.name, self.window_size, self.kernel_size, self.pooling)
 
     @property
     def protected_window(self) -> int:

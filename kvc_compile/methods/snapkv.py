@@ -48,6 +48,18 @@ def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, window_size: 
     return weights.masked_fill(~query_valid[:, None, :, None], 0.0)
 
 
+def check_window_options(method: str, window_size: int, kernel_size: int, pooling: str) -> None:
+    """Validate the observation-window options shared by SnapKV-style scorers."""
+    if window_size <= 0:
+        raise ValueError(f"{method}: window_size must be a positive integer, got {window_size}")
+    if kernel_size <= 0 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"{method}: kernel_size must be a positive odd integer (pooling keeps the length), got {kernel_size}"
+        )
+    if pooling not in POOLINGS:
+        raise ValueError(f"{method}: unknown pooling {pooling!r}; valid choices: {', '.join(POOLINGS)}")
+
+
 @dataclass(frozen=True)
 class SnapKV(Method):
     name = "snapkv"
@@ -58,15 +70,7 @@ class SnapKV(Method):
     pooling: str = "avg"
 
     def __post_init__(self) -> None:
-        if self.window_size <= 0:
-            raise ValueError(f"{self.name}: window_size must be a positive integer, got {self.window_size}")
-        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
-            raise ValueError(
-                f"{self.name}: kernel_size must be a positive odd integer (pooling keeps the length), "
-                f"got {self.kernel_size}"
-            )
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.name}: unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
+        check_window_options(self.name, self.window_size, self.kernel_size, self.pooling)
 
     @property
     def min_uncompressed_length(self) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from kvc_compile.methods.base import Method
+from torch import Tensor
+
+from kvc_compile.methods.base import Method, ScoreInputs
 
 
 def build_scorer(wrapper: str, scorer: str, scorer_options: dict[str, Any]) -> Method:
@@ -20,3 +23,25 @@ def build_scorer(wrapper: str, scorer: str, scorer_options: dict[str, Any]) -> M
             f"wrap a method that scores tokens for a uniform budget (e.g. snapkv, knorm, compactor)"
         )
     return inner
+
+
+@dataclass(frozen=True)
+class ScorerWrapper(Method):
+    """A method built around another method's scores; subclasses change how they are selected."""
+
+    scorer: str = "snapkv"
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inner", build_scorer(self.name, self.scorer, self.scorer_options))
+
+    @property
+    def needs_rotary(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_rotary
+
+    @property
+    def min_uncompressed_length(self) -> int:
+        return self.inner.min_uncompressed_length
+
+    def score(self, inputs: ScoreInputs) -> Tensor:
+        return self.inner.score(inputs)
