@@ -73,7 +73,7 @@ class CompressedLayer(DynamicLayer):
         return keys, values
 
     def _append_packed(self, key_states: Tensor, value_states: Tensor):
-        batch, kv_heads, q_len, head_dim = key_states.shape
+        batch, kv_heads, q_len, _ = key_states.shape
         # Token-major, head-minor: the new token's entries are the last kv_heads of the run.
         self.keys = torch.cat([self.keys, key_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)], dim=-2)
         self.values = torch.cat(
