@@ -3,7 +3,8 @@
 Prefill runs the unmodified model eagerly with a capturing attention function (registered
 through transformers' ``AttentionInterface``, the library's own extension point) that records
 each layer's post-RoPE queries, keys, values and mask. Each layer is then compressed by the
-method's pure-PyTorch code and stored in a ``CompressedCache``; greedy decoding continues on it
+method's pure-PyTorch code (all layers at once when their budgets depend on each other) and
+stored in a ``CompressedCache``; greedy decoding continues on it
 with logical positions, as ``generate()`` does.
 """
 
@@ -22,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvc_compile.cache import CompressedCache
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
-from kvc_compile.ops.compress import compress_site
+from kvc_compile.ops.compress import compress_scored_layers, compress_site, score_site
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
 _captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
@@ -103,11 +104,21 @@ def reference_prefill(
             past_key_values=cache,
             use_cache=True,
         )
-    kept_indices, kept_heads = [], []
-    for layer_idx in sorted(captured):
+    layers = sorted(captured)
+    sites = []
+    for layer_idx in layers:
         query, keys, values, mask = captured[layer_idx]
         cos, sin = _rotary_tables(model, values, position_ids)
-        compressed = compress_site(config, query, keys, values, mask, cos, sin, layer_idx, len(captured))
+        sites.append((query, keys, values, mask, cos, sin, layer_idx, len(layers)))
+    if config.method_impl.budgets_across_layers:
+        scores = [score_site(config, *site) for site in sites]
+        keys, values = [site[1] for site in sites], [site[2] for site in sites]
+        compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0][3])
+    else:
+        compressed_layers = [compress_site(config, *site) for site in sites]
+    kept_indices, kept_heads = [], []
+    for layer_idx, site, compressed in zip(layers, sites, compressed_layers, strict=True):
+        keys = site[1]
         cache.layers[layer_idx].set_compressed(compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1])
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)

@@ -110,6 +110,19 @@ class Method(ABC):
         """
         return n_kept
 
+    @property
+    def budgets_across_layers(self) -> bool:
+        """True when a layer's budget depends on the scores of every layer (see ``layer_budgets``)."""
+        return False
+
+    def layer_budgets(self, layer_scores: list[Tensor], valid: Tensor, n_kept: int) -> Tensor:
+        """[batch, n_layers] tokens per KV head each layer keeps, from all layers' scores.
+
+        Only for methods whose ``budgets_across_layers`` is True; the layers' total should be
+        ``n_layers * n_kept``, the same as uniform budgets.
+        """
+        raise NotImplementedError(f"{self.name} gives every layer its budget on its own (layer_kept_length)")
+
     def select(self, scores: Tensor, valid: Tensor, n_kept) -> Tensor:
         """Indices of kept tokens: dense [batch, kv_heads, n_kept] positions, or packed
         [batch, kv_heads * n_kept] flat indices ``head * n + position`` (see ``select_head_adaptive``)."""
@@ -215,15 +228,52 @@ def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
         flat = torch.arange(kv_heads * n, device=keys.device).expand(batch, kv_heads * n)
     else:
         flat = method.select(method.score(inputs), valid, n_kept)
-    heads, positions = flat // n, flat % n
-    heads = heads.masked_fill(~valid.gather(1, positions), -1)  # padding slots: attended by no head
+    return pack_entries(keys, values, flat, valid)
+
+
+def pack_entries(keys: Tensor, values: Tensor, flat: Tensor, valid: Tensor) -> CompressedKV:
+    """The packed layout of the entries ``flat`` [batch, T] (``head * n + position``; -1 pads a row).
+
+    Entries at padding positions, and the -1 slots of rows that keep fewer than ``T``, get head -1:
+    no head attends to them.
+    """
+    batch, kv_heads, n, _ = keys.shape
+    slot = flat.clamp(min=0)
+    heads, positions = slot // n, slot % n
+    heads = heads.masked_fill(~valid.gather(1, positions) | (flat < 0), -1)
 
     def pack(x: Tensor) -> Tensor:
         rows = x.reshape(batch, kv_heads * n, x.shape[-1])
-        return rows.gather(1, flat.unsqueeze(-1).expand(-1, -1, x.shape[-1])).unsqueeze(1)
+        return rows.gather(1, slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])).unsqueeze(1)
 
     positions, heads = positions.to(INDEX_DTYPE).unsqueeze(1), heads.to(INDEX_DTYPE).unsqueeze(1)
     return CompressedKV(pack(keys), pack(values), positions, heads)
+
+
+def compress_layers_jointly(
+    method: Method, n_kept: int, layer_scores: list[Tensor], keys: list[Tensor], values: list[Tensor], valid: Tensor
+) -> list[CompressedKV]:
+    """Select and gather every layer at once, for methods whose layer budgets depend on all layers.
+
+    ``method.layer_budgets`` gives each row and layer its tokens per KV head; each layer is then
+    selected row by row and packed, a row that keeps fewer entries than the layer's longest row
+    being padded with head -1 slots.
+    """
+    if method.layout != "packed":
+        raise ValueError(f"{method.name}: budgets across layers need the packed layout")
+    batch, kv_heads, n, _ = keys[0].shape
+    if n_kept >= n:
+        flat = torch.arange(kv_heads * n, device=valid.device).expand(batch, kv_heads * n)
+        return [pack_entries(k, v, flat, valid) for k, v in zip(keys, values, strict=True)]
+    budgets = method.layer_budgets(layer_scores, valid, n_kept).tolist()
+    compressed = []
+    for layer, (scores, layer_keys, layer_values) in enumerate(zip(layer_scores, keys, values, strict=True)):
+        rows = [
+            method.select(scores[row : row + 1], valid[row : row + 1], budgets[row][layer])[0] for row in range(batch)
+        ]
+        flat = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
+        compressed.append(pack_entries(layer_keys, layer_values, flat, valid))
+    return compressed
 
 
 def compressed_shapes(method: Method, n_kept, batch: int, kv_heads: int, n, layer_idx: int, n_layers: int):

@@ -6,6 +6,11 @@ a canonical string. The fake implementation gives the kept length as a function 
 (possibly symbolic) prompt length, so the graph stays shape-static with no ``.item()`` and no
 host sync.
 
+Methods whose layer budgets depend on every layer (``budgets_across_layers``, e.g. LAVa) use two
+ops instead: ``kvc::score_kv`` after each attention site, and one ``kvc::compress_layers`` once
+every layer is scored. Its output lengths depend on the scores, so they are data-dependent
+(unbacked) sizes in the graph.
+
 ``kvc::prefill_entries`` is what ``CompressedCache`` records for an uncompressed prompt (the
 position and KV head of every cached entry); the pass rewires it to the entries compression kept.
 """
@@ -18,7 +23,14 @@ import torch
 from torch import Tensor
 
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import INDEX_DTYPE, CompressedKV, ScoreInputs, compress_layer, compressed_shapes
+from kvc_compile.methods.base import (
+    INDEX_DTYPE,
+    CompressedKV,
+    ScoreInputs,
+    compress_layer,
+    compress_layers_jointly,
+    compressed_shapes,
+)
 from kvc_compile.methods.base import prefill_entries as dense_entries
 
 
@@ -37,7 +49,7 @@ def valid_keys_from_mask(attn_mask: Tensor | None, batch: int, n: int, device: t
     return last_row.expand(batch, n)
 
 
-def compress_site(
+def site_inputs(
     config: CompressionConfig,
     query: Tensor,
     keys: Tensor,
@@ -47,8 +59,8 @@ def compress_site(
     sin: Tensor | None,
     layer_idx: int,
     n_layers: int,
-) -> CompressedKV:
-    """What the op computes; the eager reference calls it directly."""
+) -> ScoreInputs:
+    """What a scorer sees at one site; warns when the prompt is too short to compress."""
     batch, _, n, _ = keys.shape
     method = config.method_impl
     if 0 < n <= method.min_uncompressed_length:
@@ -59,8 +71,28 @@ def compress_site(
             stacklevel=2,
         )
     valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
-    inputs = ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin)
-    return compress_layer(method, config.kept_length(n), inputs)
+    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin)
+
+
+def compress_site(config: CompressionConfig, *site: Tensor | int | None) -> CompressedKV:
+    """What ``kvc::compress_kv`` computes (arguments as ``site_inputs``); the eager reference calls it."""
+    inputs = site_inputs(config, *site)
+    return compress_layer(config.method_impl, config.kept_length(inputs.keys.shape[2]), inputs)
+
+
+def score_site(config: CompressionConfig, *site: Tensor | int | None) -> Tensor:
+    """What ``kvc::score_kv`` computes: the method's [batch, kv_heads, n] fp32 scores at one site."""
+    inputs = site_inputs(config, *site)
+    return config.method_impl.score(inputs).float()
+
+
+def compress_scored_layers(
+    config: CompressionConfig, scores: list[Tensor], keys: list[Tensor], values: list[Tensor], attn_mask: Tensor | None
+) -> list[CompressedKV]:
+    """What ``kvc::compress_layers`` computes: every layer at once, from every layer's scores."""
+    batch, _, n, _ = keys[0].shape
+    valid = valid_keys_from_mask(attn_mask, batch, n, keys[0].device)
+    return compress_layers_jointly(config.method_impl, config.kept_length(n), scores, keys, values, valid)
 
 
 @torch.library.custom_op("kvc::compress_kv", mutates_args=())
@@ -91,6 +123,52 @@ def _(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, s
         keys.new_empty(entries, dtype=INDEX_DTYPE),
         keys.new_empty(entries, dtype=INDEX_DTYPE),
     )
+
+
+@torch.library.custom_op("kvc::score_kv", mutates_args=())
+def score_kv(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attn_mask: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    layer_idx: int,
+    n_layers: int,
+    spec: str,
+) -> Tensor:
+    """One layer's scores, [batch, kv_heads, n] fp32, for ``kvc::compress_layers``."""
+    return score_site(CompressionConfig.from_spec(spec), query, keys, values, attn_mask, cos, sin, layer_idx, n_layers)
+
+
+@score_kv.register_fake
+def _(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
+    return keys.new_empty(keys.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("kvc::compress_layers", mutates_args=())
+def compress_layers(
+    scores: list[Tensor], keys: list[Tensor], values: list[Tensor], attn_mask: Tensor | None, spec: str
+) -> list[Tensor]:
+    """Every layer's kept keys, values, positions and heads (4 tensors per layer, in layer order)."""
+    compressed = compress_scored_layers(CompressionConfig.from_spec(spec), scores, keys, values, attn_mask)
+    return [tensor for layer in compressed for tensor in layer]
+
+
+@compress_layers.register_fake
+def _(scores, keys, values, attn_mask, spec: str):
+    ctx = torch.library.get_ctx()
+    outputs = []
+    for layer_keys, layer_values in zip(keys, values, strict=True):
+        batch = layer_keys.shape[0]
+        entries = ctx.new_dynamic_size()  # the layer's budget comes from the scores of all layers
+        outputs += [
+            layer_keys.new_empty(batch, 1, entries, layer_keys.shape[-1]),
+            layer_values.new_empty(batch, 1, entries, layer_values.shape[-1]),
+            layer_keys.new_empty(batch, 1, entries, dtype=INDEX_DTYPE),
+            layer_keys.new_empty(batch, 1, entries, dtype=INDEX_DTYPE),
+        ]
+    return outputs
 
 
 @torch.library.custom_op("kvc::prefill_entries", mutates_args=())

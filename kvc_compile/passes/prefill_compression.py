@@ -23,14 +23,17 @@ cached) are left as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, compute_unbacked_bindings
 
+import kvc_compile.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc_compile.config import CompressionConfig
-from kvc_compile.ops import compress_kv, prefill_entries  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc_compile.passes.attention_sites import ADD_TARGETS, AttentionSite, fake_value
 
 MUL_TARGETS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
@@ -78,62 +81,117 @@ def entry_markers(graph: fx.Graph, k_rope: fx.Node | None) -> tuple[fx.Node, fx.
     return None
 
 
+def allow_data_dependent_sizes(shape_env: ShapeEnv | None) -> None:
+    """Let this graph's shape environment create sizes that depend on data (``compress_layers``).
+
+    Dynamo only allows such ops under ``fullgraph=True``; our op is one we inserted after tracing,
+    whose sizes flow only into the cache outputs, so the graph being compiled may have them.
+    """
+    if shape_env is None:
+        raise CacheLayoutError("kvc: budgets across layers need a graph traced with a shape environment")
+    if not shape_env.allow_dynamic_output_shape_ops:
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+
+
 class InsertPrefillCompression:
-    """Rewire each prefill site's cache outputs to the outputs of ``kvc::compress_kv``."""
+    """Rewire each prefill site's cache outputs to the outputs of ``kvc::compress_kv``.
+
+    For methods whose layer budgets depend on every layer (``budgets_across_layers``), each site
+    gets a ``kvc::score_kv`` instead, and one ``kvc::compress_layers`` before the graph's output
+    compresses all layers; its outputs are rewired the same way.
+    """
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
         self.spec = config.to_spec()
 
     def __call__(self, graph: fx.Graph, sites: list[AttentionSite]) -> int:
-        output = graph.output_node()
         prefill_sites = [site for site in sites if site.is_prefill]
         n_layers = len(prefill_sites)
-        method = self.config.method_impl
+        joint = self.config.method_impl.budgets_across_layers
+        op = torch.ops.kvc.score_kv.default if joint else torch.ops.kvc.compress_kv.default
+        site_nodes, markers = [], []
         for site in prefill_sites:
-            k_rope = new_key_states(site.cached_keys)
-            cos, sin = rotary_tables(k_rope)
-            if method.needs_rotary and cos is None:
-                raise CacheLayoutError(
-                    f"kvc: {self.config.method} scores pre-RoPE keys, but no rotary embedding "
-                    f"(k * cos + rotate_half(k) * sin) feeds the keys of attention layer {site.layer_idx}; "
-                    f"use a method that reads post-RoPE keys only, or a RoPE model (Llama, Mistral, Qwen2, Qwen3)"
-                )
-            markers = entry_markers(graph, k_rope)
-            if method.layout == "packed" and markers is None:
-                raise CacheLayoutError(
-                    f"kvc: {self.config.method} gives KV heads or layers different budgets and stores them in "
-                    f"the packed layout, which only kvc_compile.CompressedCache holds: call the model with "
-                    f"past_key_values=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
-                )
+            args, site_markers = self._site_args(graph, site, n_layers)
+            with graph.inserting_after(site.attention):
+                node = graph.call_function(op, args)
+            self._propagate_meta(node, op, args)
+            site_nodes.append(node)
+            markers.append(site_markers)
+        if joint and prefill_sites:
             args = (
-                site.query, site.cached_keys, site.cached_values, site.mask, cos, sin, site.layer_idx, n_layers,
+                site_nodes,
+                [site.cached_keys for site in prefill_sites],
+                [site.cached_values for site in prefill_sites],
+                prefill_sites[0].mask,
                 self.spec,
             )
-            with graph.inserting_after(site.attention):
-                compressed = graph.call_function(torch.ops.kvc.compress_kv.default, args)
-            items = []
-            anchor = compressed
-            for index in range(4):
-                with graph.inserting_after(anchor):
-                    anchor = graph.call_function(operator.getitem, (compressed, index))
-                items.append(anchor)
-            self._propagate_meta(compressed, items, args)
-            output.replace_input_with(site.cached_keys, items[0])
-            output.replace_input_with(site.cached_values, items[1])
-            if markers is not None:
-                output.replace_input_with(markers[0], items[2])
-                output.replace_input_with(markers[1], items[3])
+            with graph.inserting_before(graph.output_node()):
+                node = graph.call_function(torch.ops.kvc.compress_layers.default, args)
+            self._propagate_meta(node, torch.ops.kvc.compress_layers.default, args)
+            site_outputs = [(node, 4 * index) for index in range(n_layers)]
+        else:
+            site_outputs = [(node, 0) for node in site_nodes]
+        for site, site_markers, (node, first) in zip(prefill_sites, markers, site_outputs, strict=True):
+            self._rewire(graph, site, site_markers, node, first)
         return n_layers
 
+    def _site_args(self, graph: fx.Graph, site: AttentionSite, n_layers: int) -> tuple[tuple, tuple | None]:
+        method = self.config.method_impl
+        k_rope = new_key_states(site.cached_keys)
+        cos, sin = rotary_tables(k_rope)
+        if method.needs_rotary and cos is None:
+            raise CacheLayoutError(
+                f"kvc: {self.config.method} scores pre-RoPE keys, but no rotary embedding "
+                f"(k * cos + rotate_half(k) * sin) feeds the keys of attention layer {site.layer_idx}; "
+                f"use a method that reads post-RoPE keys only, or a RoPE model (Llama, Mistral, Qwen2, Qwen3)"
+            )
+        markers = entry_markers(graph, k_rope)
+        if method.layout == "packed" and markers is None:
+            raise CacheLayoutError(
+                f"kvc: {self.config.method} gives KV heads or layers different budgets and stores them in "
+                f"the packed layout, which only kvc_compile.CompressedCache holds: call the model with "
+                f"past_key_values=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
+            )
+        args = (
+            site.query, site.cached_keys, site.cached_values, site.mask, cos, sin, site.layer_idx, n_layers, self.spec,
+        )
+        return args, markers
+
     @staticmethod
-    def _propagate_meta(compressed: fx.Node, items: list[fx.Node], args: tuple) -> None:
-        """Give the new nodes fake values, as Dynamo and export graphs carry them on every node."""
-        fakes = [fake_value(a) if isinstance(a, fx.Node) else a for a in args]
-        fake_mode = next(f.fake_mode for f in fakes if isinstance(f, FakeTensor))
+    def _rewire(graph: fx.Graph, site: AttentionSite, markers: tuple | None, node: fx.Node, first: int) -> None:
+        """Point the site's cache outputs at items ``first .. first + 3`` of ``node``."""
+        items, anchor = [], node
+        for index in range(first, first + 4):
+            with graph.inserting_after(anchor):
+                anchor = graph.call_function(operator.getitem, (node, index))
+            key = "val" if "val" in node.meta else "example_value"
+            anchor.meta[key] = node.meta[key][index]
+            items.append(anchor)
+        output = graph.output_node()
+        output.replace_input_with(site.cached_keys, items[0])
+        output.replace_input_with(site.cached_values, items[1])
+        if markers is not None:
+            output.replace_input_with(markers[0], items[2])
+            output.replace_input_with(markers[1], items[3])
+
+    @staticmethod
+    def _propagate_meta(node: fx.Node, op, args: tuple) -> None:
+        """Give the new node its fake value, as Dynamo and export graphs carry one on every node."""
+
+        def fake(arg):
+            if isinstance(arg, (list, tuple)):
+                return [fake(a) for a in arg]
+            return fake_value(arg) if isinstance(arg, fx.Node) else arg
+
+        fakes = [fake(a) for a in args]
+        fake_mode = next(f.fake_mode for f in pytree.tree_leaves(fakes) if isinstance(f, FakeTensor))
+        if op is torch.ops.kvc.compress_layers.default:
+            allow_data_dependent_sizes(fake_mode.shape_env)
         with fake_mode:
-            result = torch.ops.kvc.compress_kv.default(*fakes)
-        key = "val" if "val" in args[0].meta else "example_value"
-        compressed.meta[key] = result
-        for index, node in enumerate(items):
-            node.meta[key] = result[index]
+            result = op(*fakes)
+        first_input = next(a for a in pytree.tree_leaves(list(args)) if isinstance(a, fx.Node))
+        node.meta["val" if "val" in first_input.meta else "example_value"] = result
+        # Claim the data-dependent sizes this node defines, as Dynamo does for the nodes it traces.
+        if fake_mode.shape_env is not None and (bindings := compute_unbacked_bindings(fake_mode.shape_env, result)):
+            node.meta["unbacked_bindings"] = bindings
