@@ -51,7 +51,8 @@ def attention_implementation(model: PreTrainedModel, name: str):
 
 
 @contextmanager
-def _capture_prefill_attention(model: PreTrainedModel):
+def capture_prefill_attention(model: PreTrainedModel):
+    """Within the block, each prefill forward of ``model`` records {layer: (query, keys, values, mask)}."""
     global _captured
     _captured = {}
     try:
@@ -95,7 +96,7 @@ def reference_prefill(
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     if attention_mask is not None:  # left padding: count positions from each row's first real token
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    with _capture_prefill_attention(model) as captured:
+    with capture_prefill_attention(model) as captured:
         # .forward, not __call__: a model compiled in place must still run eagerly here.
         out = model.forward(
             input_ids=input_ids,
