@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,12 @@ import torch
 from kvc_compile.methods import Method, build_method, list_methods, method_class
 
 INNER_BACKENDS = ("inductor", "eager")
-COMMON_OPTIONS = ("method", "compression_ratio", "budget", "inner_backend")
+COMMON_OPTIONS = ("method", "compression_ratio", "budget", "inner_backend", "kqsvd")
+# Rank compression: alone as method="kqsvd" (options at the top level), or next to a token method
+# as kqsvd={...}.
+LOWRANK_METHOD = "kqsvd"
+LOWRANK_OPTIONS = ("projections", "key_rank", "value_rank")
+CALIBRATE_HINT = "produce one with: kvc-calibrate --model MODEL --out projections.safetensors"
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,8 @@ class CompressionConfig:
 
     ``compression_ratio`` is the fraction of prompt tokens removed (kvpress convention: 0.75 keeps
     25%); ``budget`` the absolute number of tokens kept per KV head. Give exactly one. Method
-    options (window size, pooling, sinks, seed, ...) go in ``method_options``.
+    options (window size, pooling, sinks, seed, ...) go in ``method_options``. ``lowrank`` adds
+    KQ-SVD rank compression of every cached entry; ``method="kqsvd"`` uses it alone.
     """
 
     method: str
@@ -36,11 +43,30 @@ class CompressionConfig:
     budget: int | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     inner_backend: str = "inductor"
+    # KQ-SVD rank compression: {"projections": file, "key_rank": int | None, "value_rank": int | None}.
+    lowrank: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
             raise ValueError(f"method must be a method name (a string), got {self.method!r}; valid methods: "
-                             f"{', '.join(list_methods())}")
+                             f"{', '.join(list_methods() + [LOWRANK_METHOD])}")
+        if self.inner_backend not in INNER_BACKENDS:
+            raise ValueError(
+                f"unknown inner_backend {self.inner_backend!r}; valid choices: {', '.join(INNER_BACKENDS)}"
+            )
+        if self.lowrank is not None:
+            check_lowrank_options(self.lowrank)
+        if not self.evicts:
+            if self.lowrank is None:
+                raise ValueError(f"kqsvd projects keys and values on calibrated factors and needs a file of them: "
+                                 f"options={{'method': 'kqsvd', 'projections': FILE}}; {CALIBRATE_HINT}")
+            if self.compression_ratio is not None or self.budget is not None or self.method_options:
+                raise ValueError(
+                    "kqsvd alone keeps every token (it thins entries to rank R) and takes only projections, "
+                    "key_rank and value_rank; to evict tokens as well, name a token method and add "
+                    "kqsvd={'projections': FILE}, e.g. {'method': 'snapkv', 'compression_ratio': 0.5, 'kqsvd': {...}}"
+                )
+            return
         method_class(self.method)  # unknown method -> ValueError listing the valid ones
         if (self.compression_ratio is None) == (self.budget is None):
             given = "both" if self.compression_ratio is not None else "neither"
@@ -59,10 +85,6 @@ class CompressionConfig:
             isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0
         ):
             raise ValueError(f"budget must be a positive integer (tokens kept per KV head), got {self.budget!r}")
-        if self.inner_backend not in INNER_BACKENDS:
-            raise ValueError(
-                f"unknown inner_backend {self.inner_backend!r}; valid choices: {', '.join(INNER_BACKENDS)}"
-            )
         self.build_method()  # unknown or invalid method options fail here
 
     @classmethod
@@ -79,14 +101,43 @@ class CompressionConfig:
         if "method" not in options:
             raise ValueError(f"options must name a 'method'; valid methods: {', '.join(list_methods())}")
         method = options.pop("method")
-        common = {key: options.pop(key) for key in COMMON_OPTIONS[1:] if key in options}
-        return cls(method=method, method_options=options, **common)
+        common = {key: options.pop(key) for key in COMMON_OPTIONS[1:-1] if key in options}
+        lowrank = options.pop(LOWRANK_METHOD, None)
+        if method == LOWRANK_METHOD:
+            if lowrank is not None:
+                raise ValueError("with method='kqsvd', give projections/key_rank/value_rank at the top level")
+            lowrank = {key: options.pop(key) for key in LOWRANK_OPTIONS if key in options}
+        elif isinstance(lowrank, (str, Path)):
+            lowrank = {"projections": lowrank}
+        if lowrank is not None:
+            lowrank = {**dict.fromkeys(LOWRANK_OPTIONS[1:]), **lowrank}
+            if isinstance(lowrank.get("projections"), Path):
+                lowrank["projections"] = str(lowrank["projections"])
+        return cls(method=method, method_options=options, lowrank=lowrank, **common)
 
-    def build_method(self) -> Method:
+    @property
+    def evicts(self) -> bool:
+        """False for rank compression alone (method="kqsvd"): every token is kept."""
+        return self.method != LOWRANK_METHOD
+
+    @cached_property
+    def projections(self):
+        """The calibrated ``LowRankProjections`` at the configured ranks, or None."""
+        if self.lowrank is None:
+            return None
+        path = self.lowrank["projections"]
+        # The file's modification time is part of the cache key: a recalibrated file is read again.
+        return _load_projections(path, Path(path).stat().st_mtime_ns, self.lowrank["key_rank"],
+                                 self.lowrank["value_rank"])
+
+    def build_method(self) -> Method | None:
+        if not self.evicts:
+            return None
         return build_method(self.method, self.method_options, common_options=COMMON_OPTIONS)
 
     @cached_property
-    def method_impl(self) -> Method:
+    def method_impl(self) -> Method | None:
+        """The token method (None for kqsvd alone)."""
         return self.build_method()
 
     def to_spec(self) -> str:
@@ -103,12 +154,40 @@ class CompressionConfig:
         ``floor(n * (1 - compression_ratio))`` (at least 1) or ``min(budget, n)``; prompts no longer
         than the method's observation window are left whole.
         """
-        if n <= self.method_impl.min_uncompressed_length:
+        if not self.evicts or n <= self.method_impl.min_uncompressed_length:
             return n
         if self.budget is not None:
             return torch.sym_min(n, self.budget)
         keep = Fraction(1 - self.compression_ratio).limit_denominator(1 << 20)
         return torch.sym_max((n * keep.numerator) // keep.denominator, 1)
+
+
+def check_lowrank_options(lowrank: dict[str, Any]) -> None:
+    if not isinstance(lowrank, dict):
+        raise ValueError(f"kqsvd options must be a dict like {{'projections': FILE, 'key_rank': 32}}, got {lowrank!r}")
+    unknown = sorted(set(lowrank) - set(LOWRANK_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown kqsvd option(s) {', '.join(map(repr, unknown))}; valid options: "
+                         f"{', '.join(LOWRANK_OPTIONS)}")
+    path = lowrank.get("projections")
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise ValueError(f"kqsvd needs a calibrated projections file; {path!r} is not one ({CALIBRATE_HINT}), "
+                         f"then pass projections='projections.safetensors'")
+    for option in LOWRANK_OPTIONS[1:]:
+        rank = lowrank.get(option)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"kqsvd: {option} must be a positive integer (at most head_dim) or None "
+                             f"(the calibrated per-layer ranks), got {rank!r}")
+
+
+@lru_cache(maxsize=8)
+def _load_projections(path: str, mtime_ns: int, key_rank: int | None, value_rank: int | None):
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from kvc_compile.eval.lowrank import LowRankProjections
+
+    with unset_fake_temporarily():  # may first be needed inside a fake implementation
+        return LowRankProjections.load(path).truncated(key_rank, value_rank)
 
 
 @lru_cache(maxsize=64)

@@ -23,6 +23,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvc_compile.cache import CompressedCache
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
+from kvc_compile.methods.base import CompressedKV, prefill_entries
+from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, score_site
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
@@ -83,6 +85,26 @@ def _as_config(config: CompressionConfig | dict[str, Any]) -> CompressionConfig:
     return config if isinstance(config, CompressionConfig) else CompressionConfig.from_options(config)
 
 
+def uncompressed(keys: Tensor, values: Tensor) -> CompressedKV:
+    """Every prompt entry, as a ``CompressedKV`` (rank compression alone keeps every token)."""
+    batch, kv_heads, n, _ = keys.shape
+    return CompressedKV(keys, values, *prefill_entries(batch, kv_heads, n, keys.device))
+
+
+def project_layer(compressed: CompressedKV, projections, layer_idx: int, kv_heads: int):
+    """The layer's entries projected to low rank, and the factors the cache decodes with."""
+    factors = tuple(
+        getattr(projections, name)[layer_idx].to(compressed.keys.device)
+        for name in ("key_down", "key_up", "value_down", "value_up")
+    )
+    heads = compressed.heads if compressed.keys.shape[1] != kv_heads else None
+    projected = compressed._replace(
+        keys=project_entries(compressed.keys, heads, factors[0]),
+        values=project_entries(compressed.values, heads, factors[2]),
+    )
+    return projected, factors
+
+
 @torch.no_grad()
 def reference_prefill(
     model: PreTrainedModel,
@@ -111,16 +133,25 @@ def reference_prefill(
         query, keys, values, mask = captured[layer_idx]
         cos, sin = _rotary_tables(model, values, position_ids)
         sites.append((query, keys, values, mask, cos, sin, layer_idx, len(layers)))
-    if config.method_impl.budgets_across_layers:
+    if not config.evicts:
+        compressed_layers = [uncompressed(site[1], site[2]) for site in sites]
+    elif config.method_impl.budgets_across_layers:
         scores = [score_site(config, *site) for site in sites]
         keys, values = [site[1] for site in sites], [site[2] for site in sites]
         compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0][3])
     else:
         compressed_layers = [compress_site(config, *site) for site in sites]
+    if config.lowrank is not None:
+        config.projections.check_model(model, config.lowrank["projections"])
     kept_indices, kept_heads = [], []
     for layer_idx, site, compressed in zip(layers, sites, compressed_layers, strict=True):
         keys = site[1]
-        cache.layers[layer_idx].set_compressed(compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1])
+        factors = None
+        if config.lowrank is not None:
+            compressed, factors = project_layer(compressed, config.projections, layer_idx, keys.shape[1])
+        cache.layers[layer_idx].set_compressed(
+            compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors
+        )
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
     return ReferencePrefill(cache, kept_indices, kept_heads, out.logits)
@@ -140,7 +171,7 @@ def reference_generate(
         attention_mask = torch.ones_like(input_ids)
     next_token = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
     logical = input_ids.shape[1]
-    packed = any(layer.packed for layer in prefill.cache.layers)
+    packed = any(layer.packed or layer.lowrank for layer in prefill.cache.layers)
     with attention_implementation(model, ATTENTION_IMPLEMENTATION if packed else model.config._attn_implementation):
         return _greedy_decode(model, prefill, attention_mask, next_token, logical, max_new_tokens)
 

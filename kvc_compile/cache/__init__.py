@@ -7,7 +7,10 @@ tracks both. Masks use the physical length with the offset ``n - k``, so the 2-D
 ascending order, so with left padding any padding slot a short row had to keep comes first, at
 a logical position the mask marks as padding.
 
-Layers also record which prompt entries they kept (``positions``, ``heads``). Methods whose heads
+Layers also record which prompt entries they kept (``positions``, ``heads``), and, when the pass
+projects entries to low rank (KQ-SVD), the factors they were projected with: decoding projects
+each new key and value the same way and hands attention the factors that project queries and
+lift outputs back (``CachedKeys``). Methods whose heads
 or layers keep different counts store the *packed* layout (``kvc_compile.methods.base``): one
 flat run of entries per row, labelled by KV head, read at decode time by the ``"kvc"`` attention
 implementation (``kvc_compile.cache.attention``). Decoding appends one entry per KV head.
@@ -27,22 +30,25 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops import prefill_entries
+from kvc_compile.ops.lowrank import lowrank_factors, lowrank_project
 
 
-class PackedKeys(NamedTuple):
-    """What a packed layer hands to attention instead of a dense key tensor."""
+class CachedKeys(NamedTuple):
+    """What a packed or low-rank layer hands to attention instead of a dense key tensor."""
 
-    keys: Tensor  # [batch, 1, T, d]
-    heads: Tensor  # [batch, 1, T], KV head of each entry (-1: padding, attended by nobody)
+    keys: Tensor  # [batch, kv_heads, T, d] (dense) or [batch, 1, T, d] (packed); d = R when low-rank
+    heads: Tensor | None = None  # packed: [batch, 1, T], KV head of each entry (-1: padding, attended by nobody)
+    key_up: Tensor | None = None  # low-rank: [kv_heads, head_dim, R], queries are projected by it
+    value_up: Tensor | None = None  # low-rank: [kv_heads, head_dim, R_v], lifts outputs back to head_dim
 
     def __getattr__(self, name: str):
         # Reached when a dense attention implementation treats this as a tensor (``.shape``, ...).
         if name.startswith("__"):
             raise AttributeError(name)
         raise TypeError(
-            f"this layer's KV cache uses the packed per-head layout (its heads keep different numbers of "
-            f"tokens), which dense attention cannot read (it asked for .{name}). Load the model with "
-            f"attn_implementation='kvc' (after `import kvc_compile`), or call model.set_attn_implementation('kvc')."
+            f"this layer's KV cache is packed per head or stored at low rank, which dense attention cannot "
+            f"read (it asked for .{name}). Load the model with attn_implementation='kvc' (after "
+            f"`import kvc_compile`), or call model.set_attn_implementation('kvc')."
         )
 
 
@@ -55,21 +61,35 @@ class CompressedLayer(DynamicLayer):
         self.kv_heads = key_states.shape[1]
         self.positions: Tensor | None = None
         self.heads: Tensor | None = None
+        # Low-rank factors [kv_heads, head_dim, R] (rank 0: full-rank entries).
+        self.key_down = self.key_up = self.value_down = self.value_up = None
 
     @property
     def packed(self) -> bool:
         """True when the layer stores the packed per-head layout (one flat run of labelled entries)."""
         return self.is_initialized and self.keys.shape[1] != self.kv_heads
 
+    @property
+    def lowrank(self) -> bool:
+        """True when entries are stored projected to rank R (KQ-SVD), not at head_dim."""
+        return self.key_down is not None and self.key_down.shape[-1] > 0
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         first = not self.is_initialized
+        if not first and self.lowrank:
+            key_states = lowrank_project(key_states, None, self.key_down)
+            value_states = lowrank_project(value_states, None, self.value_down)
         if self.packed:
             return self._append_packed(key_states, value_states)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if first:
-            # What the prompt cached; the kvc pass rewires this to what compression kept.
+            # What the prompt cached, unprojected; the kvc pass rewires these to what compression
+            # kept and to the calibrated low-rank factors.
             self.positions, self.heads = prefill_entries(key_states)
+            self.key_down, self.key_up, self.value_down, self.value_up = lowrank_factors(key_states)
         self.logical_length += key_states.shape[-2]
+        if not first and self.lowrank:
+            return CachedKeys(keys, None, self.key_up, self.value_up), values
         return keys, values
 
     def _append_packed(self, key_states: Tensor, value_states: Tensor):
@@ -82,7 +102,9 @@ class CompressedLayer(DynamicLayer):
         new_heads = torch.arange(kv_heads, device=self.heads.device, dtype=INDEX_DTYPE).repeat(q_len)
         self.heads = torch.cat([self.heads, new_heads.expand(batch, 1, -1)], dim=-1)
         self.logical_length += q_len
-        return PackedKeys(self.keys, self.heads), self.values
+        if self.lowrank:
+            return CachedKeys(self.keys, self.heads, self.key_up, self.value_up), self.values
+        return CachedKeys(self.keys, self.heads), self.values
 
     @property
     def physical_length(self) -> int:
@@ -107,13 +129,18 @@ class CompressedLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         self.logical_length -= before - self.physical_length
 
-    def set_compressed(self, compressed, logical_length: int, kv_heads: int) -> None:
-        """Replace the stored tokens by a compressed set (a ``CompressedKV``) standing for ``logical_length``."""
+    def set_compressed(self, compressed, logical_length: int, kv_heads: int, factors=None) -> None:
+        """Replace the stored tokens by a compressed set (a ``CompressedKV``) standing for ``logical_length``.
+
+        ``factors``: (key_down, key_up, value_down, value_up) when the entries are stored at low rank.
+        """
         if not self.is_initialized:
             self.lazy_initialization(compressed.keys, compressed.values)
         self.kv_heads = kv_heads
         self.keys, self.values = compressed.keys, compressed.values
         self.positions, self.heads = compressed.positions, compressed.heads
+        if factors is not None:
+            self.key_down, self.key_up, self.value_down, self.value_up = factors
         self.logical_length = logical_length
 
 
@@ -146,4 +173,4 @@ def kept_tokens_per_layer(cache: Cache) -> list[int]:
     return [layer.keys.shape[-2] if layer.keys is not None else 0 for layer in cache.layers]
 
 
-__all__ = ["CompressedCache", "CompressedLayer", "PackedKeys", "cache_nbytes", "kept_tokens_per_layer"]
+__all__ = ["CachedKeys", "CompressedCache", "CompressedLayer", "cache_nbytes", "kept_tokens_per_layer"]

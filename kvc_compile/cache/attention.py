@@ -3,8 +3,11 @@
 Registered through transformers' ``AttentionInterface`` (the library's extension point), so
 ``from_pretrained(..., attn_implementation="kvc")`` selects it without editing model code. Prefill
 and dense layers call transformers' own SDPA function, so the kvc pass sees the usual SDPA site.
-Packed layers (per-head or per-layer budgets) arrive as ``PackedKeys`` and are read by
-``packed_attention``, the pure-PyTorch reference of the variable-length decode attention.
+Packed layers (per-head or per-layer budgets) arrive as ``CachedKeys`` with head labels and are
+read by ``packed_attention``, the pure-PyTorch reference of the variable-length decode attention.
+Low-rank layers (KQ-SVD) arrive as ``CachedKeys`` with factors: each query is projected by its KV
+head's ``B`` (``q B . k A ~ q . k``, the softmax scale stays the full head's), attention runs over
+the rank-R entries, and each head's output is lifted back by ``B_v^T`` before ``o_proj``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvc_compile.cache import PackedKeys
+from kvc_compile.cache import CachedKeys
 
 ATTENTION_IMPLEMENTATION = "kvc"
 
@@ -55,13 +58,29 @@ def _(query, keys, values, heads, kv_heads, scaling):
     return query.new_empty(batch, q_len, q_heads, values.shape[-1])
 
 
+def per_kv_head(x: Tensor, factor: Tensor, equation: str) -> Tensor:
+    """Apply each KV head's ``factor`` [kv_heads, d, r] to its group's query heads of ``x`` [b, H, q, .]."""
+    batch, q_heads, q_len, _ = x.shape
+    kv_heads = factor.shape[0]
+    grouped = x.reshape(batch, kv_heads, q_heads // kv_heads, q_len, x.shape[-1])
+    return torch.einsum(equation, grouped, factor.to(x.dtype)).reshape(batch, q_heads, q_len, -1)
+
+
 def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    if isinstance(key, PackedKeys):
+    if not isinstance(key, CachedKeys):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if key.key_up is not None:  # low rank: score in the R-dimensional space
+        query = per_kv_head(query, key.key_up, "bkgqd,kdr->bkgqr")
+    if key.heads is not None:
         kv_heads = module.config.num_key_value_heads
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        return packed_attention(query, key.keys, value, key.heads, kv_heads, float(scaling)), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        out = packed_attention(query, key.keys, value, key.heads, kv_heads, float(scaling))
+    else:
+        out, _ = sdpa_attention_forward(module, query, key.keys, value, attention_mask, scaling=scaling, **kwargs)
+    if key.value_up is not None:  # lift each head's rank-R_v output back to head_dim
+        out = per_kv_head(out.transpose(1, 2), key.value_up, "bkgqr,kdr->bkgqd").transpose(1, 2).contiguous()
+    return out, None
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, _kvc_attention)

@@ -12,12 +12,15 @@ from kvc_compile.ops.compress import (
     score_site,
     valid_keys_from_mask,
 )
+from kvc_compile.ops.lowrank import lowrank_factors, lowrank_project
 
 __all__ = [
     "compress_kv",
     "compress_layers",
     "compress_scored_layers",
     "compress_site",
+    "lowrank_factors",
+    "lowrank_project",
     "prefill_entries",
     "score_kv",
     "score_site",

@@ -62,6 +62,15 @@ class AttentionSite:
     cached_keys: fx.Node  # tensors the graph returns and the cache stores
     cached_values: fx.Node
     mask: fx.Node | None
+    # What the cache will store for this site, once the passes have rewired it (initially the
+    # cached tensors themselves); ``stored_heads`` labels packed entries (None: dense layout).
+    stored_keys: fx.Node | None = None
+    stored_values: fx.Node | None = None
+    stored_heads: fx.Node | None = None
+
+    def __post_init__(self) -> None:
+        self.stored_keys = self.stored_keys or self.cached_keys
+        self.stored_values = self.stored_values or self.cached_values
 
     @property
     def query_length(self):

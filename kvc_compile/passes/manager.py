@@ -7,6 +7,7 @@ from torch import fx
 import kvc_compile.cache.attention  # noqa: F401  (registers torch.ops.kvc.packed_attention)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import find_attention_sites, reads_packed_cache, root_module_name
+from kvc_compile.passes.lowrank_projection import ProjectCacheToLowRank
 from kvc_compile.passes.prefill_compression import InsertPrefillCompression
 
 
@@ -15,11 +16,12 @@ class NoAttentionSiteError(RuntimeError):
 
 
 class PassManager:
-    """Order: (1) find attention sites, (2) insert prefill compression."""
+    """Order: (1) find attention sites, (2) insert prefill compression (token eviction), (3) project
+    what the cache stores to low rank (KQ-SVD), which must see the entries eviction kept."""
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
-        self.passes = [InsertPrefillCompression(config)]
+        self.passes = [InsertPrefillCompression(config), ProjectCacheToLowRank(config)]
 
     def run(self, gm: fx.GraphModule) -> int:
         """Rewrite ``gm`` in place; returns the number of compressed sites."""
@@ -33,7 +35,7 @@ class PassManager:
                 f"Sliding-window layers cache only a slice of what attention reads and are left uncompressed: "
                 f"a model whose every layer slides (config.sliding_window set) has nothing to compress."
             )
-        rewritten = sum(p(gm.graph, sites) for p in self.passes)
+        rewritten = max(p(gm, sites) for p in self.passes)
         gm.graph.lint()
         gm.recompile()
         return rewritten

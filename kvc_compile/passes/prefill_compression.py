@@ -105,9 +105,12 @@ class InsertPrefillCompression:
         self.config = config
         self.spec = config.to_spec()
 
-    def __call__(self, graph: fx.Graph, sites: list[AttentionSite]) -> int:
+    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+        graph = gm.graph
         prefill_sites = [site for site in sites if site.is_prefill]
         n_layers = len(prefill_sites)
+        if not self.config.evicts:
+            return n_layers
         joint = self.config.method_impl.budgets_across_layers
         op = torch.ops.kvc.score_kv.default if joint else torch.ops.kvc.compress_kv.default
         site_nodes, markers = [], []
@@ -115,7 +118,7 @@ class InsertPrefillCompression:
             args, site_markers = self._site_args(graph, site, n_layers)
             with graph.inserting_after(site.attention):
                 node = graph.call_function(op, args)
-            self._propagate_meta(node, op, args)
+            propagate_meta(node, op, args)
             site_nodes.append(node)
             markers.append(site_markers)
         if joint and prefill_sites:
@@ -128,12 +131,12 @@ class InsertPrefillCompression:
             )
             with graph.inserting_before(graph.output_node()):
                 node = graph.call_function(torch.ops.kvc.compress_layers.default, args)
-            self._propagate_meta(node, torch.ops.kvc.compress_layers.default, args)
+            propagate_meta(node, torch.ops.kvc.compress_layers.default, args)
             site_outputs = [(node, 4 * index) for index in range(n_layers)]
         else:
             site_outputs = [(node, 0) for node in site_nodes]
         for site, site_markers, (node, first) in zip(prefill_sites, markers, site_outputs, strict=True):
-            self._rewire(graph, site, site_markers, node, first)
+            self._rewire(graph, site, site_markers, node, first, packed=self.config.method_impl.layout == "packed")
         return n_layers
 
     def _site_args(self, graph: fx.Graph, site: AttentionSite, n_layers: int) -> tuple[tuple, tuple | None]:
@@ -159,7 +162,9 @@ class InsertPrefillCompression:
         return args, markers
 
     @staticmethod
-    def _rewire(graph: fx.Graph, site: AttentionSite, markers: tuple | None, node: fx.Node, first: int) -> None:
+    def _rewire(
+        graph: fx.Graph, site: AttentionSite, markers: tuple | None, node: fx.Node, first: int, packed: bool
+    ) -> None:
         """Point the site's cache outputs at items ``first .. first + 3`` of ``node``."""
         items, anchor = [], node
         for index in range(first, first + 4):
@@ -174,24 +179,27 @@ class InsertPrefillCompression:
         if markers is not None:
             output.replace_input_with(markers[0], items[2])
             output.replace_input_with(markers[1], items[3])
+        site.stored_keys, site.stored_values = items[0], items[1]
+        site.stored_heads = items[3] if packed else None
 
-    @staticmethod
-    def _propagate_meta(node: fx.Node, op, args: tuple) -> None:
-        """Give the new node its fake value, as Dynamo and export graphs carry one on every node."""
 
-        def fake(arg):
-            if isinstance(arg, (list, tuple)):
-                return [fake(a) for a in arg]
-            return fake_value(arg) if isinstance(arg, fx.Node) else arg
 
-        fakes = [fake(a) for a in args]
-        fake_mode = next(f.fake_mode for f in pytree.tree_leaves(fakes) if isinstance(f, FakeTensor))
-        if op is torch.ops.kvc.compress_layers.default:
-            allow_data_dependent_sizes(fake_mode.shape_env)
-        with fake_mode:
-            result = op(*fakes)
-        first_input = next(a for a in pytree.tree_leaves(list(args)) if isinstance(a, fx.Node))
-        node.meta["val" if "val" in first_input.meta else "example_value"] = result
-        # Claim the data-dependent sizes this node defines, as Dynamo does for the nodes it traces.
-        if fake_mode.shape_env is not None and (bindings := compute_unbacked_bindings(fake_mode.shape_env, result)):
-            node.meta["unbacked_bindings"] = bindings
+def propagate_meta(node: fx.Node, op, args: tuple) -> None:
+    """Give a node the pass inserted its fake value, as Dynamo and export graphs carry one on every node."""
+
+    def fake(arg):
+        if isinstance(arg, (list, tuple)):
+            return [fake(a) for a in arg]
+        return fake_value(arg) if isinstance(arg, fx.Node) else arg
+
+    fakes = [fake(a) for a in args]
+    fake_mode = next(f.fake_mode for f in pytree.tree_leaves(fakes) if isinstance(f, FakeTensor))
+    if op is torch.ops.kvc.compress_layers.default:
+        allow_data_dependent_sizes(fake_mode.shape_env)
+    with fake_mode:
+        result = op(*fakes)
+    first_input = next(a for a in pytree.tree_leaves(list(args)) if isinstance(a, fx.Node))
+    node.meta["val" if "val" in first_input.meta else "example_value"] = result
+    # Claim the data-dependent sizes this node defines, as Dynamo does for the nodes it traces.
+    if fake_mode.shape_env is not None and (bindings := compute_unbacked_bindings(fake_mode.shape_env, result)):
+        node.meta["unbacked_bindings"] = bindings

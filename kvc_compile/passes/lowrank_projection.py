@@ -1,0 +1,103 @@
+"""Store every prefill cache entry at low rank (KQ-SVD), after any token eviction.
+
+Before (what the cache stores for one layer, after ``InsertPrefillCompression``)::
+
+    return (..., kept_keys, kept_values, positions, heads, *kvc.lowrank_factors(k_rope), ...)
+
+After::
+
+    return (..., kvc.lowrank_project(kept_keys, heads?, key_down),
+                 kvc.lowrank_project(kept_values, heads?, value_down), positions, heads,
+                 *kvc.calibrated_factors(k_rope, spec, layer), ...)
+
+The factors come from ``kvc.calibrated_factors`` (the calibrated projections at the configured
+ranks); returning them is how the cache gets them, so decoding projects new entries and queries the same
+way (``CompressedLayer.update``, the ``"kvc"`` attention). Prefill attention still reads the full
+keys and values.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from kvc_compile.config import CompressionConfig
+from kvc_compile.ops.lowrank import FACTOR_NAMES
+from kvc_compile.passes.attention_sites import AttentionSite, fake_value
+from kvc_compile.passes.prefill_compression import CacheLayoutError, new_key_states, propagate_meta
+
+FACTORS_MARKER = {torch.ops.kvc.lowrank_factors.default, torch.ops.kvc.lowrank_factors}
+
+
+def factor_markers(k_rope: fx.Node | None) -> list[fx.Node] | None:
+    """The four getitems of ``kvc.lowrank_factors(k_rope)``, if the cache records factors."""
+    if k_rope is None:
+        return None
+    for user in k_rope.users:
+        if user.op == "call_function" and user.target in FACTORS_MARKER:
+            items = {u.args[1]: u for u in user.users if u.target is operator.getitem}
+            return [items.get(index) for index in range(4)]
+    return None
+
+
+class ProjectCacheToLowRank:
+    """Rewire each prefill site's stored keys and values to their rank-R projections."""
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+
+    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+        if self.config.lowrank is None:
+            return 0
+        prefill_sites = [site for site in sites if site.is_prefill]
+        projections = self.config.projections
+        if prefill_sites and len(prefill_sites) != len(projections.key_down):
+            raise CacheLayoutError(
+                f"kvc: the projections file {self.config.lowrank['projections']} has {len(projections.key_down)} "
+                f"layers but the model has {len(prefill_sites)} attention layers: calibrate on this model "
+                f"(kvc-calibrate --model MODEL --out FILE)"
+            )
+        graph, output = gm.graph, gm.graph.output_node()
+        for index, site in enumerate(prefill_sites):
+            markers = factor_markers(new_key_states(site.cached_keys))
+            if markers is None or any(m is None for m in markers):
+                raise CacheLayoutError(
+                    "kvc: kqsvd stores rank-R entries, which only kvc_compile.CompressedCache holds: call the "
+                    "model with past_key_values=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
+                )
+            _, kv_heads, _, head_dim = fake_value(site.cached_keys).shape
+            factors = [getattr(projections, name)[index] for name in FACTOR_NAMES]
+            if tuple(factors[0].shape[:2]) != (kv_heads, head_dim):
+                raise CacheLayoutError(
+                    f"kvc: the projections file {self.config.lowrank['projections']} was calibrated for "
+                    f"{factors[0].shape[0]} KV heads of dimension {factors[0].shape[1]}, but attention layer "
+                    f"{site.layer_idx} has {kv_heads} of dimension {head_dim}: calibrate on this model"
+                )
+            constants = self._factors(graph, site, index)
+            for marker, constant in zip(markers, constants, strict=True):
+                output.replace_input_with(marker, constant)
+            for stored, down in ((site.stored_keys, constants[0]), (site.stored_values, constants[2])):
+                args = (stored, site.stored_heads, down)
+                with graph.inserting_before(output):
+                    projected = graph.call_function(torch.ops.kvc.lowrank_project.default, args)
+                propagate_meta(projected, torch.ops.kvc.lowrank_project.default, args)
+                output.replace_input_with(stored, projected)
+        return len(prefill_sites)
+
+    def _factors(self, graph: fx.Graph, site: AttentionSite, index: int) -> list[fx.Node]:
+        """``kvc.calibrated_factors`` of layer ``index``, as four getitem nodes."""
+        op = torch.ops.kvc.calibrated_factors.default
+        args = (site.cached_keys, self.config.to_spec(), index)
+        with graph.inserting_before(graph.output_node()):
+            node = graph.call_function(op, args)
+        propagate_meta(node, op, args)
+        key = "val" if "val" in node.meta else "example_value"
+        items = []
+        for item in range(4):
+            with graph.inserting_before(graph.output_node()):
+                getitem = graph.call_function(operator.getitem, (node, item))
+            getitem.meta[key] = node.meta[key][item]
+            items.append(getitem)
+        return items
