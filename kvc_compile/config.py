@@ -56,6 +56,7 @@ class CompressionConfig:
             )
         if self.lowrank is not None:
             check_lowrank_options(self.lowrank)
+            self.projections  # noqa: B018  (reads the file: ranks above its head_dim fail here)
         if not self.evicts:
             if self.lowrank is None:
                 raise ValueError(f"kqsvd projects keys and values on calibrated factors and needs a file of them: "

@@ -9,8 +9,8 @@ from conftest import random_prompt, tiny_model
 
 from kvc_compile.eval.calibration import (
     ContextCalibration,
-    _continuation_nll,
     context_nll,
+    continuation_nll,
     fit_calibration,
     measure_quality,
 )
@@ -452,7 +452,7 @@ def test_continuation_on_the_cache_matches_one_full_forward():
     with torch.no_grad():
         whole = model(ids).logits
         prefill = model(ids[:, :16], past_key_values=DynamicCache(), use_cache=True)
-        got = _continuation_nll(model, prefill.past_key_values, ids[:, 16:], 16)
+        got = continuation_nll(model, prefill.past_key_values, ids[:, 16:], 16)
     torch.testing.assert_close(got, context_nll(whole[:, 16:], ids[:, 16:]), rtol=1e-4, atol=1e-5)
 
 

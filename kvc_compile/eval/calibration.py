@@ -211,7 +211,7 @@ class QualityRow(NamedTuple):
     quality: float  # y(r) = NLL(continuation | full cache) / NLL(continuation | compressed cache)
 
 
-def _continuation_nll(model: PreTrainedModel, cache, continuation: Tensor, split: int) -> Tensor:
+def continuation_nll(model: PreTrainedModel, cache, continuation: Tensor, split: int) -> Tensor:
     """Teacher-forced NLL [batch] of ``continuation[:, 1:]`` read on a prefilled ``cache``.
 
     The first continuation token is predicted by the prefill's last logit, computed before any
@@ -259,13 +259,13 @@ def measure_quality(
     context, continuation = input_ids[:, :split], input_ids[:, split:]
     full = model.forward(input_ids=context, past_key_values=DynamicCache(), use_cache=True)
     nll_context = context_nll(full.logits, context)
-    nll_full = _continuation_nll(model, full.past_key_values, continuation, split)
+    nll_full = continuation_nll(model, full.past_key_values, continuation, split)
     qualities = []
     for retention in retentions:
         if not 0 < retention <= 1:
             raise ValueError(f"retentions must be in (0, 1], got {retention!r}")
         prefill = reference_prefill(model, context, config_factory(retention))
-        qualities.append(nll_full / _continuation_nll(model, prefill.cache, continuation, split))
+        qualities.append(nll_full / continuation_nll(model, prefill.cache, continuation, split))
     return [
         QualityRow(float(retention), float(nll_context[row]), float(quality[row]))
         for row in range(input_ids.shape[0])
@@ -273,4 +273,4 @@ def measure_quality(
     ]
 
 
-__all__ = ["ContextCalibration", "QualityRow", "context_nll", "fit_calibration", "measure_quality"]
+__all__ = ["ContextCalibration", "QualityRow", "context_nll", "continuation_nll", "fit_calibration", "measure_quality"]
