@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
 from tqdm import tqdm
 
 from kvc_compile import load_model, reference_generate
+from kvc_compile.bench import provenance_lines
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 
 CONFIGS = {
@@ -75,10 +72,7 @@ def main() -> int:
         "|---|---|---|",
         *[f"| {name} | {n}/{args.samples} | {n / args.samples:.0%} |" for name, n in correct.items()],
         "",
-        f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; "
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- wall time: {time.perf_counter() - start:.0f} s",
+        *provenance_lines(time.perf_counter() - start),
         f"- options: `{json.dumps(CONFIGS)}`",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

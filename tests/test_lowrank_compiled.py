@@ -150,3 +150,25 @@ def test_lowrank_needs_compressed_cache_and_kvc_attention(projections_file):
     prefill = reference_prefill(model, ids, options)
     with torch.no_grad(), pytest.raises(TypeError, match="attn_implementation='kvc'"):
         model(ids[:, -1:], past_key_values=prefill.cache, use_cache=True)
+
+
+def test_decode_graphs_fold_the_value_lift_into_o_proj(projections_file, monkeypatch):
+    from kvc_compile.passes import FoldValueProjection
+
+    folded, original = [], FoldValueProjection.__call__
+
+    def spy(self, gm, sites):
+        count = original(self, gm, sites)
+        lifts = [n for n in gm.graph.nodes if n.target == torch.ops.kvc.lowrank_lift.default]
+        folded.append((count, len(lifts)))
+        return count
+
+    monkeypatch.setattr(FoldValueProjection, "__call__", spy)
+    model = tiny_model("llama", attn_implementation="kvc")
+    ids, mask = padded_batch()
+    options = {"method": "kqsvd", "projections": projections_file, "key_rank": 6, "value_rank": 4,
+               "inner_backend": "eager"}
+    expected = reference_generate(model, ids, options, max_new_tokens=NEW, attention_mask=mask)  # lifts, unfolded
+    assert torch.equal(compiled_generate(model, options, ids, mask).sequences[:, PROMPT:], expected)
+    # Prefill graphs have nothing to fold; decode graphs fold both layers and keep no lift.
+    assert (2, 0) in folded and all(lifts == 0 for _, lifts in folded)

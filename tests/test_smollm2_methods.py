@@ -45,3 +45,41 @@ def test_method_generate_equals_reference(smollm2, prompt, method):
         entries += heads.numel()
     # Whatever the layout, the layers together keep the budget: kv_heads x n // 2 entries per layer.
     assert entries == len(out.past_key_values.layers) * kv_heads * (n // 2)
+
+
+@pytest.fixture(scope="module")
+def smollm2_projections(smollm2, tmp_path_factory):
+    """KQ-SVD projections of SmolLM2 at full width, written by the kvc-calibrate command."""
+    from kvc_compile.cli.calibrate import main as calibrate
+
+    path = tmp_path_factory.mktemp("kqsvd") / "smollm2.safetensors"
+    assert calibrate(["--out", str(path), "--sequences", "1", "--sequence-tokens", "512", "--rank", "64"]) == 0
+    return str(path)
+
+
+def test_snapkv_with_kqsvd_generate_equals_reference(smollm2, prompt, smollm2_projections):
+    from kvc_compile.eval.lowrank import LowRankProjections
+
+    model, _ = smollm2
+    projections = LowRankProjections.load(smollm2_projections, model)  # calibrated on this very model
+    assert projections.key_ranks == [64] * model.config.num_hidden_layers
+    options = {"method": "snapkv", "compression_ratio": 0.5, "inner_backend": "eager",
+               "kqsvd": {"projections": smollm2_projections, "key_rank": 32, "value_rank": 48}}
+    n = prompt.shape[1]
+    original_attention = model.config._attn_implementation
+    model.set_attn_implementation("kvc")
+    try:
+        expected = reference_generate(model, prompt, options, max_new_tokens=NEW_TOKENS)
+        model.compile(backend="kvc", options=options, dynamic=True)
+        with torch.no_grad():
+            out = model.generate(
+                prompt, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=CompressedCache(),
+                return_dict_in_generate=True,
+            )
+    finally:
+        model._compiled_call_impl = None
+        model.set_attn_implementation(original_attention)
+    assert torch.equal(out.sequences[:, n:], expected)
+    layer = out.past_key_values.layers[0]
+    assert layer.keys.shape[-1] == 32 and layer.values.shape[-1] == 48
+    assert layer.keys.shape[-2] == n // 2 + NEW_TOKENS - 1  # half the prompt, then the decoded tokens

@@ -40,6 +40,7 @@ class CachedKeys(NamedTuple):
     heads: Tensor | None = None  # packed: [batch, 1, T], KV head of each entry (-1: padding, attended by nobody)
     key_up: Tensor | None = None  # low-rank: [kv_heads, head_dim, R], queries are projected by it
     value_up: Tensor | None = None  # low-rank: [kv_heads, head_dim, R_v], lifts outputs back to head_dim
+    output_fold: Tensor | None = None  # low-rank: o_proj's weight with value_up folded in (or empty)
 
     def __getattr__(self, name: str):
         # Reached when a dense attention implementation treats this as a tensor (``.shape``, ...).
@@ -62,7 +63,7 @@ class CompressedLayer(DynamicLayer):
         self.positions: Tensor | None = None
         self.heads: Tensor | None = None
         # Low-rank factors [kv_heads, head_dim, R] (rank 0: full-rank entries).
-        self.key_down = self.key_up = self.value_down = self.value_up = None
+        self.key_down = self.key_up = self.value_down = self.value_up = self.output_fold = None
 
     @property
     def packed(self) -> bool:
@@ -86,10 +87,11 @@ class CompressedLayer(DynamicLayer):
             # What the prompt cached, unprojected; the kvc pass rewires these to what compression
             # kept and to the calibrated low-rank factors.
             self.positions, self.heads = prefill_entries(key_states)
-            self.key_down, self.key_up, self.value_down, self.value_up = lowrank_factors(key_states)
+            factors = lowrank_factors(key_states)
+            self.key_down, self.key_up, self.value_down, self.value_up, self.output_fold = factors
         self.logical_length += key_states.shape[-2]
         if not first and self.lowrank:
-            return CachedKeys(keys, None, self.key_up, self.value_up), values
+            return CachedKeys(keys, None, self.key_up, self.value_up, self.output_fold), values
         return keys, values
 
     def _append_packed(self, key_states: Tensor, value_states: Tensor):
@@ -103,7 +105,7 @@ class CompressedLayer(DynamicLayer):
         self.heads = torch.cat([self.heads, new_heads.expand(batch, 1, -1)], dim=-1)
         self.logical_length += q_len
         if self.lowrank:
-            return CachedKeys(self.keys, self.heads, self.key_up, self.value_up), self.values
+            return CachedKeys(self.keys, self.heads, self.key_up, self.value_up, self.output_fold), self.values
         return CachedKeys(self.keys, self.heads), self.values
 
     @property
@@ -132,7 +134,8 @@ class CompressedLayer(DynamicLayer):
     def set_compressed(self, compressed, logical_length: int, kv_heads: int, factors=None) -> None:
         """Replace the stored tokens by a compressed set (a ``CompressedKV``) standing for ``logical_length``.
 
-        ``factors``: (key_down, key_up, value_down, value_up) when the entries are stored at low rank.
+        ``factors``: (key_down, key_up, value_down, value_up[, output_fold]) when the entries are
+        stored at low rank.
         """
         if not self.is_initialized:
             self.lazy_initialization(compressed.keys, compressed.values)
@@ -140,7 +143,8 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values = compressed.keys, compressed.values
         self.positions, self.heads = compressed.positions, compressed.heads
         if factors is not None:
-            self.key_down, self.key_up, self.value_down, self.value_up = factors
+            self.key_down, self.key_up, self.value_down, self.value_up = factors[:4]
+            self.output_fold = factors[4] if len(factors) > 4 else None
         self.logical_length = logical_length
 
 

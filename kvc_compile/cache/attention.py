@@ -7,7 +7,8 @@ Packed layers (per-head or per-layer budgets) arrive as ``CachedKeys`` with head
 read by ``packed_attention``, the pure-PyTorch reference of the variable-length decode attention.
 Low-rank layers (KQ-SVD) arrive as ``CachedKeys`` with factors: each query is projected by its KV
 head's ``B`` (``q B . k A ~ q . k``, the softmax scale stays the full head's), attention runs over
-the rank-R entries, and each head's output is lifted back by ``B_v^T`` before ``o_proj``.
+the rank-R entries, and each head's output is lifted back by ``B_v^T`` before ``o_proj``
+(``kvc::lowrank_lift``, which compiled decode graphs fold into ``o_proj``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvc_compile.cache import CachedKeys
+from kvc_compile.ops.lowrank import lowrank_lift
 
 ATTENTION_IMPLEMENTATION = "kvc"
 
@@ -78,8 +80,9 @@ def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kw
         out = packed_attention(query, key.keys, value, key.heads, kv_heads, float(scaling))
     else:
         out, _ = sdpa_attention_forward(module, query, key.keys, value, attention_mask, scaling=scaling, **kwargs)
-    if key.value_up is not None:  # lift each head's rank-R_v output back to head_dim
-        out = per_kv_head(out.transpose(1, 2), key.value_up, "bkgqr,kdr->bkgqd").transpose(1, 2).contiguous()
+    if key.value_up is not None:  # lift each head's rank-R_v output back to head_dim (folded when compiled)
+        fold = key.output_fold if key.output_fold is not None else out.new_empty(0, 0)
+        out = lowrank_lift(out, key.value_up, fold)
     return out, None
 
 

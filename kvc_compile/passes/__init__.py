@@ -2,12 +2,13 @@
 cache at low rank."""
 
 from kvc_compile.passes.attention_sites import AttentionSite, find_attention_sites
-from kvc_compile.passes.lowrank_projection import ProjectCacheToLowRank
+from kvc_compile.passes.lowrank_projection import FoldValueProjection, ProjectCacheToLowRank
 from kvc_compile.passes.manager import NoAttentionSiteError, PassManager
 from kvc_compile.passes.prefill_compression import InsertPrefillCompression
 
 __all__ = [
     "AttentionSite",
+    "FoldValueProjection",
     "InsertPrefillCompression",
     "NoAttentionSiteError",
     "PassManager",

@@ -108,6 +108,11 @@ def _is_call(node: fx.Node, functions: set, methods: set = frozenset()) -> bool:
     )
 
 
+def is_layout_op(node: fx.Node) -> bool:
+    """Whether ``node`` only re-lays out its first argument (reshape, transpose, contiguous, casts)."""
+    return _is_call(node, LAYOUT_FUNCTIONS, LAYOUT_METHODS)
+
+
 def _cached_source(node: fx.Node, outputs: set[fx.Node]) -> fx.Node | None:
     """Walk back through layout-only ops to a tensor the graph returns."""
     while isinstance(node, fx.Node):

@@ -8,12 +8,17 @@ After::
 
     return (..., kvc.lowrank_project(kept_keys, heads?, key_down),
                  kvc.lowrank_project(kept_values, heads?, value_down), positions, heads,
-                 *kvc.calibrated_factors(k_rope, spec, layer), ...)
+                 *kvc.calibrated_factors(k_rope, spec, layer),
+                 kvc.fold_output_projection(o_proj.weight, value_up), ...)
 
 The factors come from ``kvc.calibrated_factors`` (the calibrated projections at the configured
 ranks); returning them is how the cache gets them, so decoding projects new entries and queries the same
 way (``CompressedLayer.update``, the ``"kvc"`` attention). Prefill attention still reads the full
 keys and values.
+
+``FoldValueProjection`` then works on decode graphs: ``o_proj(reshape(kvc.lowrank_lift(o, B_v,
+folded)))`` becomes ``linear(flatten(o), folded)``, so the rank-R_v attention output goes straight
+into the output projection (Appendix B of the paper).
 """
 
 from __future__ import annotations
@@ -21,24 +26,39 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from kvc_compile.config import CompressionConfig
 from kvc_compile.ops.lowrank import FACTOR_NAMES
-from kvc_compile.passes.attention_sites import AttentionSite, fake_value
+from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_layout_op
 from kvc_compile.passes.prefill_compression import CacheLayoutError, new_key_states, propagate_meta
 
 FACTORS_MARKER = {torch.ops.kvc.lowrank_factors.default, torch.ops.kvc.lowrank_factors}
 
 
+LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+
+
 def factor_markers(k_rope: fx.Node | None) -> list[fx.Node] | None:
-    """The four getitems of ``kvc.lowrank_factors(k_rope)``, if the cache records factors."""
+    """The five getitems of ``kvc.lowrank_factors(k_rope)``, if the cache records factors."""
     if k_rope is None:
         return None
     for user in k_rope.users:
         if user.op == "call_function" and user.target in FACTORS_MARKER:
             items = {u.args[1]: u for u in user.users if u.target is operator.getitem}
-            return [items.get(index) for index in range(4)]
+            return [items.get(index) for index in range(5)]
+    return None
+
+
+def output_projection(node: fx.Node) -> fx.Node | None:
+    """The ``linear`` (``o_proj``) that ``node``'s attention output reaches through layout-only ops."""
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+            return node
+        if not is_layout_op(node):
+            return None
     return None
 
 
@@ -62,7 +82,7 @@ class ProjectCacheToLowRank:
         graph, output = gm.graph, gm.graph.output_node()
         for index, site in enumerate(prefill_sites):
             markers = factor_markers(new_key_states(site.cached_keys))
-            if markers is None or any(m is None for m in markers):
+            if markers is None or any(m is None for m in markers[:4]):
                 raise CacheLayoutError(
                     "kvc: kqsvd stores rank-R entries, which only kvc_compile.CompressedCache holds: call the "
                     "model with past_key_values=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
@@ -76,6 +96,7 @@ class ProjectCacheToLowRank:
                     f"{site.layer_idx} has {kv_heads} of dimension {head_dim}: calibrate on this model"
                 )
             constants = self._factors(graph, site, index)
+            constants.append(self._folded_output(graph, site, constants[3], markers[4]))
             for marker, constant in zip(markers, constants, strict=True):
                 output.replace_input_with(marker, constant)
             for stored, down in ((site.stored_keys, constants[0]), (site.stored_values, constants[2])):
@@ -85,6 +106,20 @@ class ProjectCacheToLowRank:
                 propagate_meta(projected, torch.ops.kvc.lowrank_project.default, args)
                 output.replace_input_with(stored, projected)
         return len(prefill_sites)
+
+    @staticmethod
+    def _folded_output(graph: fx.Graph, site: AttentionSite, value_up: fx.Node, marker: fx.Node | None) -> fx.Node:
+        """``kvc.fold_output_projection(o_proj.weight, value_up)``, or the empty marker when ``o_proj``
+        is not found (decode then lifts outputs back instead of folding)."""
+        linear = output_projection(site.attention)
+        if linear is None or marker is None:
+            return marker
+        weight = linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
+        op, args = torch.ops.kvc.fold_output_projection.default, (weight, value_up)
+        with graph.inserting_before(graph.output_node()):
+            node = graph.call_function(op, args)
+        propagate_meta(node, op, args)
+        return node
 
     def _factors(self, graph: fx.Graph, site: AttentionSite, index: int) -> list[fx.Node]:
         """``kvc.calibrated_factors`` of layer ``index``, as four getitem nodes."""
@@ -101,3 +136,28 @@ class ProjectCacheToLowRank:
             getitem.meta[key] = node.meta[key][item]
             items.append(getitem)
         return items
+
+
+LIFT_TARGETS = {torch.ops.kvc.lowrank_lift.default, torch.ops.kvc.lowrank_lift}
+
+
+class FoldValueProjection:
+    """Replace ``o_proj(lift(o))`` by ``o @ folded^T`` wherever the folded weight is known."""
+
+    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+        graph, folded_count = gm.graph, 0
+        for lift in [n for n in graph.nodes if n.op == "call_function" and n.target in LIFT_TARGETS]:
+            out, _, folded = lift.args
+            linear = output_projection(lift)
+            if linear is None or fake_value(folded).numel() == 0:
+                continue  # o_proj not found, or no folded weight: keep lifting
+            bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+            with graph.inserting_before(linear):
+                flat = graph.call_function(torch.flatten, (out, -2))
+                propagate_meta(flat, torch.flatten, (out, -2))
+                folded_linear = graph.call_function(F.linear, (flat, folded, bias))
+                propagate_meta(folded_linear, F.linear, (flat, folded, bias))
+            linear.replace_all_uses_with(folded_linear)
+            folded_count += 1
+        graph.eliminate_dead_code()
+        return folded_count
