@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from kvc_compile import cache_nbytes, load_model, reference_prefill
-from kvc_compile.bench import provenance_lines
+from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.eval.calibration import continuation_nll
 from kvc_compile.eval.lowrank import calibrate_lowrank, projection_quality
 from kvc_compile.methods.kqsvd import LOWRANK_METHODS
@@ -108,9 +108,7 @@ def main() -> int:
         "",
         *provenance_lines(time.perf_counter() - start),
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvc_compile import load_model, reference_generate
-from kvc_compile.bench import provenance_lines
+from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 
 CONFIGS = {
@@ -75,9 +75,7 @@ def main() -> int:
         *provenance_lines(time.perf_counter() - start),
         f"- options: `{json.dumps(CONFIGS)}`",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

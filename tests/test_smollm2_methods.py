@@ -17,13 +17,10 @@ def prompt(smollm2):
     return passkey_inputs(tokenizer, target_tokens=600, seed=1)[1]
 
 
-@pytest.mark.parametrize("method", list_methods())
-def test_method_generate_equals_reference(smollm2, prompt, method):
-    model, _ = smollm2
-    options = {"method": method, "compression_ratio": 0.5, "inner_backend": "eager"}
-    n = prompt.shape[1]
+def reference_and_compiled(model, prompt, options):
+    """The reference prefill and greedy tokens, then the compiled model's generate() output."""
     original_attention = model.config._attn_implementation
-    model.set_attn_implementation("kvc")  # SDPA for dense caches, the packed reader for per-head budgets
+    model.set_attn_implementation("kvc")  # SDPA for dense caches, the packed/low-rank reader otherwise
     try:
         reference = reference_prefill(model, prompt, options)
         expected = reference_generate(model, prompt, options, max_new_tokens=NEW_TOKENS)
@@ -36,6 +33,15 @@ def test_method_generate_equals_reference(smollm2, prompt, method):
     finally:
         model._compiled_call_impl = None  # leave the shared model eager
         model.set_attn_implementation(original_attention)
+    return reference, expected, out
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_method_generate_equals_reference(smollm2, prompt, method):
+    model, _ = smollm2
+    options = {"method": method, "compression_ratio": 0.5, "inner_backend": "eager"}
+    n = prompt.shape[1]
+    reference, expected, out = reference_and_compiled(model, prompt, options)
     assert torch.equal(out.sequences[:, n:], expected)
     kv_heads = model.config.num_key_value_heads
     entries = 0
@@ -66,19 +72,7 @@ def test_snapkv_with_kqsvd_generate_equals_reference(smollm2, prompt, smollm2_pr
     options = {"method": "snapkv", "compression_ratio": 0.5, "inner_backend": "eager",
                "kqsvd": {"projections": smollm2_projections, "key_rank": 32, "value_rank": 48}}
     n = prompt.shape[1]
-    original_attention = model.config._attn_implementation
-    model.set_attn_implementation("kvc")
-    try:
-        expected = reference_generate(model, prompt, options, max_new_tokens=NEW_TOKENS)
-        model.compile(backend="kvc", options=options, dynamic=True)
-        with torch.no_grad():
-            out = model.generate(
-                prompt, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=CompressedCache(),
-                return_dict_in_generate=True,
-            )
-    finally:
-        model._compiled_call_impl = None
-        model.set_attn_implementation(original_attention)
+    _, expected, out = reference_and_compiled(model, prompt, options)
     assert torch.equal(out.sequences[:, n:], expected)
     layer = out.past_key_values.layers[0]
     assert layer.keys.shape[-1] == 32 and layer.values.shape[-1] == 48

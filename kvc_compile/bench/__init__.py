@@ -18,3 +18,10 @@ def provenance_lines(wall_seconds: float) -> list[str]:
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"- wall time: {wall_seconds:.0f} s",
     ]
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """Write a Markdown result (creating its folder) and echo it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
