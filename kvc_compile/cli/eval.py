@@ -1,0 +1,58 @@
+"""kvc-eval: a leaderboard of compression methods x ratios x retrieval tasks on one model.
+
+Resumable: finished cells under OUT/cells are never recomputed, and an interrupted cell goes on
+from its last recorded sample. Writes OUT/results.json, results.csv, leaderboard.md and
+leaderboard.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kvc_compile.eval.leaderboard import PATHS, run_grid, summarize
+from kvc_compile.eval.tasks import HAYSTACKS, TASKS
+from kvc_compile.methods import list_methods
+from kvc_compile.models import load_model
+
+
+def parse_list(text: str, valid: list[str] | tuple[str, ...], what: str) -> list[str]:
+    items = list(valid) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in valid]
+    if unknown:
+        raise SystemExit(f"kvc-eval: unknown {what} {', '.join(unknown)}; valid: {', '.join(valid)} (or all)")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvc-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default="all", help="comma-separated, or all")
+    parser.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
+    parser.add_argument("--tasks", default="niah_single,niah_multikey,variable_tracking",
+                        help="comma-separated, or all")
+    parser.add_argument("--haystack", default="filler", choices=HAYSTACKS)
+    parser.add_argument("--context", type=int, default=2048, help="context tokens per sample")
+    parser.add_argument("--samples", type=int, default=50, help="samples per cell (seeds 0..N-1)")
+    parser.add_argument("--query-aware", action="store_true", help="compress the question with the context")
+    parser.add_argument("--path", default="compiled", choices=PATHS)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    methods = parse_list(args.methods, list_methods(), "methods")
+    tasks = parse_list(args.tasks, TASKS, "tasks")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise SystemExit(f"kvc-eval: --ratios must be comma-separated numbers in [0, 1), got {args.ratios!r}") from None
+    model, tokenizer = load_model(args.model)
+    cells = run_grid(model, tokenizer, args.out, methods, ratios, tasks, args.samples, args.context,
+                     haystack=args.haystack, query_aware=args.query_aware, path=args.path)
+    title = (f"{args.model}: {args.haystack} haystack, {args.context} tokens, "
+             f"{'query-aware' if args.query_aware else 'question after compression'}, {args.path} path")
+    summarize(args.out, cells, title)
+    print((args.out / "leaderboard.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""A resumable grid of methods x compression ratios x tasks on one model: the text leaderboard.
+
+Every cell (method, ratio, task) is a file of per-sample records under ``out/cells/``, appended
+as samples finish, so an interrupted run picks up where it stopped and finished cells are never
+recomputed. ``summarize`` turns the cells into JSON, CSV, a Markdown table (mean and confidence
+interval per cell, the full-cache row on top) and a plot of score against compression ratio.
+
+Samples are answered through the compiled path by default (``torch.compile(backend="kvc")``), so
+the numbers are those of what users run; ``path="reference"`` uses the eager reference instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvc_compile.cache import CompressedCache
+from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.eval.tasks import TaskSample, make_sample, score_cell, string_match_all
+from kvc_compile.reference import attention_implementation, reference_prefill
+
+FULL_CACHE = "full cache"
+NEW_TOKENS = {"niah_multivalue": 48, "niah_multiquery": 48, "variable_tracking": 32}
+PATHS = ("compiled", "reference")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str  # FULL_CACHE for the uncompressed row
+    ratio: float
+    task: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.method.replace(' ', '_')}__{self.ratio:g}__{self.task}.jsonl"
+
+
+def method_options(method: str, ratio: float, extra: dict | None = None) -> dict:
+    return {"method": method, "compression_ratio": ratio, **(extra or {})}
+
+
+@torch.no_grad()
+def answer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sample: TaskSample,
+    options: dict | None,
+    query_aware: bool = False,
+    path: str = "compiled",
+) -> str:
+    """Greedy answer to ``sample``: the context is prefilled (and compressed with ``options``, None
+    for the full cache), then the question is fed on that cache and the answer decoded."""
+    compressed, appended = sample.prompt_parts(query_aware)
+    context_ids = tokenizer(compressed, return_tensors="pt").input_ids
+    full_ids = torch.cat([context_ids, tokenizer(appended, return_tensors="pt", add_special_tokens=False).input_ids],
+                         dim=1) if appended else context_ids
+    max_new = NEW_TOKENS.get(sample.task, 12)
+    if options is None:
+        out = model.generate(full_ids, max_new_tokens=max_new, do_sample=False)
+    else:
+        if path == "compiled":  # the caller compiled the model with these options
+            cache = CompressedCache()
+            model(context_ids, past_key_values=cache, use_cache=True)
+        else:
+            cache = reference_prefill(model, context_ids, options).cache
+        # generate() feeds only what the cache has not seen: the question, then the answer.
+        with attention_implementation(model, ATTENTION_IMPLEMENTATION):
+            out = model.generate(full_ids, past_key_values=cache, max_new_tokens=max_new, do_sample=False)
+    return tokenizer.decode(out[0, full_ids.shape[1] :], skip_special_tokens=True)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_grid(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    tasks: Sequence[str],
+    samples: int,
+    context_tokens: int,
+    haystack: str = "filler",
+    query_aware: bool = False,
+    path: str = "compiled",
+    extra_options: dict[str, dict] | None = None,
+    compile_model: Callable[[PreTrainedModel, dict], None] | None = None,
+) -> list[Cell]:
+    """Fill every cell of the grid (plus the full-cache row), skipping samples already recorded."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; valid choices: {', '.join(PATHS)}")
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    # Samples are not part of it: records are per seed, so a larger --samples extends the cells.
+    settings = {"context_tokens": context_tokens, "haystack": haystack, "query_aware": query_aware, "path": path}
+    _check_settings(out / "settings.json", settings)
+    configs = [(FULL_CACHE, 0.0)] + [(m, r) for m in methods for r in ratios]
+    cells = []
+    for method, ratio in tqdm(configs, desc="configurations"):
+        options = None if method == FULL_CACHE else method_options(method, ratio, (extra_options or {}).get(method))
+        todo = [Cell(method, ratio, task) for task in tasks]
+        cells += todo
+        pending = {cell: samples - len(_read_records(cells_dir / cell.filename)) for cell in todo}
+        if all(n <= 0 for n in pending.values()):
+            continue  # finished: never recomputed
+        if options is not None and path == "compiled":
+            (compile_model or _compile)(model, options)
+        try:
+            for cell in todo:
+                done = len(_read_records(cells_dir / cell.filename))
+                with (cells_dir / cell.filename).open("a") as records:
+                    for seed in tqdm(range(done, samples), desc=f"{method} {ratio:g} {cell.task}", leave=False):
+                        sample = make_sample(tokenizer, cell.task, context_tokens, seed, haystack)
+                        prediction = answer(model, tokenizer, sample, options, query_aware, path)
+                        record = {"seed": seed, "prediction": prediction, "answers": list(sample.answers),
+                                  "score": string_match_all(prediction, sample.answers)}
+                        records.write(json.dumps(record) + "\n")
+                        records.flush()
+        finally:
+            model._compiled_call_impl = None  # back to eager for the next configuration
+    return cells
+
+
+def _compile(model: PreTrainedModel, options: dict) -> None:
+    model.compile(backend="kvc", options=options, dynamic=True)
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """A results folder holds one setting: resuming with other settings would mix samples."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            raise ValueError(f"{path.parent} holds results for other settings ({saved}); use another --out "
+                             f"or the same settings ({settings})")
+    else:
+        path.write_text(json.dumps(settings, indent=1))
+
+
+@dataclass(frozen=True)
+class CellResult:
+    method: str
+    ratio: float
+    task: str
+    mean: float
+    low: float
+    high: float
+    samples: int
+
+
+def summarize(out: Path, cells: Sequence[Cell], title: str) -> list[CellResult]:
+    """Write results.json, results.csv, leaderboard.md and leaderboard.png from the cell files."""
+    results = []
+    for cell in cells:
+        scores = [r["score"] for r in _read_records(out / "cells" / cell.filename)]
+        if scores:
+            s = score_cell(scores)
+            results.append(CellResult(cell.method, cell.ratio, cell.task, s.mean, s.low, s.high, s.samples))
+    rows = [asdict(r) for r in results]
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["method"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "leaderboard.md").write_text(markdown_table(results, title))
+    plot(results, out / "leaderboard.png", title)
+    return results
+
+
+def markdown_table(results: Sequence[CellResult], title: str) -> str:
+    tasks = sorted({r.task for r in results})
+    lines = [f"# {title}", "", "Mean string-match score (95 % confidence interval) per task, then the average.", "",
+             "| method | ratio | " + " | ".join(tasks) + " | average |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    by_config: dict[tuple[str, float], dict[str, CellResult]] = {}
+    for r in results:
+        by_config.setdefault((r.method, r.ratio), {})[r.task] = r
+    for (method, ratio), per_task in by_config.items():
+        cells = [f"{per_task[t].mean:.2f} ({per_task[t].low:.2f}–{per_task[t].high:.2f})" if t in per_task else "—"
+                 for t in tasks]
+        average = sum(c.mean for c in per_task.values()) / len(per_task)
+        lines.append(f"| {method} | {ratio:g} | " + " | ".join(cells) + f" | {average:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[CellResult], path: Path, title: str) -> None:
+    """Average score vs compression ratio, a line per method, the full cache dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    averages: dict[str, dict[float, list[float]]] = {}
+    for r in results:
+        averages.setdefault(r.method, {}).setdefault(r.ratio, []).append(r.mean)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, per_ratio in averages.items():
+        if method == FULL_CACHE:
+            full = sum(per_ratio[0.0]) / len(per_ratio[0.0])
+            axes.axhline(full, linestyle="--", color="black", label=FULL_CACHE)
+            continue
+        ratios = sorted(per_ratio)
+        axes.plot(ratios, [sum(per_ratio[x]) / len(per_ratio[x]) for x in ratios], marker="o", label=method)
+    axes.set_xlabel("compression ratio (fraction of tokens removed)")
+    axes.set_ylabel("average score")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(title)
+    axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
