@@ -1,0 +1,107 @@
+"""Prefill time, decode speed and cache memory of one model run several ways, side by side.
+
+Every variant runs the same prompt in the same process, one after the other, and each timing is
+the median of repeated runs after a warm-up, so the ratios between variants are what to read
+(absolute times on a shared machine move with its load).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from kvc_compile.cache import CompressedCache, cache_nbytes
+from kvc_compile.reference import attention_implementation
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    variant: str
+    compile_s: float  # first call (tracing, compilation and the run itself)
+    prefill_s: float  # median warm prefill
+    decode_tokens_per_s: float
+    cache_bytes: int  # after prefill, measured from the cache tensors
+    peak_bytes: int | None  # CUDA peak allocated over the runs (None on CPU)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(
+    variant: str,
+    forward: Callable,
+    new_cache: Callable[[], object],
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    repeats: int = 3,
+) -> SpeedResult:
+    """Time ``forward`` (a model or compiled model) on ``input_ids``, then ``new_tokens`` greedy steps."""
+    device = input_ids.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    forward(input_ids, past_key_values=new_cache(), use_cache=True)
+    _sync(device)
+    compile_s = time.perf_counter() - start
+    prefill_times, decode_rates, cache_bytes = [], [], 0
+    n = input_ids.shape[1]
+    for _ in range(repeats):
+        cache = new_cache()
+        _sync(device)
+        start = time.perf_counter()
+        out = forward(input_ids, past_key_values=cache, use_cache=True)
+        _sync(device)
+        prefill_times.append(time.perf_counter() - start)
+        cache_bytes = cache_nbytes(out.past_key_values)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for step in range(new_tokens):
+            position = torch.tensor([[n + step]], device=device)
+            out = forward(token, past_key_values=out.past_key_values, use_cache=True, position_ids=position,
+                          cache_position=position[0])
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_rates.append(new_tokens / (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return SpeedResult(variant, compile_s, statistics.median(prefill_times), statistics.median(decode_rates),
+                       cache_bytes, peak)
+
+
+def bench_variants(
+    model: PreTrainedModel, input_ids: torch.Tensor, options: dict, new_tokens: int, repeats: int = 3,
+    inductor_baseline: bool = False,
+) -> list[SpeedResult]:
+    """Plain transformers with the full cache, optionally Inductor with the full cache, and the kvc model."""
+    results = [measure("transformers, full cache", model, DynamicCache, input_ids, new_tokens, repeats)]
+    if inductor_baseline:
+        compiled = torch.compile(model, dynamic=True)
+        results.append(measure("inductor, full cache", compiled, DynamicCache, input_ids, new_tokens, repeats))
+    with attention_implementation(model, "kvc"):  # the packed / low-rank layouts need it; SDPA otherwise
+        compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
+        results.append(measure(f"kvc: {options['method']}", compiled, CompressedCache, input_ids, new_tokens,
+                               repeats))
+    return results
+
+
+def markdown(results: list[SpeedResult], title: str) -> list[str]:
+    base = results[0]
+    lines = [f"# {title}", "",
+             "| variant | first call s | prefill s | decode tok/s | decode speed vs transformers | cache bytes | "
+             "cache vs full | peak bytes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        peak = f"{r.peak_bytes:,}" if r.peak_bytes is not None else "n/a (CPU)"
+        lines.append(
+            f"| {r.variant} | {r.compile_s:.1f} | {r.prefill_s:.3f} | {r.decode_tokens_per_s:.2f} | "
+            f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}× | {r.cache_bytes:,} | "
+            f"{r.cache_bytes / base.cache_bytes:.3f} | {peak} |"
+        )
+    return lines
