@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 
 import kvc_compile.eval.leaderboard as leaderboard
-from kvc_compile.eval.leaderboard import FULL_CACHE, run_grid, summarize
+from kvc_compile.eval.leaderboard import FULL_CACHE, TextTasks, run_grid, summarize
 from kvc_compile.eval.tasks import make_sample
 
 pytestmark = pytest.mark.smollm2  # needs a real tokenizer (SmolLM2's); the model is a tiny random Llama
@@ -26,7 +26,7 @@ def model(tokenizer):
     return model
 
 
-GRID = dict(methods=["snapkv"], ratios=[0.5], tasks=["passkey"], samples=2, context_tokens=160,
+GRID = dict(methods=["snapkv"], ratios=[0.5], tasks=["passkey"], samples=2,
             extra_options={"snapkv": {"window_size": 8, "inner_backend": "eager"}})
 
 
@@ -43,7 +43,7 @@ def test_compiled_and_reference_answers_agree(model, tokenizer):
 
 
 def test_grid_resumes_and_never_recomputes_finished_cells(model, tokenizer, tmp_path, monkeypatch):
-    cells = run_grid(model, tokenizer, tmp_path, **GRID)
+    cells = run_grid(model, TextTasks(tokenizer, 160), tmp_path, **GRID)
     files = sorted((tmp_path / "cells").glob("*.jsonl"))
     assert [f.name for f in files] == ["full_cache__0__passkey.jsonl", "snapkv__0.5__passkey.jsonl"]
     assert all(len(f.read_text().splitlines()) == 2 for f in files)
@@ -52,14 +52,14 @@ def test_grid_resumes_and_never_recomputes_finished_cells(model, tokenizer, tmp_
     files[1].write_text(first + "\n")
     calls, original = [], leaderboard.answer
     monkeypatch.setattr(leaderboard, "answer", lambda *a, **k: calls.append(a[2].seed) or original(*a, **k))
-    run_grid(model, tokenizer, tmp_path, **GRID)
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path, **GRID)
     assert calls == [1]  # only the missing sample, of the interrupted cell
     assert files[1].read_text().splitlines()[0] == first
     calls.clear()
-    run_grid(model, tokenizer, tmp_path, **GRID)
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path, **GRID)
     assert calls == []
     with pytest.raises(ValueError, match="other settings"):
-        run_grid(model, tokenizer, tmp_path, **{**GRID, "context_tokens": 200})
+        run_grid(model, TextTasks(tokenizer, 200), tmp_path, **GRID)
 
     results = summarize(tmp_path, cells, "tiny")
     assert {(r.method, r.ratio) for r in results} == {(FULL_CACHE, 0.0), ("snapkv", 0.5)}

@@ -82,16 +82,57 @@ def _read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class TextTasks:
+    """Samples of ``kvc_compile.eval.tasks`` for a model with a tokenizer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context_tokens: int, haystack: str = "filler") -> None:
+        self.tokenizer, self.context_tokens, self.haystack = tokenizer, context_tokens, haystack
+        self.settings = {"context_tokens": context_tokens, "haystack": haystack}
+
+    def record(self, model, task: str, seed: int, options: dict | None, query_aware: bool, path: str) -> dict:
+        sample = make_sample(self.tokenizer, task, self.context_tokens, seed, self.haystack)
+        prediction = answer(model, self.tokenizer, sample, options, query_aware, path)
+        return {"seed": seed, "prediction": prediction, "answers": list(sample.answers),
+                "score": string_match_all(prediction, sample.answers)}
+
+
+class FixtureRetrieval:
+    """The retrieval fixture's own task (``kvc_compile.eval.retrieval``): ``kv_retrieval``."""
+
+    settings = {"task_source": "retrieval fixture"}
+
+    def record(self, model, task: str, seed: int, options: dict | None, query_aware: bool, path: str) -> dict:
+        from kvc_compile.eval.retrieval import retrieval_batch
+
+        context, query, value = retrieval_batch(1, torch.Generator().manual_seed(seed))
+        if query_aware:
+            raise ValueError("the retrieval fixture's task is question-agnostic only")
+        with torch.no_grad():
+            if options is None:
+                logits = model(torch.cat([context, query], dim=1)).logits
+            else:
+                if path == "compiled":
+                    cache = CompressedCache()
+                    model(context, past_key_values=cache, use_cache=True)
+                else:
+                    cache = reference_prefill(model, context, options).cache
+                n = context.shape[1]
+                position = torch.tensor([[n]])
+                logits = model(query, past_key_values=cache, position_ids=position, cache_position=position[0],
+                               use_cache=True).logits
+        prediction = int(logits[0, -1].argmax())
+        return {"seed": seed, "prediction": str(prediction), "answers": [str(int(value))],
+                "score": float(prediction == int(value))}
+
+
 def run_grid(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    source: TextTasks | FixtureRetrieval,
     out: Path,
     methods: Sequence[str],
     ratios: Sequence[float],
     tasks: Sequence[str],
     samples: int,
-    context_tokens: int,
-    haystack: str = "filler",
     query_aware: bool = False,
     path: str = "compiled",
     extra_options: dict[str, dict] | None = None,
@@ -103,16 +144,14 @@ def run_grid(
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     # Samples are not part of it: records are per seed, so a larger --samples extends the cells.
-    settings = {"context_tokens": context_tokens, "haystack": haystack, "query_aware": query_aware, "path": path}
-    _check_settings(out / "settings.json", settings)
+    _check_settings(out / "settings.json", {**source.settings, "query_aware": query_aware, "path": path})
     configs = [(FULL_CACHE, 0.0)] + [(m, r) for m in methods for r in ratios]
     cells = []
     for method, ratio in tqdm(configs, desc="configurations"):
         options = None if method == FULL_CACHE else method_options(method, ratio, (extra_options or {}).get(method))
         todo = [Cell(method, ratio, task) for task in tasks]
         cells += todo
-        pending = {cell: samples - len(_read_records(cells_dir / cell.filename)) for cell in todo}
-        if all(n <= 0 for n in pending.values()):
+        if all(len(_read_records(cells_dir / cell.filename)) >= samples for cell in todo):
             continue  # finished: never recomputed
         if options is not None and path == "compiled":
             (compile_model or _compile)(model, options)
@@ -121,10 +160,7 @@ def run_grid(
                 done = len(_read_records(cells_dir / cell.filename))
                 with (cells_dir / cell.filename).open("a") as records:
                     for seed in tqdm(range(done, samples), desc=f"{method} {ratio:g} {cell.task}", leave=False):
-                        sample = make_sample(tokenizer, cell.task, context_tokens, seed, haystack)
-                        prediction = answer(model, tokenizer, sample, options, query_aware, path)
-                        record = {"seed": seed, "prediction": prediction, "answers": list(sample.answers),
-                                  "score": string_match_all(prediction, sample.answers)}
+                        record = source.record(model, cell.task, seed, options, query_aware, path)
                         records.write(json.dumps(record) + "\n")
                         records.flush()
         finally:

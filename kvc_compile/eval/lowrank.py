@@ -153,13 +153,14 @@ class LowRankProjections:
 
     def check_model(self, model: PreTrainedModel, source: str | Path = "these projections") -> None:
         expected = model_identity(model)
+        # The name records where the weights came from; the same weights load from several places.
         different = {key: (self.identity.get(key), value) for key, value in expected.items()
-                     if self.identity.get(key) != value}
+                     if key != "name" and self.identity.get(key) != value}
         if different:
             details = ", ".join(f"{key}: file {file!r} vs model {now!r}" for key, (file, now) in different.items())
             raise CalibrationMismatchError(
-                f"{source} was calibrated for another model ({details}); calibrate on this one: "
-                f"kvc-calibrate --model {expected['name']} --out FILE"
+                f"{source} was calibrated for another model ({details}; calibrated on "
+                f"{self.identity.get('name')!r}); calibrate on this one: kvc-calibrate --model MODEL --out FILE"
             )
 
     def truncated(self, key_rank: int | None = None, value_rank: int | None = None) -> LowRankProjections:
