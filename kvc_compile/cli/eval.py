@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvc_compile.eval.leaderboard import PATHS, FixtureRetrieval, TextTasks, run_grid, summarize
-from kvc_compile.eval.retrieval import load_fixture
+from kvc_compile.eval.leaderboard import PATHS, TextTasks, run_grid, summarize
 from kvc_compile.eval.tasks import HAYSTACKS, TASKS
 from kvc_compile.methods import list_methods
 from kvc_compile.models import load_model
-
-FIXTURE = "retrieval-fixture"
 
 
 def parse_list(text: str, valid: list[str] | tuple[str, ...], what: str) -> list[str]:
@@ -29,9 +26,7 @@ def parse_list(text: str, valid: list[str] | tuple[str, ...], what: str) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m",
-                        help=f"a preset, local directory or cached HF id, or {FIXTURE!r} (the trained retrieval "
-                             f"fixture, on its own kv_retrieval task)")
+    parser.add_argument("--model", default="smollm2-135m", help="a preset, local directory or cached HF id")
     parser.add_argument("--methods", default="all", help="comma-separated, or all")
     parser.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     parser.add_argument("--tasks", default="niah_single,niah_multikey,variable_tracking",
@@ -44,19 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     methods = parse_list(args.methods, list_methods(), "methods")
-    tasks = ["kv_retrieval"] if args.model == FIXTURE else parse_list(args.tasks, TASKS, "tasks")
+    tasks = parse_list(args.tasks, TASKS, "tasks")
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:
         raise SystemExit(f"kvc-eval: --ratios must be comma-separated numbers in [0, 1), got {args.ratios!r}") from None
-    if args.model == FIXTURE:
-        model, source = load_fixture(), FixtureRetrieval()
-    else:
-        model, tokenizer = load_model(args.model)
-        source = TextTasks(tokenizer, args.context, args.haystack)
+    model, tokenizer = load_model(args.model)
+    source = TextTasks(tokenizer, args.context, args.haystack)
     cells = run_grid(model, source, args.out, methods, ratios, tasks, args.samples,
                      query_aware=args.query_aware, path=args.path)
-    title = (f"{args.model}: {args.haystack if args.model != FIXTURE else 'kv_retrieval'}, {args.context} tokens, "
+    title = (f"{args.model}: {args.haystack} haystack, {args.context} tokens, "
              f"{'query-aware' if args.query_aware else 'question after compression'}, {args.path} path")
     summarize(args.out, cells, title)
     print((args.out / "leaderboard.md").read_text())

@@ -96,38 +96,9 @@ class TextTasks:
                 "score": string_match_all(prediction, sample.answers)}
 
 
-class FixtureRetrieval:
-    """The retrieval fixture's own task (``kvc_compile.eval.retrieval``): ``kv_retrieval``."""
-
-    settings = {"task_source": "retrieval fixture"}
-
-    def record(self, model, task: str, seed: int, options: dict | None, query_aware: bool, path: str) -> dict:
-        from kvc_compile.eval.retrieval import retrieval_batch
-
-        context, query, value = retrieval_batch(1, torch.Generator().manual_seed(seed))
-        if query_aware:
-            raise ValueError("the retrieval fixture's task is question-agnostic only")
-        with torch.no_grad():
-            if options is None:
-                logits = model(torch.cat([context, query], dim=1)).logits
-            else:
-                if path == "compiled":
-                    cache = CompressedCache()
-                    model(context, past_key_values=cache, use_cache=True)
-                else:
-                    cache = reference_prefill(model, context, options).cache
-                n = context.shape[1]
-                position = torch.tensor([[n]])
-                logits = model(query, past_key_values=cache, position_ids=position, cache_position=position[0],
-                               use_cache=True).logits
-        prediction = int(logits[0, -1].argmax())
-        return {"seed": seed, "prediction": str(prediction), "answers": [str(int(value))],
-                "score": float(prediction == int(value))}
-
-
 def run_grid(
     model: PreTrainedModel,
-    source: TextTasks | FixtureRetrieval,
+    source: TextTasks,
     out: Path,
     methods: Sequence[str],
     ratios: Sequence[float],
