@@ -25,7 +25,7 @@ class PassManager:
         self.passes = [InsertPrefillCompression(config), ProjectCacheToLowRank(config), FoldValueProjection()]
 
     def run(self, gm: fx.GraphModule) -> int:
-        """Rewrite ``gm`` in place; returns the number of compressed sites."""
+        """Rewrite ``gm`` in place; returns the number of prefill sites rewritten (0 for decode graphs)."""
         sites = find_attention_sites(gm.graph)
         if not sites and not reads_packed_cache(gm.graph):
             raise NoAttentionSiteError(
@@ -36,7 +36,7 @@ class PassManager:
                 f"Sliding-window layers cache only a slice of what attention reads and are left uncompressed: "
                 f"a model whose every layer slides (config.sliding_window set) has nothing to compress."
             )
-        rewritten = max(p(gm, sites) for p in self.passes)
+        rewritten = [p(gm, sites) for p in self.passes][0]  # every pass runs; the first counts prefill sites
         gm.graph.lint()
         gm.recompile()
         return rewritten
