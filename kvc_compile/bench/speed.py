@@ -22,7 +22,7 @@ from kvc_compile.reference import attention_implementation
 @dataclass(frozen=True)
 class SpeedResult:
     variant: str
-    compile_s: float  # first call (tracing, compilation and the run itself)
+    compile_s: float  # warm-up: first prefill and 3 decode steps (tracing, compilation and the runs)
     prefill_s: float  # median warm prefill
     decode_tokens_per_s: float
     cache_bytes: int  # after prefill, measured from the cache tensors
@@ -47,12 +47,22 @@ def measure(
     device = input_ids.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    n = input_ids.shape[1]
+
+    def decode(out, steps: int):
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            position = torch.tensor([[n + step]], device=device)
+            out = forward(token, past_key_values=out.past_key_values, use_cache=True, position_ids=position,
+                          cache_position=position[0])
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+
+    # Warm-up: the first prefill and a few decode steps compile every graph the timed runs use.
     start = time.perf_counter()
-    forward(input_ids, past_key_values=new_cache(), use_cache=True)
-    _sync(device)
+    decode(forward(input_ids, past_key_values=new_cache(), use_cache=True), 3)
     compile_s = time.perf_counter() - start
     prefill_times, decode_rates, cache_bytes = [], [], 0
-    n = input_ids.shape[1]
     for _ in range(repeats):
         cache = new_cache()
         _sync(device)
@@ -61,14 +71,8 @@ def measure(
         _sync(device)
         prefill_times.append(time.perf_counter() - start)
         cache_bytes = cache_nbytes(out.past_key_values)
-        token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
-        for step in range(new_tokens):
-            position = torch.tensor([[n + step]], device=device)
-            out = forward(token, past_key_values=out.past_key_values, use_cache=True, position_ids=position,
-                          cache_position=position[0])
-            token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        decode(out, new_tokens)
         decode_rates.append(new_tokens / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return SpeedResult(variant, compile_s, statistics.median(prefill_times), statistics.median(decode_rates),
@@ -94,7 +98,7 @@ def bench_variants(
 def markdown(results: list[SpeedResult], title: str) -> list[str]:
     base = results[0]
     lines = [f"# {title}", "",
-             "| variant | first call s | prefill s | decode tok/s | decode speed vs transformers | cache bytes | "
+             "| variant | warm-up s | prefill s | decode tok/s | decode speed vs transformers | cache bytes | "
              "cache vs full | peak bytes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
