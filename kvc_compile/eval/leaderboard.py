@@ -122,15 +122,15 @@ def run_grid(
         options = None if method == FULL_CACHE else method_options(method, ratio, (extra_options or {}).get(method))
         todo = [Cell(method, ratio, task) for task in tasks]
         cells += todo
-        if all(len(_read_records(cells_dir / cell.filename)) >= samples for cell in todo):
+        done = {cell: len(_read_records(cells_dir / cell.filename)) for cell in todo}
+        if all(n >= samples for n in done.values()):
             continue  # finished: never recomputed
         if options is not None and path == "compiled":
             (compile_model or _compile)(model, options)
         try:
             for cell in todo:
-                done = len(_read_records(cells_dir / cell.filename))
                 with (cells_dir / cell.filename).open("a") as records:
-                    for seed in tqdm(range(done, samples), desc=f"{method} {ratio:g} {cell.task}", leave=False):
+                    for seed in tqdm(range(done[cell], samples), desc=f"{method} {ratio:g} {cell.task}", leave=False):
                         record = source.record(model, cell.task, seed, options, query_aware, path)
                         records.write(json.dumps(record) + "\n")
                         records.flush()

@@ -32,7 +32,7 @@ from torch import fx
 from kvc_compile.config import CompressionConfig
 from kvc_compile.ops.lowrank import FACTOR_NAMES
 from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_layout_op
-from kvc_compile.passes.prefill_compression import CacheLayoutError, new_key_states, propagate_meta
+from kvc_compile.passes.prefill_compression import CacheLayoutError, getitems, new_key_states, propagate_meta
 
 FACTORS_MARKER = {torch.ops.kvc.lowrank_factors.default, torch.ops.kvc.lowrank_factors}
 
@@ -128,14 +128,7 @@ class ProjectCacheToLowRank:
         with graph.inserting_before(graph.output_node()):
             node = graph.call_function(op, args)
         propagate_meta(node, op, args)
-        key = "val" if "val" in node.meta else "example_value"
-        items = []
-        for item in range(4):
-            with graph.inserting_before(graph.output_node()):
-                getitem = graph.call_function(operator.getitem, (node, item))
-            getitem.meta[key] = node.meta[key][item]
-            items.append(getitem)
-        return items
+        return getitems(graph, node, range(4))
 
 
 LIFT_TARGETS = {torch.ops.kvc.lowrank_lift.default, torch.ops.kvc.lowrank_lift}

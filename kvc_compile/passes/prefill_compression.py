@@ -166,13 +166,7 @@ class InsertPrefillCompression:
         graph: fx.Graph, site: AttentionSite, markers: tuple | None, node: fx.Node, first: int, packed: bool
     ) -> None:
         """Point the site's cache outputs at items ``first .. first + 3`` of ``node``."""
-        items, anchor = [], node
-        for index in range(first, first + 4):
-            with graph.inserting_after(anchor):
-                anchor = graph.call_function(operator.getitem, (node, index))
-            key = "val" if "val" in node.meta else "example_value"
-            anchor.meta[key] = node.meta[key][index]
-            items.append(anchor)
+        items = getitems(graph, node, range(first, first + 4))
         output = graph.output_node()
         output.replace_input_with(site.cached_keys, items[0])
         output.replace_input_with(site.cached_values, items[1])
@@ -182,6 +176,16 @@ class InsertPrefillCompression:
         site.stored_keys, site.stored_values = items[0], items[1]
         site.stored_heads = items[3] if packed else None
 
+def getitems(graph: fx.Graph, node: fx.Node, indices) -> list[fx.Node]:
+    """``node[i]`` for each index, as getitem nodes right after ``node``, carrying its fake values."""
+    key = "val" if "val" in node.meta else "example_value"
+    items, anchor = [], node
+    for index in indices:
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (node, index))
+        anchor.meta[key] = node.meta[key][index]
+        items.append(anchor)
+    return items
 
 
 def propagate_meta(node: fx.Node, op, args: tuple) -> None:
