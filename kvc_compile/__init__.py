@@ -8,6 +8,7 @@ from kvc_compile.backend import kvc_backend
 from kvc_compile.cache import CompressedCache, cache_nbytes, kept_tokens_per_layer
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, packed_attention
 from kvc_compile.config import CompressionConfig
+from kvc_compile.lookahead import lookahead_generate
 from kvc_compile.methods import list_methods
 from kvc_compile.models import ModelNotFoundError, load_model
 from kvc_compile.reference import reference_generate, reference_prefill
@@ -24,6 +25,7 @@ __all__ = [
     "kvc_backend",
     "list_methods",
     "load_model",
+    "lookahead_generate",
     "packed_attention",
     "reference_generate",
     "reference_prefill",

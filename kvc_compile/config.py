@@ -20,7 +20,9 @@ import torch
 from kvc_compile.methods import Method, build_method, list_methods, method_class
 
 INNER_BACKENDS = ("inductor", "eager")
-COMMON_OPTIONS = ("method", "compression_ratio", "budget", "inner_backend", "kqsvd")
+COMMON_OPTIONS = (
+    "method", "compression_ratio", "budget", "inner_backend", "decoding_interval", "target_size", "kqsvd",
+)
 # Rank compression: alone as method="kqsvd" (options at the top level), or next to a token method
 # as kqsvd={...}.
 LOWRANK_METHOD = "kqsvd"
@@ -36,6 +38,11 @@ class CompressionConfig:
     25%); ``budget`` the absolute number of tokens kept per KV head. Give exactly one. Method
     options (window size, pooling, sinks, seed, ...) go in ``method_options``. ``lowrank`` adds
     KQ-SVD rank compression of every cached entry; ``method="kqsvd"`` uses it alone.
+
+    ``decoding_interval`` and ``target_size`` compress during decoding too: whenever a layer has
+    grown to ``target_size + decoding_interval`` entries per KV head, the method's scorer (fed the
+    queries of the most recent tokens) brings it back to ``target_size``. MorphKV does this at
+    every step, back to ``budget``.
     """
 
     method: str
@@ -43,6 +50,8 @@ class CompressionConfig:
     budget: int | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     inner_backend: str = "inductor"
+    decoding_interval: int | None = None
+    target_size: int | None = None
     # KQ-SVD rank compression: {"projections": file, "key_rank": int | None, "value_rank": int | None}.
     lowrank: dict[str, Any] | None = None
 
@@ -87,6 +96,73 @@ class CompressionConfig:
         ):
             raise ValueError(f"budget must be a positive integer (tokens kept per KV head), got {self.budget!r}")
         self.build_method()  # unknown or invalid method options fail here
+        self._check_decoding_compression()
+
+    def _check_decoding_compression(self) -> None:
+        method = self.method_impl
+        for option in ("decoding_interval", "target_size"):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{option} must be a positive integer (tokens per KV head), got {value!r}")
+        if method.compresses_while_decoding:
+            if self.target_size is None and self.budget is None:
+                raise ValueError(
+                    f"{self.method} keeps a constant-size cache: give budget (the entries kept per KV head, "
+                    f"prompt and generated tokens together), not compression_ratio, e.g. "
+                    f"{{'method': '{self.method}', 'budget': 512}}"
+                )
+        elif (self.decoding_interval is None) != (self.target_size is None):
+            raise ValueError(
+                "compression while decoding needs both decoding_interval (compress every this many generated "
+                "tokens) and target_size (entries per KV head kept then); got only one of them"
+            )
+        if self.decode_target is None:
+            return
+        problem = None
+        if method.lookahead_queries:
+            problem = "its second stage runs once, after the lookahead rollout"
+        elif method.layout != "dense":
+            problem = "it gives heads or layers different budgets (packed layout)"
+        elif method.needs_rotary:
+            problem = "it reads pre-RoPE keys, and decode graphs carry only the current token's rotary angle"
+        elif method.queries_read is None:
+            problem = "it reads every query of the sequence, and decoding keeps only a window of recent ones"
+        elif self.lowrank is not None:
+            problem = "decode-time eviction of low-rank (kqsvd) entries is not supported"
+        if problem is not None:
+            raise ValueError(
+                f"{self.method} cannot compress while decoding: {problem}. Methods that can: snapkv, tova, "
+                f"obcache, knorm, streamingllm, random, curdkv, chunkkv, morphkv"
+            )
+        if self.decode_target <= method.queries_read:
+            raise ValueError(
+                f"target_size ({self.decode_target}) must exceed {self.method}'s window of recent tokens "
+                f"({method.queries_read}), which is always kept"
+            )
+
+    @property
+    def decode_target(self) -> int | None:
+        """Entries per KV head that decode-time compression brings a layer back to (None: it does not)."""
+        if not self.evicts:
+            return None
+        if self.target_size is not None:
+            return self.target_size
+        return self.budget if self.method_impl.compresses_while_decoding else None
+
+    @property
+    def decode_interval(self) -> int:
+        """Decode steps between two decode-time compressions (1 for MorphKV)."""
+        return self.decoding_interval or 1
+
+    @property
+    def recent_queries(self) -> int:
+        """Queries of the most recent tokens each layer keeps for decode-time scoring or for LAQ's
+        second stage (0: none)."""
+        if not self.evicts:
+            return 0
+        if self.decode_target is None:
+            return self.method_impl.lookahead_queries
+        return max(self.method_impl.queries_read, 1)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> CompressionConfig:

@@ -23,16 +23,20 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvc_compile.cache import CompressedCache
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
+from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage
 from kvc_compile.methods.base import CompressedKV, prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, score_site
+from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
 _captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
+_capture_decode = False
 
 
 def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
-    if _captured is not None and query.shape[-2] > 1 and key.shape[-2] == query.shape[-2]:
+    prefill = query.shape[-2] > 1 and key.shape[-2] == query.shape[-2]
+    if _captured is not None and (prefill or _capture_decode):
         _captured[module.layer_idx] = (query, key, value, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -53,15 +57,16 @@ def attention_implementation(model: PreTrainedModel, name: str):
 
 
 @contextmanager
-def capture_prefill_attention(model: PreTrainedModel):
-    """Within the block, each prefill forward of ``model`` records {layer: (query, keys, values, mask)}."""
-    global _captured
-    _captured = {}
+def capture_prefill_attention(model: PreTrainedModel, decode: bool = False):
+    """Within the block, each prefill forward of ``model`` records {layer: (query, keys, values, mask)}
+    (each decode forward too with ``decode=True``; dense caches only)."""
+    global _captured, _capture_decode
+    _captured, _capture_decode = {}, decode
     try:
         with attention_implementation(model, CAPTURE_ATTENTION):
             yield _captured
     finally:
-        _captured = None
+        _captured, _capture_decode = None, False
 
 
 def _rotary_tables(model: PreTrainedModel, values: Tensor, position_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -79,6 +84,8 @@ class ReferencePrefill:
     kept_indices: list[Tensor]  # per layer: kept positions, [batch, kv_heads, k] (dense) or [batch, 1, T] (packed)
     kept_heads: list[Tensor]  # per layer: KV head of each kept entry, same shape (-1: padding slot)
     logits: Tensor  # [batch, n, vocab]
+    # per layer: the prompt's last queries [batch, q_heads, W, d], for decode-time compression
+    recent_queries: list[Tensor] | None = None
 
 
 def _as_config(config: CompressionConfig | dict[str, Any]) -> CompressionConfig:
@@ -143,6 +150,9 @@ def reference_prefill(
         compressed_layers = [compress_site(config, *site) for site in sites]
     if config.lowrank is not None:
         config.projections.check_model(model, config.lowrank["projections"])
+    recent = None
+    if config.recent_queries:
+        recent = [last_queries(site[0], config.recent_queries) for site in sites]
     kept_indices, kept_heads = [], []
     for layer_idx, site, compressed in zip(layers, sites, compressed_layers, strict=True):
         keys = site[1]
@@ -150,11 +160,20 @@ def reference_prefill(
         if config.lowrank is not None:
             compressed, factors = project_layer(compressed, config.projections, layer_idx, keys.shape[1])
         cache.layers[layer_idx].set_compressed(
-            compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors
+            compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors,
+            recent_queries=None if recent is None else recent[len(kept_indices)],
         )
+        if config.evicts and config.method_impl.lookahead_queries:  # LAQ's stage 2 re-scores the full prompt
+            cache.layers[layer_idx].prompt_keys, cache.layers[layer_idx].prompt_values = keys, site[2]
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
-    return ReferencePrefill(cache, kept_indices, kept_heads, out.logits)
+    return ReferencePrefill(cache, kept_indices, kept_heads, out.logits, recent)
+
+
+@dataclass
+class ReferenceGeneration:
+    tokens: Tensor  # [batch, max_new_tokens] greedy tokens
+    cache: CompressedCache  # the cache after the last decoding step (the last token is not in it)
 
 
 @torch.no_grad()
@@ -166,33 +185,64 @@ def reference_generate(
     attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Greedy tokens [batch, max_new_tokens] decoded from the reference-compressed cache."""
+    return reference_decode(model, input_ids, config, max_new_tokens, attention_mask).tokens
+
+
+@torch.no_grad()
+def reference_decode(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    config: CompressionConfig | dict[str, Any],
+    max_new_tokens: int,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> ReferenceGeneration:
+    """``reference_generate``, also returning the cache (decode-time compression included).
+
+    ``eos_token_id`` only matters to LAQ's rollout, whose pseudo queries stop voting after an EOS.
+    """
+    config = _as_config(config)
     prefill = reference_prefill(model, input_ids, config, attention_mask)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    next_token = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
-    logical = input_ids.shape[1]
-    packed = any(layer.packed or layer.lowrank for layer in prefill.cache.layers)
+    first_token = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
+    cache = prefill.cache
+    if config.decode_target is not None or config.recent_queries:
+        # Decode-time compression and LAQ's rollout: each step's queries are captured and shifted
+        # into every layer's buffer, and layers grown past the threshold are evicted.
+        with capture_prefill_attention(model, decode=True) as captured:
+            step = RecordingStep(config, decode_step(model.forward, cache), cache, captured)
+            if config.method_impl.lookahead_queries:
+                lookahead_stage(config, step, cache, first_token, attention_mask, eos_token_id)
+                step = decode_step(model.forward, cache)
+            tokens = greedy_tokens(step, first_token, attention_mask, max_new_tokens)
+        return ReferenceGeneration(tokens, cache)
+    packed = any(layer.packed or layer.lowrank for layer in cache.layers)
     with attention_implementation(model, ATTENTION_IMPLEMENTATION if packed else model.config._attn_implementation):
-        return _greedy_decode(model, prefill, attention_mask, next_token, logical, max_new_tokens)
+        tokens = greedy_tokens(decode_step(model.forward, cache), first_token, attention_mask, max_new_tokens)
+    return ReferenceGeneration(tokens, cache)
 
 
-def _greedy_decode(model, prefill, attention_mask, next_token, logical, max_new_tokens):
-    generated = [next_token]
-    for _ in range(max_new_tokens - 1):
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-        position_ids = attention_mask.long().cumsum(-1)[:, -1:] - 1
-        out = model.forward(
-            input_ids=next_token,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache_position=torch.tensor([logical], device=next_token.device),
-            past_key_values=prefill.cache,
-            use_cache=True,
-        )
-        logical += 1
-        next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        generated.append(next_token)
-    return torch.cat(generated, dim=-1)
+class RecordingStep:
+    """A reference decoding step that, after the forward, shifts each layer's captured query into its
+    buffer and, with decode-time compression, evicts layers grown to ``target_size + decoding_interval``."""
+
+    def __init__(self, config: CompressionConfig, step, cache: CompressedCache, captured: dict) -> None:
+        self.config, self.step, self.cache, self.captured = config, step, cache, captured
+
+    def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
+        logits = self.step(token, mask)
+        target = self.config.decode_target
+        n_layers = len(self.cache.layers)
+        for layer_idx, layer in enumerate(self.cache.layers):
+            query, _, _, layer_mask = self.captured[layer_idx]
+            layer.recent_queries = shift_in(layer.recent_queries, query)
+            if target is not None and layer.physical_length >= target + self.config.decode_interval:
+                layer.keys, layer.values, layer.positions = compress_decode_site(
+                    self.config, layer.recent_queries, layer.keys, layer.values, layer.positions, layer_mask,
+                    layer_idx, n_layers,
+                )
+        return logits
 
 
-__all__ = ["ReferencePrefill", "reference_generate", "reference_prefill"]
+__all__ = ["ReferenceGeneration", "ReferencePrefill", "reference_decode", "reference_generate", "reference_prefill"]

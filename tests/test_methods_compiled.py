@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import random_prompt, tiny_model
 
-from kvc_compile import CompressedCache, list_methods, reference_generate, reference_prefill
+from kvc_compile import CompressedCache, list_methods, lookahead_generate, reference_prefill
+from kvc_compile.reference import reference_decode
 
 PROMPT, NEW = 40, 8
 # Options that make every method compress a 40-token prompt (windows shorter than the prompt).
@@ -25,6 +26,8 @@ METHOD_OPTIONS = {
     "pyramidkv": {"window_size": 8},
     "adakv": {"scorer_options": {"window_size": 8}},
     "chunkkv": {"scorer_options": {"window_size": 8}, "chunk_length": 5},
+    "morphkv": {"window_size": 4, "budget": 20},  # a constant-size cache: an absolute budget
+    "laq": {"lookahead": 4, "window_size": 2, "stage1_options": {"window_size": 8}},
 }
 
 
@@ -40,17 +43,33 @@ def test_compiled_method_keeps_reference_entries_and_tokens(method, arch):
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     ids[mask == 0] = 0
-    opts = {"method": method, "compression_ratio": 0.5, "inner_backend": "eager", **METHOD_OPTIONS[method]}
+    opts = {"method": method, "inner_backend": "eager", **METHOD_OPTIONS[method]}
+    if "budget" not in opts:
+        opts["compression_ratio"] = 0.5
     reference = reference_prefill(model, ids, opts, attention_mask=mask)
-    expected = reference_generate(model, ids, opts, max_new_tokens=NEW, attention_mask=mask)
+    decoded_reference = reference_decode(model, ids, opts, max_new_tokens=NEW, attention_mask=mask)
     model.compile(backend="kvc", options=opts, dynamic=True)
+    if method == "laq":  # the rollout needs its own loop; its cache is checked in tests/test_methods_laq.py
+        tokens = lookahead_generate(model, ids, opts, NEW, attention_mask=mask)
+        assert torch.equal(tokens, decoded_reference.tokens)
+        return
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, past_key_values=CompressedCache(),
             return_dict_in_generate=True,
         )
     layers = out.past_key_values.layers
+    assert torch.equal(out.sequences[:, PROMPT:], decoded_reference.tokens)
+    for layer, reference_layer in zip(layers, decoded_reference.cache.layers, strict=True):
+        assert torch.equal(layer.positions, reference_layer.positions)
+        assert torch.equal(layer.heads, reference_layer.heads)
+    if method == "morphkv":
+        return  # decoding evicted prompt entries too (tests/test_methods_morphkv.py)
+    decoded = torch.arange(PROMPT, PROMPT + NEW - 1, dtype=torch.int32)  # the last token is not cached yet
     for layer, positions, heads in zip(layers, reference.kept_indices, reference.kept_heads, strict=True):
-        assert torch.equal(layer.positions, positions)
+        prompt_entries = positions.shape[-1]
+        assert torch.equal(layer.positions[..., :prompt_entries], positions)
         assert torch.equal(layer.heads[..., : heads.shape[-1]], heads)
-    assert torch.equal(out.sequences[:, PROMPT:], expected)
+        # Decoded entries record their logical positions (one per KV head per token when packed).
+        per_token = 1 if layer.keys.shape[1] == 2 else 2
+        assert torch.equal(layer.positions[0, 0, prompt_entries:], decoded.repeat_interleave(per_token))

@@ -47,7 +47,8 @@ def test_method_generate_equals_reference(smollm2, prompt, method):
     entries = 0
     for layer, positions, heads in zip(out.past_key_values.layers, reference.kept_indices, reference.kept_heads,
                                        strict=True):
-        assert torch.equal(layer.positions, positions) and torch.equal(layer.heads[..., : heads.shape[-1]], heads)
+        assert torch.equal(layer.positions[..., : positions.shape[-1]], positions)
+        assert torch.equal(layer.heads[..., : heads.shape[-1]], heads)
         entries += heads.numel()
     # Whatever the layout, the layers together keep the budget: kv_heads x n // 2 entries per layer.
     assert entries == len(out.past_key_values.layers) * kv_heads * (n // 2)

@@ -7,7 +7,8 @@ tracks both. Masks use the physical length with the offset ``n - k``, so the 2-D
 ascending order, so with left padding any padding slot a short row had to keep comes first, at
 a logical position the mask marks as padding.
 
-Layers also record which prompt entries they kept (``positions``, ``heads``), and, when the pass
+Layers also record which entries they hold (``positions``: the logical position of each, prompt
+entries first, then decoded ones; ``heads``), and, when the pass
 projects entries to low rank (KQ-SVD), the factors they were projected with: decoding projects
 each new key and value the same way and hands attention the factors that project queries and
 lift outputs back (``CachedKeys``). Methods whose heads
@@ -30,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops import prefill_entries
+from kvc_compile.ops.decode import append_positions, prompt_kv, push_query, recent_queries, refuse_stage1_decoding
 from kvc_compile.ops.lowrank import lowrank_factors, lowrank_project
 
 
@@ -64,6 +66,13 @@ class CompressedLayer(DynamicLayer):
         self.heads: Tensor | None = None
         # Low-rank factors [kv_heads, head_dim, R] (rank 0: full-rank entries).
         self.key_down = self.key_up = self.value_down = self.value_up = self.output_fold = None
+        # Post-RoPE queries of the newest tokens [batch, q_heads, W, d], for decode-time scoring
+        # (W = 0: none kept).
+        self.recent_queries = key_states.new_empty(key_states.shape[0], 0, 0, key_states.shape[-1])
+        # The full prompt entries, kept until LAQ's second stage re-scores them (None: not kept).
+        self.prompt_keys: Tensor | None = None
+        self.prompt_values: Tensor | None = None
+        self.rolling_out = False  # True while LAQ decodes its pseudo tokens
 
     @property
     def packed(self) -> bool:
@@ -77,22 +86,37 @@ class CompressedLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         first = not self.is_initialized
-        if not first and self.lowrank:
-            key_states = lowrank_project(key_states, None, self.key_down)
-            value_states = lowrank_project(value_states, None, self.value_down)
+        if not first:
+            self._record_decoded(key_states)
+            if self.lowrank:
+                key_states = lowrank_project(key_states, None, self.key_down)
+                value_states = lowrank_project(value_states, None, self.value_down)
         if self.packed:
             return self._append_packed(key_states, value_states)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if first:
             # What the prompt cached, unprojected; the kvc pass rewires these to what compression
-            # kept and to the calibrated low-rank factors.
+            # kept, to the calibrated low-rank factors and, for decode-time compression, to the
+            # prompt's last queries.
             self.positions, self.heads = prefill_entries(key_states)
             factors = lowrank_factors(key_states)
             self.key_down, self.key_up, self.value_down, self.value_up, self.output_fold = factors
+            self.recent_queries = recent_queries(key_states)
+            self.prompt_keys, self.prompt_values = prompt_kv(key_states, value_states)
         self.logical_length += key_states.shape[-2]
         if not first and self.lowrank:
             return CachedKeys(keys, None, self.key_up, self.value_up, self.output_fold), values
         return keys, values
+
+    def _record_decoded(self, key_states: Tensor) -> None:
+        """Positions of the entries about to be appended and, if kept, the buffer of recent queries."""
+        if self.prompt_keys is not None and self.prompt_keys.shape[2] > 0 and not self.rolling_out:
+            # An op that fails when run, not a Python raise: inside a compiled step a raise would
+            # split the graph instead of reaching the user.
+            self.positions = refuse_stage1_decoding(self.positions)
+        self.positions = append_positions(self.positions, key_states, self.logical_length)
+        if self.recent_queries.shape[2] > 0:
+            self.recent_queries = push_query(self.recent_queries, key_states)
 
     def _append_packed(self, key_states: Tensor, value_states: Tensor):
         batch, kv_heads, q_len, _ = key_states.shape
@@ -130,12 +154,16 @@ class CompressedLayer(DynamicLayer):
         before = self.physical_length
         super().crop(tokens_to_remove)
         self.logical_length -= before - self.physical_length
+        if self.positions is not None:
+            self.positions = self.positions[..., : self.physical_length]
 
-    def set_compressed(self, compressed, logical_length: int, kv_heads: int, factors=None) -> None:
+    def set_compressed(
+        self, compressed, logical_length: int, kv_heads: int, factors=None, recent_queries: Tensor | None = None
+    ) -> None:
         """Replace the stored tokens by a compressed set (a ``CompressedKV``) standing for ``logical_length``.
 
         ``factors``: (key_down, key_up, value_down, value_up[, output_fold]) when the entries are
-        stored at low rank.
+        stored at low rank; ``recent_queries``: the buffer decode-time compression scores with.
         """
         if not self.is_initialized:
             self.lazy_initialization(compressed.keys, compressed.values)
@@ -145,6 +173,8 @@ class CompressedLayer(DynamicLayer):
         if factors is not None:
             self.key_down, self.key_up, self.value_down, self.value_up = factors[:4]
             self.output_fold = factors[4] if len(factors) > 4 else None
+        if recent_queries is not None:
+            self.recent_queries = recent_queries
         self.logical_length = logical_length
 
 

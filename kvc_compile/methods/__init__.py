@@ -15,7 +15,9 @@ from kvc_compile.methods.curdkv import CurDKV
 from kvc_compile.methods.expected_attention import ExpectedAttention
 from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.knorm import KNorm
+from kvc_compile.methods.laq import LAQ
 from kvc_compile.methods.lava import LAVa
+from kvc_compile.methods.morphkv import MorphKV
 from kvc_compile.methods.obcache import OBCache
 from kvc_compile.methods.pyramidkv import PyramidKV
 from kvc_compile.methods.random import Random
@@ -70,7 +72,7 @@ def build_method(name: str, options: dict[str, Any], common_options: tuple[str, 
 
 for _cls in (
     SnapKV, StreamingLLM, KNorm, Random, H2O, TOVA, ExpectedAttention, OBCache, CurDKV, AdaCurDKV, Compactor,
-    LAVa, PyramidKV, AdaKV, ChunkKV,
+    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ,
 ):
     register(_cls)
 

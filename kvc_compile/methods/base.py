@@ -92,6 +92,8 @@ class Method(ABC):
     layout: ClassVar[str] = "dense"
     # Methods that read pre-RoPE queries/keys: the pass must find the rotary tables.
     needs_rotary: ClassVar[bool] = False
+    # Methods that compress at every decoding step too (MorphKV), back to the prefill budget.
+    compresses_while_decoding: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> Tensor:
@@ -109,6 +111,20 @@ class Method(ABC):
         override it.
         """
         return n_kept
+
+    @property
+    def queries_read(self) -> int | None:
+        """How many of the most recent queries ``score`` reads (0: none), or None for all of them.
+
+        Decode-time compression hands a scorer only a rolling buffer of recent queries, so it
+        accepts only methods that say how many they read.
+        """
+        return None
+
+    @property
+    def lookahead_queries(self) -> int:
+        """Queries per layer a lookahead method (LAQ) keeps for its second stage (0: not one)."""
+        return 0
 
     @property
     def budgets_across_layers(self) -> bool:

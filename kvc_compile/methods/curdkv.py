@@ -66,6 +66,7 @@ def block_normalise(values: Tensor, valid: Tensor, block_size: int) -> Tensor:
 class CurDKV(Method):
     name = "curdkv"
     paper = "arXiv 2509.15038"
+    queries_read = 0
 
     num_sinks: int = 4
     leverage_type: str = "kv_product"

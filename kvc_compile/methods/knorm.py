@@ -18,6 +18,7 @@ from kvc_compile.methods.base import Method, ScoreInputs
 class KNorm(Method):
     name = "knorm"
     paper = "arXiv 2406.11430"
+    queries_read = 0
 
     def score(self, inputs: ScoreInputs) -> Tensor:
         return -inputs.keys.float().norm(dim=-1)

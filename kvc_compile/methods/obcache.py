@@ -102,6 +102,10 @@ class OBCache(Method):
     def min_uncompressed_length(self) -> int:
         return 0 if self.base == "tova" else self.window_size
 
+    @property
+    def queries_read(self) -> int:
+        return self.protected_window
+
     def score(self, inputs: ScoreInputs) -> Tensor:
         keys, w = inputs.keys, self.protected_window
         n, kv_heads = keys.shape[2], keys.shape[1]

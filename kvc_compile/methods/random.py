@@ -18,6 +18,7 @@ from kvc_compile.methods.base import Method, ScoreInputs
 class Random(Method):
     name = "random"
     paper = "baseline"
+    queries_read = 0
 
     seed: int = 0
 

@@ -76,6 +76,10 @@ class SnapKV(Method):
     def min_uncompressed_length(self) -> int:
         return self.window_size
 
+    @property
+    def queries_read(self) -> int:
+        return self.window_size
+
     def pool(self, votes: Tensor) -> Tensor:
         """1-D pooling along the token axis (zero padding, length kept): neighbours of a hit survive."""
         pad = self.kernel_size // 2

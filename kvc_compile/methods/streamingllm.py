@@ -19,6 +19,7 @@ from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, kv_heads_vi
 class StreamingLLM(Method):
     name = "streamingllm"
     paper = "arXiv 2309.17453"
+    queries_read = 0
 
     n_sink: int = 4
 

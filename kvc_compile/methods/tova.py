@@ -27,6 +27,7 @@ from kvc_compile.methods.snapkv import window_attention
 class TOVA(Method):
     name = "tova"
     paper = "arXiv 2401.06104"
+    queries_read = 1
 
     def score(self, inputs: ScoreInputs) -> Tensor:
         keys = inputs.keys

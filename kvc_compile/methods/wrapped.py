@@ -43,5 +43,9 @@ class ScorerWrapper(Method):
     def min_uncompressed_length(self) -> int:
         return self.inner.min_uncompressed_length
 
+    @property
+    def queries_read(self) -> int | None:
+        return self.inner.queries_read
+
     def score(self, inputs: ScoreInputs) -> Tensor:
         return self.inner.score(inputs)

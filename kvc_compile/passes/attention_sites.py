@@ -67,6 +67,8 @@ class AttentionSite:
     stored_keys: fx.Node | None = None
     stored_values: fx.Node | None = None
     stored_heads: fx.Node | None = None
+    # The layer's buffer of recent queries after this step, where one is kept (decode-time scoring).
+    recent_queries: fx.Node | None = None
 
     def __post_init__(self) -> None:
         self.stored_keys = self.stored_keys or self.cached_keys

@@ -7,6 +7,8 @@ from torch import fx
 import kvc_compile.cache.attention  # noqa: F401  (registers torch.ops.kvc.packed_attention)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import find_attention_sites, reads_packed_cache, root_module_name
+from kvc_compile.passes.decode_compression import CompressDecodeCache, RecordRecentQueries
+from kvc_compile.passes.lookahead import KeepPromptEntries
 from kvc_compile.passes.lowrank_projection import FoldValueProjection, ProjectCacheToLowRank
 from kvc_compile.passes.prefill_compression import InsertPrefillCompression
 
@@ -16,13 +18,23 @@ class NoAttentionSiteError(RuntimeError):
 
 
 class PassManager:
-    """Order: (1) find attention sites, (2) insert prefill compression (token eviction), (3) project
-    what the cache stores to low rank (KQ-SVD), which must see the entries eviction kept, (4) fold
-    the low-rank value lift of decode graphs into ``o_proj``."""
+    """Order: (1) find attention sites, (2) insert prefill compression (token eviction), (3) keep
+    each layer's recent queries where decode-time scoring or LAQ needs them, (4) keep the full
+    prompt entries for LAQ's second stage, (5) evict inside decode graphs (MorphKV, periodic
+    compression), which votes with the recent queries, (6) project what the cache stores to low
+    rank (KQ-SVD), which must see the entries eviction kept, (7) fold the low-rank value lift of
+    decode graphs into ``o_proj``."""
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
-        self.passes = [InsertPrefillCompression(config), ProjectCacheToLowRank(config), FoldValueProjection()]
+        self.passes = [
+            InsertPrefillCompression(config),
+            RecordRecentQueries(config),
+            KeepPromptEntries(config),
+            CompressDecodeCache(config),
+            ProjectCacheToLowRank(config),
+            FoldValueProjection(),
+        ]
 
     def run(self, gm: fx.GraphModule) -> int:
         """Rewrite ``gm`` in place; returns the number of prefill sites rewritten (0 for decode graphs)."""

@@ -1,0 +1,183 @@
+"""Ops for compression while decoding: recent queries, entry positions, and the decode-time eviction.
+
+A layer of ``CompressedCache`` keeps a rolling buffer of the post-RoPE queries of its most recent
+tokens, which decode-time scorers vote with. The cache cannot see queries (transformers hands it
+keys and values only), so it calls two markers the kvc pass rewires where a buffer is wanted:
+``kvc::recent_queries`` at prefill (nothing recorded: an empty tensor) becomes
+``kvc::last_queries(query, W)``, and ``kvc::push_query`` at each decode step (the buffer
+unchanged) becomes ``kvc::shift_in(buffer, query)``. The eager reference fills the same buffer
+from captured queries.
+
+``kvc::append_positions`` records the logical position of every decoded entry, so a layer knows
+which token each entry holds after decode-time eviction too. ``kvc::compress_decode`` is that
+eviction: the method's scorer over the whole layer, fed the buffer as the newest queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvc_compile.config import CompressionConfig
+from kvc_compile.methods.base import INDEX_DTYPE, ScoreInputs, gather_kept
+from kvc_compile.ops.compress import valid_keys_from_mask
+
+
+@torch.library.custom_op("kvc::recent_queries", mutates_args=())
+def recent_queries(key_states: Tensor) -> Tensor:
+    """What a fresh layer records of its prompt's queries when nothing asks for them: [batch, 0, 0, d]."""
+    return key_states.new_empty(key_states.shape[0], 0, 0, key_states.shape[-1])
+
+
+@recent_queries.register_fake
+def _(key_states):
+    return key_states.new_empty(key_states.shape[0], 0, 0, key_states.shape[-1])
+
+
+def _no_entries(states: Tensor) -> Tensor:
+    return states.new_empty(*states.shape[:2], 0, states.shape[-1])
+
+
+@torch.library.custom_op("kvc::prompt_kv", mutates_args=())
+def prompt_kv(key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+    """What a fresh layer keeps of its full prompt besides its cache: nothing ([batch, kv_heads, 0, d]).
+
+    The pass rewires it to the uncompressed prompt entries for LAQ, whose second stage re-scores them.
+    """
+    return _no_entries(key_states), _no_entries(value_states)
+
+
+@prompt_kv.register_fake
+def _(key_states, value_states):
+    return _no_entries(key_states), _no_entries(value_states)
+
+
+@torch.library.custom_op("kvc::refuse_stage1_decoding", mutates_args=())
+def refuse_stage1_decoding(positions: Tensor) -> Tensor:
+    """Decoding a LAQ-prefilled cache outside ``lookahead_generate``: fail with the fix."""
+    raise RuntimeError(
+        "kvc: this cache was prefilled for LAQ, whose pseudo-token rollout and second stage run in "
+        "kvc_compile.lookahead_generate(model, input_ids, options, max_new_tokens); decoding it directly "
+        "(e.g. with model.generate) would keep only the stage-1 selection"
+    )
+
+
+@refuse_stage1_decoding.register_fake
+def _(positions):
+    return torch.empty_like(positions)
+
+
+@torch.library.custom_op("kvc::push_query", mutates_args=())
+def push_query(buffer: Tensor, key_states: Tensor) -> Tensor:
+    """A decode step's buffer of recent queries, unchanged (the pass rewires it to ``shift_in``)."""
+    return buffer.clone()
+
+
+@push_query.register_fake
+def _(buffer, key_states):
+    return torch.empty_like(buffer)
+
+
+@torch.library.custom_op("kvc::last_queries", mutates_args=())
+def last_queries(query: Tensor, count: int) -> Tensor:
+    """The last ``count`` queries [batch, q_heads, count, d]; zeros stand in front for a shorter prompt."""
+    n = query.shape[2]
+    if n >= count:
+        # Contiguous, as ``shift_in`` returns it: decode graphs are guarded on the buffer's strides.
+        return query[:, :, n - count :].clone(memory_format=torch.contiguous_format)
+    return F.pad(query, (0, 0, count - n, 0)).contiguous()
+
+
+@last_queries.register_fake
+def _(query, count):
+    return query.new_empty(query.shape[0], query.shape[1], count, query.shape[-1])
+
+
+@torch.library.custom_op("kvc::shift_in", mutates_args=())
+def shift_in(buffer: Tensor, query: Tensor) -> Tensor:
+    """The buffer [batch, q_heads, W, d] with ``query``'s tokens appended and as many oldest dropped."""
+    window = buffer.shape[2]
+    shifted = torch.cat([buffer, query.to(buffer.dtype)], dim=2)[:, :, -window:]
+    return shifted.clone(memory_format=torch.contiguous_format)
+
+
+@shift_in.register_fake
+def _(buffer, query):
+    return torch.empty_like(buffer)
+
+
+@torch.library.custom_op("kvc::append_positions", mutates_args=())
+def append_positions(positions: Tensor, key_states: Tensor, start: int) -> Tensor:
+    """``positions`` followed by the logical positions ``start, start + 1, ...`` of the new tokens.
+
+    Dense layers ([batch, kv_heads, k]) give each head the new tokens; packed layers ([batch, 1, T])
+    append one entry per KV head per token, token-major, as the keys are appended.
+    """
+    batch, kv_heads, q_len, _ = key_states.shape
+    new = torch.arange(start, start + q_len, device=positions.device, dtype=positions.dtype)
+    if positions.shape[1] == kv_heads:
+        new = new.expand(batch, kv_heads, q_len)
+    else:
+        new = new.repeat_interleave(kv_heads).expand(batch, 1, q_len * kv_heads)
+    return torch.cat([positions, new], dim=-1)
+
+
+@append_positions.register_fake
+def _(positions, key_states, start):
+    batch, kv_heads, q_len, _ = key_states.shape
+    added = q_len if positions.shape[1] == kv_heads else q_len * kv_heads
+    return positions.new_empty(*positions.shape[:-1], positions.shape[-1] + added)
+
+
+def compress_decode_site(
+    config: CompressionConfig,
+    buffer: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    attn_mask: Tensor | None,
+    layer_idx: int,
+    n_layers: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bring a dense layer of ``m`` entries back to ``config.decode_target`` per KV head.
+
+    The scorer sees the buffer of recent queries as the queries of the layer's newest entries
+    (the window it reads is always kept, so they line up), earlier queries as zeros it never
+    reads (``Method.queries_read``). Returns kept keys, values and positions, in cache order.
+    """
+    batch, _, m, _ = keys.shape
+    window = buffer.shape[2]
+    queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
+    valid = valid_keys_from_mask(attn_mask, batch, m, keys.device)
+    method = config.method_impl
+    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers)
+    kept = method.select(method.score(inputs), valid, config.decode_target)
+    return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)
+
+
+@torch.library.custom_op("kvc::compress_decode", mutates_args=())
+def compress_decode(
+    buffer: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    attn_mask: Tensor | None,
+    layer_idx: int,
+    n_layers: int,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode-time eviction of one layer (see ``compress_decode_site``)."""
+    config = CompressionConfig.from_spec(spec)
+    return compress_decode_site(config, buffer, keys, values, positions, attn_mask, layer_idx, n_layers)
+
+
+@compress_decode.register_fake
+def _(buffer, keys, values, positions, attn_mask, layer_idx, n_layers, spec):
+    batch, kv_heads, _, _ = keys.shape
+    target = CompressionConfig.from_spec(spec).decode_target
+    return (
+        keys.new_empty(batch, kv_heads, target, keys.shape[-1]),
+        values.new_empty(batch, kv_heads, target, values.shape[-1]),
+        positions.new_empty(batch, kv_heads, target),
+    )

@@ -1,0 +1,132 @@
+"""Compression while decoding: keep a buffer of recent queries, and evict inside decode graphs.
+
+``RecordRecentQueries`` gives each layer the queries decode-time scorers vote with. Before (prefill
+and decode layers of ``CompressedCache``, which cannot see queries)::
+
+    buffer = kvc.recent_queries(k_rope)                # prefill: nothing recorded
+    buffer = kvc.push_query(buffer_in, k_rope)         # decode: unchanged
+    return (..., buffer, ...)
+
+After::
+
+    buffer = kvc.last_queries(q_rope, W)               # prefill: the prompt's last W queries
+    buffer = kvc.shift_in(buffer_in, q_rope)           # decode: the newest query in, the oldest out
+
+``CompressDecodeCache`` rewires the cache outputs of decode graphs whose layers have grown to
+``target_size + decoding_interval`` entries (a shape the graph is specialised on, so the check
+costs nothing at run time and the other steps' graph stays untouched). Before::
+
+    keys = cat([past_keys, k_rope], -2); values = cat([past_values, v], -2)
+    positions = kvc.append_positions(past_positions, k_rope, logical_length)
+    out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
+    return (..., keys, values, positions, ...)
+
+After::
+
+    ...
+    out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
+    kept = kvc.compress_decode(buffer, keys, values, positions, mask, layer_idx, n_layers, spec)
+    return (..., kept[0], kept[1], kept[2], ...)
+
+As at prefill, the step's own attention reads every entry; the cache keeps ``target_size``. With
+MorphKV (``decoding_interval`` 1) every step's cache has the same shape, so one compiled graph
+serves every token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+import kvc_compile.ops.decode  # noqa: F401  (registers the decode ops)
+from kvc_compile.config import CompressionConfig
+from kvc_compile.passes.attention_sites import AttentionSite
+from kvc_compile.passes.prefill_compression import CacheLayoutError, getitems, new_key_states, propagate_meta
+
+kvc = torch.ops.kvc
+
+
+def marker_user(k_rope: fx.Node | None, op) -> fx.Node | None:
+    """The call of ``op`` (a cache marker) on this layer's new keys, if the cache made one."""
+    if k_rope is None:
+        return None
+    targets = {op, op.default}
+    return next((user for user in k_rope.users if user.op == "call_function" and user.target in targets), None)
+
+
+def replace_node(graph: fx.Graph, old: fx.Node, op, args: tuple, before: fx.Node) -> fx.Node:
+    """Insert ``op(*args)`` before ``before``, let it take every use of ``old``, and drop ``old``."""
+    with graph.inserting_before(before):
+        node = graph.call_function(op, args)
+    propagate_meta(node, op, args)
+    old.replace_all_uses_with(node)
+    graph.erase_node(old)
+    return node
+
+
+class RecordRecentQueries:
+    """Rewire the cache's query markers so each layer keeps its newest ``W`` queries."""
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.window = config.recent_queries
+
+    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+        if self.window == 0:
+            return 0
+        graph = gm.graph
+        for site in sites:
+            k_rope = new_key_states(site.cached_keys)
+            if site.is_prefill:
+                marker = marker_user(k_rope, kvc.recent_queries)
+                if marker is not None:
+                    site.recent_queries = replace_node(
+                        graph, marker, kvc.last_queries.default, (site.query, self.window), site.attention
+                    )
+                continue
+            marker = marker_user(k_rope, kvc.push_query)
+            if marker is not None and site.query_length == 1:
+                site.recent_queries = replace_node(
+                    graph, marker, kvc.shift_in.default, (marker.args[0], site.query), site.attention
+                )
+        return len(sites)
+
+
+class CompressDecodeCache:
+    """Evict inside decode graphs whose layers reached ``target_size + decoding_interval`` entries."""
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+        self.spec = config.to_spec()
+
+    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+        target = self.config.decode_target
+        if target is None:
+            return 0
+        graph = gm.graph
+        decode_sites = [site for site in sites if not site.is_prefill]
+        # A comparison on the (possibly symbolic) cache length: the graph is specialised on it.
+        if not decode_sites or not bool(decode_sites[0].cached_length >= target + self.config.decode_interval):
+            return 0
+        for site in decode_sites:
+            positions = marker_user(new_key_states(site.cached_keys), kvc.append_positions)
+            buffer = site.recent_queries
+            if positions is None or buffer is None:
+                raise CacheLayoutError(
+                    f"kvc: {self.config.method} compresses while decoding, which needs the cache to keep "
+                    f"positions and recent queries: generate with past_key_values=kvc_compile.CompressedCache() "
+                    f"and a single new token per step"
+                )
+            args = (
+                buffer, site.cached_keys, site.cached_values, positions, site.mask, site.layer_idx, len(decode_sites),
+                self.spec,
+            )
+            with graph.inserting_after(site.attention):
+                node = graph.call_function(kvc.compress_decode.default, args)
+            propagate_meta(node, kvc.compress_decode.default, args)
+            keys, values, kept_positions = getitems(graph, node, range(3))
+            output = graph.output_node()
+            output.replace_input_with(site.cached_keys, keys)
+            output.replace_input_with(site.cached_values, values)
+            output.replace_input_with(positions, kept_positions)
+            site.stored_keys, site.stored_values = keys, values
+        return len(decode_sites)

@@ -1,0 +1,163 @@
+"""MorphKV and periodic decode-time compression: the formula by hand, the configuration errors, and
+the compiled decode graphs against the eager reference."""
+
+import math
+
+import pytest
+import torch
+from conftest import random_prompt, tiny_model
+from torch._dynamo.utils import counters
+
+from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes
+from kvc_compile.methods.base import PROTECTED, ScoreInputs
+from kvc_compile.methods.morphkv import MorphKV, morph_scores
+from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
+from kvc_compile.reference import reference_decode
+
+LN3 = math.log(3.0)
+
+
+def hand_case():
+    """One KV head shared by two query heads, head_dim 1 (scale 1), two candidates with keys 0 and ln 3.
+
+    Head 0's queries (1, 0) give softmax rows (1/4, 3/4) and (1/2, 1/2); head 1's (0, 2) give
+    (1/2, 1/2) and (1/10, 9/10). The group max per query row: (1/2, 3/4) and (1/2, 9/10).
+    """
+    queries = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).view(1, 2, 2, 1)
+    candidates = torch.tensor([0.0, LN3]).view(1, 1, 2, 1)
+    return queries, candidates
+
+
+def test_morph_scores_by_hand():
+    queries, candidates = hand_case()
+    valid, voters = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    summed = morph_scores(queries, candidates, valid, voters, "sum")
+    maxed = morph_scores(queries, candidates, valid, voters, "max")
+    torch.testing.assert_close(summed, torch.tensor([[[1.0, 1.65]]]))
+    torch.testing.assert_close(maxed, torch.tensor([[[0.5, 0.9]]]))
+
+
+def test_padding_candidates_leave_the_softmax_and_padding_queries_do_not_vote():
+    queries, candidates = hand_case()
+    # A padding candidate with a huge key: outside the normaliser, it changes nothing and scores 0.
+    padded = torch.cat([candidates, torch.full((1, 1, 1, 1), 50.0)], dim=2)
+    valid = torch.tensor([[True, True, False]])
+    scores = morph_scores(queries, padded, valid, torch.ones(1, 2, dtype=torch.bool), "sum")
+    torch.testing.assert_close(scores, torch.tensor([[[1.0, 1.65, 0.0]]]))
+    # Only the first query row votes: (1/2, 3/4).
+    first_only = morph_scores(queries, candidates, valid[:, :2], torch.tensor([[True, False]]), "sum")
+    torch.testing.assert_close(first_only, torch.tensor([[[0.5, 0.75]]]))
+
+
+def test_morphkv_scores_candidates_with_the_window_before_the_newest_token():
+    """window 3, 8 tokens: candidates 0..3, voters are the queries of tokens 5 and 6, 4..7 protected."""
+    torch.manual_seed(0)
+    queries, keys = torch.randn(1, 4, 8, 8), torch.randn(1, 2, 8, 8)
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    scores = MorphKV(window_size=3, fusion="max").score(ScoreInputs(queries, keys, keys, valid, 0))
+    expected = morph_scores(queries[:, :, 5:7], keys[:, :, :4], valid[:, :4], valid[:, 5:7], "max")
+    torch.testing.assert_close(scores[..., :4], expected)
+    assert (scores[..., 4:] == PROTECTED).all()
+
+
+def test_decode_step_evicts_exactly_one_entry_and_keeps_the_newest():
+    config = CompressionConfig.from_options({"method": "morphkv", "budget": 6, "window_size": 3})
+    torch.manual_seed(1)
+    keys, values = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    positions = torch.tensor([0, 2, 5, 9, 10, 11, 12], dtype=torch.int32).expand(1, 2, 7)
+    buffer = torch.randn(1, 4, 3, 8)
+    kept_keys, kept_values, kept_positions = compress_decode_site(config, buffer, keys, values, positions, None, 0, 1)
+    assert kept_keys.shape == (1, 2, 6, 8)
+    # Candidates are the first 3 entries (all but the newest window + 1); their best 2 stay.
+    scores = morph_scores(buffer[:, :, :2], keys[:, :, :3], torch.ones(1, 3, dtype=torch.bool),
+                          torch.ones(1, 2, dtype=torch.bool), "sum")
+    evicted = scores.argmin(dim=-1)
+    for head in range(2):
+        expected = [p for i, p in enumerate(positions[0, head].tolist()) if i != int(evicted[0, head])]
+        assert kept_positions[0, head].tolist() == expected
+        survivors = positions[0, head] != positions[0, head, evicted[0, head]]
+        assert torch.equal(kept_keys[0, head], keys[0, head][survivors])
+
+
+def test_query_buffer_keeps_the_newest_queries():
+    query = torch.arange(5.0).view(1, 1, 5, 1)
+    buffer = last_queries(query, 3)
+    assert buffer.flatten().tolist() == [2.0, 3.0, 4.0] and buffer.is_contiguous()
+    assert last_queries(query[:, :, :2], 3).flatten().tolist() == [0.0, 0.0, 1.0]  # a short prompt: zeros first
+    assert shift_in(buffer, torch.full((1, 1, 1, 1), 9.0)).flatten().tolist() == [3.0, 4.0, 9.0]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "morphkv", "compression_ratio": 0.5}, "constant-size cache: give budget"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "decoding_interval": 8}, "needs both decoding_interval"),
+        ({"method": "snapkv", "budget": 64, "decoding_interval": 0, "target_size": 64}, "positive integer"),
+        ({"method": "h2o", "budget": 64, "decoding_interval": 8, "target_size": 64}, "reads every query"),
+        ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 64}, "pre-RoPE"),
+        ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "packed layout"),
+        ({"method": "snapkv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
+        ({"method": "morphkv", "budget": 32, "window_size": 32}, "must exceed"),
+        ({"method": "morphkv", "budget": 64, "window_size": 1}, "at least 2"),
+    ],
+)
+def test_bad_decode_time_options_are_refused_with_the_fix(options, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig.from_options(options)
+
+
+def padded_batch(length: int = 40):
+    ids = random_prompt(2, length, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def compiled_steps(model, opts, ids, mask, steps):
+    """Greedy decoding with the kvc-compiled model, one forward per token; the cache after each step."""
+    compiled = torch.compile(model, backend="kvc", options=opts, dynamic=True)
+    cache, tokens, lengths, sizes = CompressedCache(), [], [], []
+    with torch.no_grad():
+        out = compiled(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            out = compiled(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            lengths.append(cache.physical_lengths())
+            sizes.append(cache_nbytes(cache))
+    return torch.cat(tokens, dim=-1), cache, lengths, sizes
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compiled_morphkv_keeps_a_constant_cache_and_the_references_tokens(arch):
+    model = tiny_model(arch, attn_implementation="kvc")
+    ids, mask = padded_batch()
+    opts = {"method": "morphkv", "budget": 20, "window_size": 4, "fusion": "max", "inner_backend": "eager"}
+    reference = reference_decode(model, ids, opts, max_new_tokens=25, attention_mask=mask)
+    counters.clear()
+    tokens, cache, lengths, sizes = compiled_steps(model, opts, ids, mask, 24)
+    assert torch.equal(tokens, reference.tokens[:, :24])
+    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
+        assert torch.equal(layer.positions, reference_layer.positions)
+    assert all(step == [20, 20] for step in lengths) and len(set(sizes)) == 1  # constant, measured from storage
+    assert counters["stats"]["unique_graphs"] == 2  # one prefill graph, one decode graph for every step
+    # Newest window + current token always stay: positions 59..63 hold the last 5 decoded tokens.
+    assert cache.layers[0].positions[:, :, -5:].tolist() == [[list(range(59, 64))] * 2] * 2
+
+
+def test_periodic_snapkv_compresses_every_interval_back_to_the_target():
+    model = tiny_model("llama", attn_implementation="kvc")
+    ids, mask = padded_batch()
+    opts = {
+        "method": "snapkv", "compression_ratio": 0.5, "window_size": 4, "decoding_interval": 3, "target_size": 16,
+        "inner_backend": "eager",
+    }
+    reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
+    tokens, cache, lengths, _ = compiled_steps(model, opts, ids, mask, 12)
+    assert torch.equal(tokens, reference.tokens[:, :12])
+    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
+        assert torch.equal(layer.positions, reference_layer.positions)
+    # 20 prompt entries + 1 reach 16 + 3: compressed to 16, then 17, 18, 16, 17, 18, 16, ...
+    assert [step[0] for step in lengths] == [16, 17, 18] * 4
