@@ -50,6 +50,30 @@ def random_prompt(batch: int, length: int, seed: int = 1, vocab: int = TINY["voc
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def compiled_greedy_steps(model, options, ids, mask, steps):
+    """Greedy decoding with the kvc-compiled model, one forward per token.
+
+    Returns the tokens [batch, steps], the cache, and after each step the layers' physical lengths
+    and the cache's bytes (measured from storage).
+    """
+    from kvc_compile import CompressedCache, cache_nbytes
+
+    compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
+    cache, tokens, lengths, sizes = CompressedCache(), [], [], []
+    with torch.no_grad():
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = compiled(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            positions = mask.long().cumsum(-1)[:, -1:] - 1
+            out = compiled(token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            lengths.append(cache.physical_lengths())
+            sizes.append(cache_nbytes(cache))
+    return torch.cat(tokens, dim=-1), cache, lengths, sizes
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()

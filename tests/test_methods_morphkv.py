@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import random_prompt, tiny_model
+from conftest import compiled_greedy_steps, random_prompt, tiny_model
 from torch._dynamo.utils import counters
 
-from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes
+from kvc_compile import CompressionConfig
 from kvc_compile.methods.base import PROTECTED, ScoreInputs
 from kvc_compile.methods.morphkv import MorphKV, morph_scores
 from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
@@ -114,22 +114,6 @@ def padded_batch(length: int = 40):
     return ids, mask
 
 
-def compiled_steps(model, opts, ids, mask, steps):
-    """Greedy decoding with the kvc-compiled model, one forward per token; the cache after each step."""
-    compiled = torch.compile(model, backend="kvc", options=opts, dynamic=True)
-    cache, tokens, lengths, sizes = CompressedCache(), [], [], []
-    with torch.no_grad():
-        out = compiled(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            out = compiled(token, attention_mask=mask, past_key_values=cache, use_cache=True)
-            lengths.append(cache.physical_lengths())
-            sizes.append(cache_nbytes(cache))
-    return torch.cat(tokens, dim=-1), cache, lengths, sizes
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_compiled_morphkv_keeps_a_constant_cache_and_the_references_tokens(arch):
     model = tiny_model(arch, attn_implementation="kvc")
@@ -137,7 +121,7 @@ def test_compiled_morphkv_keeps_a_constant_cache_and_the_references_tokens(arch)
     opts = {"method": "morphkv", "budget": 20, "window_size": 4, "fusion": "max", "inner_backend": "eager"}
     reference = reference_decode(model, ids, opts, max_new_tokens=25, attention_mask=mask)
     counters.clear()
-    tokens, cache, lengths, sizes = compiled_steps(model, opts, ids, mask, 24)
+    tokens, cache, lengths, sizes = compiled_greedy_steps(model, opts, ids, mask, 24)
     assert torch.equal(tokens, reference.tokens[:, :24])
     for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
         assert torch.equal(layer.positions, reference_layer.positions)
@@ -155,7 +139,7 @@ def test_periodic_snapkv_compresses_every_interval_back_to_the_target():
         "inner_backend": "eager",
     }
     reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
-    tokens, cache, lengths, _ = compiled_steps(model, opts, ids, mask, 12)
+    tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
     assert torch.equal(tokens, reference.tokens[:, :12])
     for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
         assert torch.equal(layer.positions, reference_layer.positions)
