@@ -5,7 +5,9 @@ through transformers' ``AttentionInterface``, the library's own extension point)
 each layer's post-RoPE queries, keys, values and mask. Each layer is then compressed by the
 method's pure-PyTorch code (all layers at once when their budgets depend on each other) and
 stored in a ``CompressedCache``; greedy decoding continues on it
-with logical positions, as ``generate()`` does.
+with logical positions, as ``generate()`` does. For decode-time compression (MorphKV, periodic)
+and LAQ's rollout, each decoding step's queries are captured too and shifted into the layers'
+buffers, and the same pure-PyTorch functions evict or re-score.
 """
 
 from __future__ import annotations
@@ -150,21 +152,22 @@ def reference_prefill(
         compressed_layers = [compress_site(config, *site) for site in sites]
     if config.lowrank is not None:
         config.projections.check_model(model, config.lowrank["projections"])
-    recent = None
-    if config.recent_queries:
-        recent = [last_queries(site[0], config.recent_queries) for site in sites]
+    # Decode-time scorers and LAQ's second stage vote with the prompt's last queries.
+    recent = [last_queries(site[0], config.recent_queries) for site in sites] if config.recent_queries else None
+    keeps_prompt = config.evicts and config.method_impl.lookahead_queries > 0
     kept_indices, kept_heads = [], []
-    for layer_idx, site, compressed in zip(layers, sites, compressed_layers, strict=True):
+    for position, (layer_idx, site, compressed) in enumerate(zip(layers, sites, compressed_layers, strict=True)):
         keys = site[1]
         factors = None
         if config.lowrank is not None:
             compressed, factors = project_layer(compressed, config.projections, layer_idx, keys.shape[1])
-        cache.layers[layer_idx].set_compressed(
+        layer = cache.layers[layer_idx]
+        layer.set_compressed(
             compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors,
-            recent_queries=None if recent is None else recent[len(kept_indices)],
+            recent_queries=None if recent is None else recent[position],
         )
-        if config.evicts and config.method_impl.lookahead_queries:  # LAQ's stage 2 re-scores the full prompt
-            cache.layers[layer_idx].prompt_keys, cache.layers[layer_idx].prompt_values = keys, site[2]
+        if keeps_prompt:  # LAQ's stage 2 re-scores the full prompt
+            layer.prompt_keys, layer.prompt_values = keys, site[2]
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
     return ReferencePrefill(cache, kept_indices, kept_heads, out.logits, recent)

@@ -23,7 +23,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvc_compile.cache import CompressedCache
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.config import CompressionConfig
 from kvc_compile.eval.tasks import TaskSample, make_sample, score_cell, string_match_all
+from kvc_compile.lookahead import decode_step, lookahead_stage
+from kvc_compile.methods import method_class
 from kvc_compile.reference import attention_implementation, reference_prefill
 
 FULL_CACHE = "full cache"
@@ -42,7 +45,13 @@ class Cell:
         return f"{self.method.replace(' ', '_')}__{self.ratio:g}__{self.task}.jsonl"
 
 
-def method_options(method: str, ratio: float, extra: dict | None = None) -> dict:
+def method_options(method: str, ratio: float, extra: dict | None = None, context_tokens: int | None = None) -> dict:
+    """A cell's options. Constant-size caches (MorphKV) take the ratio as a budget of the context's
+    length: ``context_tokens * (1 - ratio)`` entries per KV head."""
+    if method_class(method).compresses_while_decoding:
+        if context_tokens is None:
+            raise ValueError(f"{method} keeps a constant-size cache: its budget needs the context length")
+        return {"method": method, "budget": max(round(context_tokens * (1 - ratio)), 1), **(extra or {})}
     return {"method": method, "compression_ratio": ratio, **(extra or {})}
 
 
@@ -65,9 +74,17 @@ def answer(
     if options is None:
         out = model.generate(full_ids, max_new_tokens=max_new, do_sample=False)
     else:
+        config = CompressionConfig.from_options(options)
+        lookahead = config.evicts and config.method_impl.lookahead_queries > 0
         if path == "compiled":  # the caller compiled the model with these options
             cache = CompressedCache()
-            model(context_ids, past_key_values=cache, use_cache=True)
+            out = model(context_ids, past_key_values=cache, use_cache=True)
+            if lookahead:  # LAQ: roll out pseudo tokens after the context, then re-score it
+                first = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+                mask = torch.ones_like(context_ids)
+                lookahead_stage(config, decode_step(model, cache), cache, first, mask, tokenizer.eos_token_id)
+        elif lookahead:
+            raise ValueError("laq's rollout runs on the compiled path only in kvc-eval; use --path compiled")
         else:
             cache = reference_prefill(model, context_ids, options).cache
         # generate() feeds only what the cache has not seen: the question, then the answer.
@@ -119,7 +136,9 @@ def run_grid(
     configs = [(FULL_CACHE, 0.0)] + [(m, r) for m in methods for r in ratios]
     cells = []
     for method, ratio in tqdm(configs, desc="configurations"):
-        options = None if method == FULL_CACHE else method_options(method, ratio, (extra_options or {}).get(method))
+        options = None if method == FULL_CACHE else method_options(
+            method, ratio, (extra_options or {}).get(method), source.context_tokens
+        )
         todo = [Cell(method, ratio, task) for task in tasks]
         cells += todo
         done = {cell: len(_read_records(cells_dir / cell.filename)) for cell in todo}

@@ -84,7 +84,7 @@ class RecordRecentQueries:
                     )
                 continue
             marker = marker_user(k_rope, kvc.push_query)
-            if marker is not None and site.query_length == 1:
+            if marker is not None:
                 site.recent_queries = replace_node(
                     graph, marker, kvc.shift_in.default, (marker.args[0], site.query), site.attention
                 )
