@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from kvc_compile import load_model, reference_generate
@@ -75,7 +74,9 @@ def main() -> int:
         f"{len(PROMPTS)} chat prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens; the full cache ends "
         f"at {min(prompt_lengths) + args.new_tokens}-{max(prompt_lengths) + args.new_tokens} entries. Match rate: "
         "the share of steps whose token equals the full cache's at the same step (after a first difference the "
-        "texts usually drift apart, so the first difference is listed too).",
+        "texts usually drift apart, so the first difference is listed too). The compressed caches reach "
+        f"{args.budget} entries after {args.budget - max(prompt_lengths)}-{args.budget - min(prompt_lengths)} decoded "
+        "tokens; until then they are the full cache.",
         "",
         "| cache | mean match rate | per prompt | first difference (step) |",
         "|---|---|---|---|",
