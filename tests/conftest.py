@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on the CPU through Triton's interpreter (set before any kernel
+# is defined: the switch is read when a kernel is decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,

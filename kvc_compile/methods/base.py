@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -61,6 +62,17 @@ class ScoreInputs:
     n_layers: int = 1
     cos: Tensor | None = None
     sin: Tensor | None = None
+    # ``window_votes(queries, keys, valid, window)``: a kernel standing in for the reference on the
+    # GPU (``kvc_compile.ops.kernels``); None for the pure-PyTorch reference.
+    votes_kernel: Callable[[Tensor, Tensor, Tensor, int], Tensor] | None = None
+    # ``select_and_gather(scores, keys, values, k)``: the GPU kernel for uniform selection + gather.
+    select_kernel: Callable | None = None
+
+    def window_votes(self, window: int) -> Tensor:
+        """Attention of the last ``window`` queries over every key, summed over them: [batch, q_heads, n] fp32."""
+        from kvc_compile.methods.snapkv import window_votes
+
+        return (self.votes_kernel or window_votes)(self.queries, self.keys, self.valid, window)
 
     def _rotary(self, who: str) -> tuple[Tensor, Tensor]:
         if self.cos is None or self.sin is None:
@@ -237,9 +249,16 @@ def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
         if n_kept >= n:
             positions, heads = prefill_entries(batch, kv_heads, n, keys.device)
             return CompressedKV(keys.clone(), values.clone(), positions, heads)
-        kept = method.select(method.score(inputs), valid, n_kept)
+        scores = method.score(inputs)
+        if inputs.select_kernel is not None and type(method).select is Method.select:
+            # Uniform selection on the GPU: a radix select and a compaction kernel, no sort.
+            masked = scores.float().masked_fill(~valid[:, None, :], EXCLUDED)
+            kept_keys, kept_values, kept = inputs.select_kernel(masked, keys, values, n_kept)
+        else:
+            kept = method.select(scores, valid, n_kept)
+            kept_keys, kept_values = gather_kept(keys, kept), gather_kept(values, kept)
         heads = torch.arange(kv_heads, device=keys.device, dtype=INDEX_DTYPE)[:, None].expand_as(kept).clone()
-        return CompressedKV(gather_kept(keys, kept), gather_kept(values, kept), kept.to(INDEX_DTYPE), heads)
+        return CompressedKV(kept_keys, kept_values, kept.to(INDEX_DTYPE), heads)
     if n_kept >= n:
         flat = torch.arange(kv_heads * n, device=keys.device).expand(batch, kv_heads * n)
     else:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from kvc_compile.methods.adakv import check_alpha
 from kvc_compile.methods.base import PROTECTED, ScoreInputs, gqa_max, select_head_adaptive
-from kvc_compile.methods.snapkv import SnapKV, window_attention
+from kvc_compile.methods.snapkv import SnapKV
 
 LAYER_ALLOCATIONS = ("entropy", "uniform")
 
@@ -91,7 +91,7 @@ class LAVa(SnapKV):
     def score(self, inputs: ScoreInputs) -> Tensor:
         keys, values, valid, w = inputs.keys, inputs.values, inputs.valid, self.window_size
         n, kv_heads = keys.shape[2], keys.shape[1]
-        votes = window_attention(inputs.queries, keys, valid, w)[..., : n - w].mean(dim=-2)
+        votes = inputs.window_votes(w)[..., : n - w] / w
         votes = self.pool(votes)
         prefix_norms = values[:, :, : n - w].float().abs().sum(dim=-1).masked_fill(~valid[:, None, : n - w], 0.0)
         head_scale = prefix_norms.amax(dim=-1, keepdim=True)  # [batch, kv_heads, 1]

@@ -48,6 +48,16 @@ def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, window_size: 
     return weights.masked_fill(~query_valid[:, None, :, None], 0.0)
 
 
+def window_votes(queries: Tensor, keys: Tensor, valid: Tensor, window_size: int) -> Tensor:
+    """Attention of the last ``window_size`` queries summed over them: [batch, q_heads, n] fp32.
+
+    The reference of the fused Triton kernel (``kvc_compile.plugins.triton.window_scores``), which
+    never materialises the window's attention matrix; scorers read it through
+    ``ScoreInputs.window_votes`` so the kernel can stand in for it on the GPU.
+    """
+    return window_attention(queries, keys, valid, min(window_size, keys.shape[2])).sum(dim=2)
+
+
 def check_window_options(method: str, window_size: int, kernel_size: int, pooling: str) -> None:
     """Validate the observation-window options shared by SnapKV-style scorers."""
     if window_size <= 0:
@@ -88,8 +98,8 @@ class SnapKV(Method):
         return F.max_pool1d(votes, self.kernel_size, stride=1, padding=pad)
 
     def score(self, inputs: ScoreInputs) -> Tensor:
-        keys, valid, w = inputs.keys, inputs.valid, self.window_size
+        keys, w = inputs.keys, self.window_size
         n = keys.shape[2]
-        votes = self.pool(window_attention(inputs.queries, keys, valid, w)[..., : n - w].mean(dim=-2))
+        votes = self.pool(inputs.window_votes(w)[..., : n - w] / w)
         scores = gqa_mean(votes, keys.shape[1])
         return F.pad(scores, (0, w), value=PROTECTED)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs
-from kvc_compile.methods.snapkv import window_attention
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,6 @@ class TOVA(Method):
         keys = inputs.keys
         batch, kv_heads, n, _ = keys.shape
         # [batch, q_heads, 1, n]: the last query is a real token under left padding.
-        last = window_attention(inputs.queries, keys, inputs.valid, 1)[:, :, 0, : n - 1]
+        last = inputs.window_votes(1)[..., : n - 1]
         scores = last.mean(dim=1, keepdim=True).expand(batch, kv_heads, n - 1)
         return F.pad(scores, (0, 1), value=PROTECTED)

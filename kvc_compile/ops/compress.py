@@ -32,6 +32,7 @@ from kvc_compile.methods.base import (
     compressed_shapes,
 )
 from kvc_compile.methods.base import prefill_entries as dense_entries
+from kvc_compile.ops.kernels import score_kernels
 
 
 def valid_keys_from_mask(attn_mask: Tensor | None, batch: int, n: int, device: torch.device) -> Tensor:
@@ -71,7 +72,7 @@ def site_inputs(
             stacklevel=2,
         )
     valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
-    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin)
+    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin, **score_kernels(keys))
 
 
 def compress_site(config: CompressionConfig, *site: Tensor | int | None) -> CompressedKV:

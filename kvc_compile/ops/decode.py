@@ -22,6 +22,7 @@ from torch import Tensor
 from kvc_compile.config import CompressionConfig
 from kvc_compile.methods.base import INDEX_DTYPE, ScoreInputs, gather_kept
 from kvc_compile.ops.compress import valid_keys_from_mask
+from kvc_compile.ops.kernels import score_kernels
 
 
 @torch.library.custom_op("kvc::recent_queries", mutates_args=())
@@ -151,7 +152,7 @@ def compress_decode_site(
     queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
     valid = valid_keys_from_mask(attn_mask, batch, m, keys.device)
     method = config.method_impl
-    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers)
+    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, **score_kernels(keys))
     kept = method.select(method.score(inputs), valid, config.decode_target)
     return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)
 

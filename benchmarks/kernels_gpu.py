@@ -1,0 +1,142 @@
+"""Compression overhead of the fused Triton kernels vs the PyTorch reference vs kvpress-style eager
+scoring, as a fraction of prefill time, at long contexts on one GPU (side by side, one run).
+
+Per attention layer of a Llama-3-8B-shaped decoder (32 query heads, 8 KV heads, head_dim 128,
+hidden 4096, bf16, random weights): the time of one layer's prefill (``LlamaDecoderLayer`` with
+SDPA) and the time of SnapKV's compression of that layer's cache (window 32, max pool 7, ratio
+0.5) by three paths:
+
+- ``fused``: ``kvc::window_votes`` (two-pass Triton scoring, no attention matrix in memory) and
+  ``kvc::select_and_gather`` (radix select + compaction);
+- ``reference``: the same method through the pure-PyTorch reference (fp32 window attention
+  materialised, ``topk``, ``sort``, ``gather``);
+- ``kvpress-style``: what a hook-based press does: repeat KV heads to the query heads, window
+  attention in the model's dtype, softmax in fp32, mean over the window and the GQA group,
+  pooling, ``topk`` and ``gather`` of the kept indices.
+
+Every layer costs the same, so the per-layer ratio is the model's. Targets: overhead <= 2 % of
+prefill at 32K. Decode attention bandwidth is measured by ``--decode``: SDPA over a dense cache at
+each context, bytes of K and V read per step over the time, as a fraction of ``--peak-gbps``.
+
+    python benchmarks/kernels_gpu.py --out benchmarks/results/kernels-h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from kvc_compile.bench import provenance_lines, write_report
+from kvc_compile.methods.base import ScoreInputs, compress_layer
+from kvc_compile.methods.snapkv import SnapKV
+from kvc_compile.ops.kernels import score_kernels
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+             num_hidden_layers=1, max_position_embeddings=40000)
+METHOD = SnapKV(window_size=32, kernel_size=7, pooling="max")
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after a warm-up (CUDA events on the GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def kvpress_style(queries, keys, values, n_kept: int, window: int = 32, kernel: int = 7):
+    """Window attention over repeated KV heads in the model dtype, then pooling, topk, gather."""
+    batch, q_heads, n, head_dim = queries.shape
+    group = q_heads // keys.shape[1]
+    repeated = keys.repeat_interleave(group, dim=1)
+    logits = queries[:, :, -window:] @ repeated.transpose(-1, -2) / head_dim**0.5
+    causal = torch.ones(window, window, device=keys.device, dtype=torch.bool).tril()
+    logits[..., -window:] = logits[..., -window:].masked_fill(~causal, float("-inf"))
+    weights = logits.float().softmax(dim=-1)
+    votes = weights[..., :-window].mean(dim=-2).view(batch, keys.shape[1], group, n - window).mean(dim=2)
+    votes = F.max_pool1d(votes, kernel, stride=1, padding=kernel // 2)
+    scores = F.pad(votes, (0, window), value=float("inf"))
+    kept = scores.topk(n_kept, dim=-1).indices
+    index = kept.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+    return keys.gather(2, index), values.gather(2, index)
+
+
+def measure(n: int, layer, rotary, device: str, dtype: torch.dtype, repeats: int, peak_gbps: float) -> list[str]:
+    """Table rows for one context length: prefill of one layer, the three compression paths, decode."""
+    heads, kv_heads, head_dim = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], 128
+    hidden = torch.randn(1, n, SHAPE["hidden_size"], device=device, dtype=dtype)
+    embeddings = rotary(hidden, torch.arange(n, device=device)[None])
+    prefill = timed(lambda: layer(hidden, position_embeddings=embeddings, attention_mask=None), repeats)
+    queries = torch.randn(1, heads, n, head_dim, device=device, dtype=dtype)
+    keys = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    valid = torch.ones(1, n, dtype=torch.bool, device=device)
+    kernels = score_kernels(keys)
+    fused = ScoreInputs(queries, keys, values, valid, 0, **kernels)
+    plain = ScoreInputs(queries, keys, values, valid, 0)
+    times = {
+        "fused" if kernels else "fused (no kernels here: reference)": timed(
+            lambda: compress_layer(METHOD, n // 2, fused), repeats),
+        "reference": timed(lambda: compress_layer(METHOD, n // 2, plain), repeats),
+        "kvpress-style": timed(lambda: kvpress_style(queries, keys, values, n // 2), repeats),
+    }
+    rows = [f"| {n} | {name} | {prefill * 1e3:.2f} | {seconds * 1e3:.2f} | {seconds / prefill:.2%} |"
+            for name, seconds in times.items()]
+    cache_bytes = 2 * keys.numel() * keys.element_size()
+    query = queries[:, :, -1:]
+    decode = timed(lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True), repeats)
+    bandwidth = cache_bytes / decode / 1e9
+    rows.append(f"| {n} | decode attention (SDPA, dense) | — | {decode * 1e3:.3f} | "
+                f"{bandwidth:.0f} GB/s = {bandwidth / peak_gbps:.0%} of peak |")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="4096,16384,32768")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak (H100 SXM: 3350 GB/s)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = LlamaConfig(**SHAPE, attn_implementation="sdpa")
+    layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        rows = [row for n in args.contexts.split(",")
+                for row in measure(int(n), layer, rotary, device, dtype, args.repeats, args.peak_gbps)]
+    lines = [
+        f"# Compression overhead per layer, Llama-3-8B shapes ({dtype}, {device})",
+        "",
+        "| context | path | prefill ms (one layer) | compression ms | overhead |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        *provenance_lines(time.perf_counter() - start),
+        f"- device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}",
+    ]
+    write_report(args.out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Ops with a Triton kernel on the GPU and the pure-PyTorch reference elsewhere.
+
+Registered with ``torch.library.triton_op`` so Inductor and AOTInductor see the kernels inside and
+embed them in compiled programs. On the CPU (and without Triton) each op runs its reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvc_compile.methods.snapkv import window_votes as window_votes_reference
+from kvc_compile.plugins.triton import TRITON_AVAILABLE
+
+
+def use_kernels(tensor: Tensor) -> bool:
+    """Whether ops on ``tensor`` run the Triton kernels: on CUDA, when Triton is installed."""
+    return TRITON_AVAILABLE and tensor.is_cuda
+
+
+@torch.library.triton_op("kvc::window_votes", mutates_args=())
+def window_votes(queries: Tensor, keys: Tensor, valid: Tensor, window: int) -> Tensor:
+    """Fused observation-window votes (``kvc_compile.plugins.triton.window_scores``)."""
+    if not use_kernels(queries):
+        return window_votes_reference(queries, keys, valid, window)
+    from kvc_compile.plugins.triton.window_scores import window_votes_triton
+
+    return window_votes_triton(queries, keys, valid, window)
+
+
+@torch.library.triton_op("kvc::select_and_gather", mutates_args=())
+def select_and_gather(scores: Tensor, keys: Tensor, values: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` best entries per row, gathered in position order (``kvc_compile.plugins.triton.compaction``).
+
+    Ties go to the lowest positions on every device.
+    """
+    if not use_kernels(scores):
+        from kvc_compile.methods.base import gather_kept
+        from kvc_compile.plugins.triton.compaction import stable_select_reference
+
+        kept = stable_select_reference(scores, k)
+        return gather_kept(keys, kept), gather_kept(values, kept), kept.to(torch.int32)
+    from kvc_compile.plugins.triton.compaction import select_and_gather_triton
+
+    return select_and_gather_triton(scores, keys, values, k)
+
+
+def score_kernels(tensor: Tensor) -> dict:
+    """``ScoreInputs`` fields that route scoring and selection to the kernels when ``tensor`` is on the GPU."""
+    if not use_kernels(tensor):
+        return {}
+    return {"votes_kernel": window_votes, "select_kernel": select_and_gather}

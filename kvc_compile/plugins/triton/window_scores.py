@@ -1,0 +1,142 @@
+"""Fused observation-window scoring: the votes every window scorer starts from.
+
+``votes[b, h, j] = sum_i softmax_j(q_i . k_j / sqrt(d))`` over the last ``window`` queries ``i`` of
+query head ``h``, in fp32, causal inside the window (query ``n - window + i`` sees keys up to its
+own position), padding keys outside the softmax, padding queries voting nothing. SnapKV, LAVa,
+PyramidKV, AdaKV and ChunkKV pool these (divided by ``window``), TOVA reads them with ``window=1``.
+
+Two kernels, neither of which writes the ``[heads, window, n]`` attention matrix:
+
+1. ``_row_statistics``: one program per (row, KV head, block of window rows) streams over the keys
+   with an online softmax and keeps each row's maximum and normaliser ([b, q_heads, window]).
+2. ``_column_votes``: one program per (row, KV head, block of keys) loads its keys once, then for
+   every query head of the GQA group and every block of window rows recomputes the logits,
+   normalises them with the statistics and sums over the window.
+
+Keys are read twice in all; the reference (``kvc_compile.methods.snapkv.window_votes``)
+materialises the matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.library import wrap_triton
+
+from kvc_compile.plugins.triton import TRITON_AVAILABLE, require_triton
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _row_statistics(
+        q_ptr, k_ptr, valid_ptr, max_ptr, sum_ptr,
+        n, window, group, scale,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        b, kv_head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * window + i over the GQA group
+        row_ok = rows < group * window
+        g, i = rows // window, rows % window
+        dims = tl.arange(0, BLOCK_D)
+        position = n - window + i  # the query's position in the sequence
+        q = tl.load(
+            q_ptr + b * stride_qb + (kv_head * group + g)[:, None] * stride_qh + position[:, None] * stride_qn
+            + dims[None, :],
+            mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0,
+        ).to(tl.float32)
+        row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, n, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k = tl.load(
+                k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :],
+                mask=(cols[:, None] < n) & (dims[None, :] < HEAD_DIM), other=0.0,
+            ).to(tl.float32)
+            key_ok = tl.load(valid_ptr + b * stride_vb + cols, mask=cols < n, other=0) != 0
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & row_ok[:, None]
+            logits = tl.where(visible, logits, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(logits - safe_max[:, None]), axis=1)
+            row_max = new_max
+        out = b * group * window * tl.num_programs(1) + kv_head * group * window + rows
+        tl.store(max_ptr + out, row_max, mask=row_ok)
+        tl.store(sum_ptr + out, row_sum, mask=row_ok)
+
+    @triton.jit
+    def _column_votes(
+        q_ptr, k_ptr, valid_ptr, max_ptr, sum_ptr, out_ptr,
+        n, window, group, scale,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        b, kv_head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        k = tl.load(
+            k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :],
+            mask=(cols[:, None] < n) & (dims[None, :] < HEAD_DIM), other=0.0,
+        ).to(tl.float32)
+        key_ok = tl.load(valid_ptr + b * stride_vb + cols, mask=cols < n, other=0) != 0
+        for g in range(0, group):
+            head = kv_head * group + g
+            votes = tl.zeros([BLOCK_N], tl.float32)
+            for start in range(0, window, BLOCK_R):
+                i = start + tl.arange(0, BLOCK_R)
+                row_ok = i < window
+                position = n - window + i
+                q = tl.load(
+                    q_ptr + b * stride_qb + head * stride_qh + position[:, None] * stride_qn + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0,
+                ).to(tl.float32)
+                stats = b * group * window * tl.num_programs(1) + head * window + i
+                row_max = tl.load(max_ptr + stats, mask=row_ok, other=float("-inf"))
+                row_sum = tl.load(sum_ptr + stats, mask=row_ok, other=1.0)
+                row_sum = tl.where(row_sum > 0, row_sum, 1.0)  # a row that sees no real key votes nothing
+                # A padding query (itself invalid) casts no vote, whatever it could see.
+                query_ok = tl.load(valid_ptr + b * stride_vb + position, mask=row_ok, other=0) != 0
+                logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & (row_ok & query_ok)[:, None]
+                safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+                weights = tl.where(visible, tl.exp(logits - safe_max[:, None]) / row_sum[:, None], 0.0)
+                votes += tl.sum(weights, axis=0)
+            tl.store(out_ptr + (b * tl.num_programs(1) * group + head) * n + cols, votes, mask=cols < n)
+
+
+def window_votes_triton(
+    queries: Tensor, keys: Tensor, valid: Tensor, window: int, block_rows: int = 16, block_keys: int = 64
+) -> Tensor:
+    """The Triton path of ``kvc_compile.methods.snapkv.window_votes``: ``queries`` [b, q_heads, n, d]
+    (every query; the last ``window`` vote), ``keys`` [b, kv_heads, n, d], ``valid`` [b, n] bool."""
+    require_triton()
+    batch, q_heads, n, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    window = min(window, n)
+    if queries.stride(-1) != 1:
+        queries = queries.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    valid = valid.to(torch.int8).contiguous()
+    row_max = torch.empty(batch, q_heads, window, device=keys.device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    votes = torch.empty(batch, q_heads, n, device=keys.device, dtype=torch.float32)
+    common = dict(BLOCK_R=block_rows, BLOCK_N=block_keys, BLOCK_D=triton.next_power_of_2(head_dim), HEAD_DIM=head_dim)
+    strides = (*queries.stride()[:3], *keys.stride()[:3], valid.stride(0))
+    scale = 1.0 / math.sqrt(head_dim)
+    grid = (batch, kv_heads, triton.cdiv(group * window, block_rows))
+    sizes = (n, window, group, scale, *strides)
+    wrap_triton(_row_statistics)[grid](queries, keys, valid, row_max, row_sum, *sizes, **common)
+    grid = (batch, kv_heads, triton.cdiv(n, block_keys))
+    wrap_triton(_column_votes)[grid](queries, keys, valid, row_max, row_sum, votes, *sizes, **common)
+    return votes

@@ -1,0 +1,134 @@
+"""Triton kernels against their pure-PyTorch references, over shapes drawn by hypothesis.
+
+Without a GPU they run under ``TRITON_INTERPRET=1`` (set in conftest). Inputs in fp16/bf16 are
+loaded by the kernels and the references alike and computed in fp32, so results differ only by
+fp32 summation order; the tolerances below are per input dtype.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvc_compile.methods.snapkv import window_votes
+from kvc_compile.plugins.triton import TRITON_AVAILABLE
+
+pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}  # absolute, on probabilities
+DTYPES = st.sampled_from(list(TOLERANCE))
+KERNEL_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def attention_case(draw):
+    """Queries, keys and a left-padded validity mask: GQA groups 1-8, head dims 64/128, any length."""
+    batch = draw(st.integers(1, 2))
+    kv_heads = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    head_dim = draw(st.sampled_from([64, 128]))
+    n = draw(st.integers(1, 150))  # mostly not a multiple of the 64-key block
+    dtype = draw(DTYPES)
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    queries = torch.randn(batch, kv_heads * group, n, head_dim, generator=generator).to(dtype)
+    keys = (2 * torch.randn(batch, kv_heads, n, head_dim, generator=generator)).to(dtype)
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[-1, : draw(st.integers(0, n - 1))] = False  # left padding of the last row
+    return queries.to(DEVICE), keys.to(DEVICE), valid.to(DEVICE)
+
+
+@KERNEL_SETTINGS
+@given(case=attention_case(), window=st.integers(1, 40))
+def test_fused_window_votes_match_the_reference(case, window):
+    from kvc_compile.plugins.triton.window_scores import window_votes_triton
+
+    queries, keys, valid = case
+    expected = window_votes(queries, keys, valid, window)  # window > n: every query votes
+    got = window_votes_triton(queries, keys, valid, window)
+    torch.testing.assert_close(got, expected, atol=TOLERANCE[queries.dtype], rtol=1e-4)
+
+
+def test_window_votes_op_runs_the_reference_on_the_cpu():
+    import kvc_compile.ops.kernels  # noqa: F401  (registers kvc::window_votes)
+
+    queries, keys = torch.randn(1, 4, 20, 64), torch.randn(1, 2, 20, 64)
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    got = torch.ops.kvc.window_votes(queries, keys, valid, 8)
+    assert torch.equal(got, window_votes(queries, keys, valid, 8))
+    # Every voter's row sums to 1 over the keys: 8 window queries per head.
+    torch.testing.assert_close(got.sum(-1), torch.full((1, 4), 8.0))
+
+
+@st.composite
+def selection_case(draw):
+    """Scores with a protected window (+inf), left padding (-inf), ties, and entries to gather."""
+    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    n = draw(st.integers(1, 700))  # one to several 256-entry blocks, rarely a multiple of them
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    scores = torch.randn(batch, heads, n, generator=generator)
+    scores[..., n - draw(st.integers(0, min(n, 32))) :] = float("inf")
+    scores[-1, :, : draw(st.integers(0, n))] = float("-inf")
+    if draw(st.booleans()):  # coarse values: many ties at the threshold
+        scores = (scores * 2).round()
+    dtype = draw(DTYPES)
+    keys = torch.randn(batch, heads, n, draw(st.sampled_from([64, 128])), generator=generator).to(dtype)
+    values = torch.randn(batch, heads, n, 64, generator=generator).to(dtype)
+    k = draw(st.integers(1, n))
+    return scores.to(DEVICE), keys.to(DEVICE), values.to(DEVICE), k
+
+
+@KERNEL_SETTINGS
+@given(case=selection_case())
+def test_selection_and_compaction_match_the_reference(case):
+    from kvc_compile.methods.base import gather_kept
+    from kvc_compile.plugins.triton.compaction import select_and_gather_triton, stable_select_reference
+
+    scores, keys, values, k = case
+    kept_keys, kept_values, positions = select_and_gather_triton(scores, keys, values, k)
+    expected = stable_select_reference(scores, k)
+    assert torch.equal(positions.long(), expected)
+    assert torch.equal(kept_keys, gather_kept(keys, expected))
+    assert torch.equal(kept_values, gather_kept(values, expected))
+
+
+def test_stable_reference_keeps_what_select_uniform_keeps_without_ties():
+    from kvc_compile.methods.base import select_uniform
+    from kvc_compile.plugins.triton.compaction import stable_select_reference
+
+    scores = torch.randn(2, 3, 50)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    assert torch.equal(stable_select_reference(scores, 20), select_uniform(scores, valid, 20))
+    # Ties go to the lowest positions.
+    assert stable_select_reference(torch.tensor([[[1.0, 2.0, 1.0, 1.0]]]), 2).tolist() == [[[0, 1]]]
+
+
+def test_head_adaptive_selection_is_one_row_over_the_layer():
+    """AdaKV's global top-k: the layer's heads flattened into one row, positions ``head * n + t``."""
+    from kvc_compile.plugins.triton.compaction import select_and_gather_triton
+
+    scores = torch.tensor([[[5.0, 1.0, 0.0], [4.0, 3.0, 2.0]]])  # head 0 concentrated, head 1 spread
+    keys = torch.arange(6.0).view(1, 2, 3, 1).expand(1, 2, 3, 16).contiguous()
+    flat_keys, _, flat = select_and_gather_triton(scores.view(1, 1, 6), keys.view(1, 1, 6, 16),
+                                                  keys.view(1, 1, 6, 16), 3)
+    assert flat.tolist() == [[[0, 3, 4]]] and flat_keys[0, 0, :, 0].tolist() == [0.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("method", ["snapkv", "tova", "lava"])
+def test_scorers_keep_the_same_entries_through_the_kernels(method):
+    """What the GPU path runs (kernels injected into ScoreInputs) keeps what the reference keeps."""
+    from kvc_compile.methods import build_method
+    from kvc_compile.methods.base import ScoreInputs, compress_layer
+    from kvc_compile.plugins.triton.compaction import select_and_gather_triton
+    from kvc_compile.plugins.triton.window_scores import window_votes_triton
+
+    torch.manual_seed(0)
+    queries, keys, values = torch.randn(2, 8, 90, 64), torch.randn(2, 2, 90, 64), torch.randn(2, 2, 90, 64)
+    valid = torch.ones(2, 90, dtype=torch.bool)
+    valid[1, :13] = False
+    scorer = build_method(method, {} if method == "tova" else {"window_size": 16})
+    reference = compress_layer(scorer, 40, ScoreInputs(queries, keys, values, valid, 0))
+    kernels = ScoreInputs(queries, keys, values, valid, 0, votes_kernel=window_votes_triton,
+                          select_kernel=select_and_gather_triton)
+    fused = compress_layer(scorer, 40, kernels)
+    assert torch.equal(fused.positions, reference.positions) and torch.equal(fused.heads, reference.heads)
+    torch.testing.assert_close(fused.keys, reference.keys)
