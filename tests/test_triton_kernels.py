@@ -7,7 +7,7 @@ fp32 summation order; the tolerances below are per input dtype.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from kvc_compile.methods.snapkv import window_votes
@@ -17,7 +17,11 @@ pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not inst
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}  # absolute, on probabilities
 DTYPES = st.sampled_from(list(TOLERANCE))
-KERNEL_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Fixed examples (the same in every run) and no shrinking: the interpreter makes each example slow.
+KERNEL_SETTINGS = settings(
+    max_examples=25, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @st.composite
@@ -68,7 +72,7 @@ def selection_case(draw):
     scores = torch.randn(batch, heads, n, generator=generator)
     scores[..., n - draw(st.integers(0, min(n, 32))) :] = float("inf")
     scores[-1, :, : draw(st.integers(0, n))] = float("-inf")
-    if draw(st.booleans()):  # coarse values: many ties at the threshold
+    if draw(st.booleans()):  # coarse values: many ties at the threshold, and -0.0 next to 0.0
         scores = (scores * 2).round()
     dtype = draw(DTYPES)
     keys = torch.randn(batch, heads, n, draw(st.sampled_from([64, 128])), generator=generator).to(dtype)
@@ -102,6 +106,15 @@ def test_stable_reference_keeps_what_select_uniform_keeps_without_ties():
     assert stable_select_reference(torch.tensor([[[1.0, 2.0, 1.0, 1.0]]]), 2).tolist() == [[[0, 1]]]
 
 
+def test_negative_zero_ties_with_zero():
+    from kvc_compile.plugins.triton.compaction import select_and_gather_triton
+
+    scores = torch.tensor([[[-0.0, 1.0, 0.0, -1.0, 0.0]]])
+    entries = torch.randn(1, 1, 5, 16)
+    _, _, positions = select_and_gather_triton(scores, entries, entries, 3)
+    assert positions.tolist() == [[[0, 1, 2]]]  # -0.0 and 0.0 are one value: the lowest positions win
+
+
 def test_head_adaptive_selection_is_one_row_over_the_layer():
     """AdaKV's global top-k: the layer's heads flattened into one row, positions ``head * n + t``."""
     from kvc_compile.plugins.triton.compaction import select_and_gather_triton
@@ -132,3 +145,85 @@ def test_scorers_keep_the_same_entries_through_the_kernels(method):
     fused = compress_layer(scorer, 40, kernels)
     assert torch.equal(fused.positions, reference.positions) and torch.equal(fused.heads, reference.heads)
     torch.testing.assert_close(fused.keys, reference.keys)
+
+
+@st.composite
+def packed_case(draw):
+    """A packed run: entries labelled by KV head (-1: padding), the new tokens' entries last."""
+    batch, kv_heads = draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    group, head_dim = draw(st.sampled_from([1, 2, 3, 4, 8])), draw(st.sampled_from([64, 128]))
+    q_len, kept = draw(st.integers(1, 3)), draw(st.integers(0, 600))
+    total = kept + q_len * kv_heads
+    dtype = draw(DTYPES)
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    query = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=generator).to(dtype)
+    keys = torch.randn(batch, 1, total, head_dim, generator=generator).to(dtype)
+    values = torch.randn(batch, 1, total, head_dim, generator=generator).to(dtype)
+    heads = torch.randint(-1, kv_heads, (batch, 1, total), generator=generator, dtype=torch.int32)
+    heads[..., kept:] = torch.arange(kv_heads, dtype=torch.int32).repeat(q_len)  # token-major new entries
+    return tuple(x.to(DEVICE) for x in (query, keys, values, heads)) + (kv_heads,)
+
+
+@KERNEL_SETTINGS
+@given(case=packed_case(), chunk=st.sampled_from([64, 256]))
+def test_packed_decode_attention_matches_the_reference(case, chunk):
+    from kvc_compile.cache.attention import packed_attention_reference
+    from kvc_compile.plugins.triton.decode_attention import packed_attention_triton
+
+    query, keys, values, heads, kv_heads = case
+    scaling = query.shape[-1] ** -0.5
+    expected = packed_attention_reference(query, keys, values, heads, kv_heads, scaling)
+    got = packed_attention_triton(query, keys, values, heads, kv_heads, scaling, chunk=chunk)
+    # Outputs are cast back to the query's dtype: one rounding of that dtype apart at most.
+    tolerance = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[query.dtype]
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@KERNEL_SETTINGS
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 40), st.sampled_from([64, 128]),
+                    st.integers(1, 64)),
+    dtype=DTYPES, seed=st.integers(0, 2**16),
+)
+def test_fused_rope_and_lowrank_projection_match_the_reference(shape, dtype, seed):
+    from kvc_compile.plugins.triton.lowrank import rope_lowrank_project_reference, rope_lowrank_project_triton
+
+    batch, kv_heads, q_len, head_dim, rank = shape
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, kv_heads, q_len, head_dim, generator=generator).to(dtype)
+    angles = torch.rand(batch, q_len, head_dim // 2, generator=generator) * 100
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1).to(dtype), torch.cat([angles.sin()] * 2, dim=-1).to(dtype)
+    down = torch.randn(kv_heads, head_dim, rank, generator=generator) / head_dim**0.5
+    args = tuple(x.to(DEVICE) for x in (keys, cos, sin, down))
+    expected = rope_lowrank_project_reference(*args)
+    got = rope_lowrank_project_triton(*args)
+    # The reference rounds RoPE to the input dtype before projecting; the kernel stays in fp32.
+    tolerance = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@KERNEL_SETTINGS
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 4), st.sampled_from([1, 2, 3, 4, 8]), st.integers(1, 600),
+                    st.sampled_from([64, 128]), st.integers(1, 64), st.integers(1, 64)),
+    dtype=DTYPES, seed=st.integers(0, 2**16),
+)
+def test_lowrank_decode_attention_matches_the_reference(shape, dtype, seed):
+    from kvc_compile.plugins.triton.lowrank import (
+        lowrank_decode_attention_reference,
+        lowrank_decode_attention_triton,
+    )
+
+    batch, kv_heads, group, total, head_dim, rank, value_rank = shape
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, 1, head_dim, generator=generator).to(dtype)
+    key_up = torch.randn(kv_heads, head_dim, rank, generator=generator) / rank**0.5
+    keys = torch.randn(batch, kv_heads, total, rank, generator=generator).to(dtype)
+    values = torch.randn(batch, kv_heads, total, value_rank, generator=generator).to(dtype)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[-1, : total - 1] = torch.rand(total - 1, generator=generator) < 0.8  # the newest key is always real
+    args = tuple(x.to(DEVICE) for x in (query, key_up, keys, values, valid))
+    expected = lowrank_decode_attention_reference(*args, head_dim**-0.5)
+    got = lowrank_decode_attention_triton(*args, head_dim**-0.5, chunk=128)
+    tolerance = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)

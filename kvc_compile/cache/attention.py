@@ -20,13 +20,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvc_compile.cache import CachedKeys
+from kvc_compile.ops.compress import valid_keys_from_mask
+from kvc_compile.ops.kernels import lowrank_decode_attention, use_kernels
 from kvc_compile.ops.lowrank import lowrank_lift
 
 ATTENTION_IMPLEMENTATION = "kvc"
 
 
-@torch.library.custom_op("kvc::packed_attention", mutates_args=())
-def packed_attention(
+def packed_attention_reference(
     query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
 ) -> Tensor:
     """Attention of ``q`` new tokens over a packed layer whose last entries are those tokens.
@@ -35,8 +36,7 @@ def packed_attention(
     (entry's KV head, -1 for padding). Query head ``h`` reads only the entries of KV head
     ``h // (q_heads / kv_heads)``; the i-th new token does not see the new tokens after it (the
     last ``q * kv_heads`` entries, token-major). Returns [batch, q, q_heads, d] like transformers'
-    attention functions. Computed in fp32, returned in the query's dtype. An op of its own so
-    compiled decode graphs show where the packed layout is read (and a kernel can replace it).
+    attention functions. Computed in fp32, returned in the query's dtype.
     """
     batch, q_heads, q_len, _ = query.shape
     owner = heads[:, 0]  # [batch, T]
@@ -54,10 +54,18 @@ def packed_attention(
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
-@packed_attention.register_fake
-def _(query, keys, values, heads, kv_heads, scaling):
-    batch, q_heads, q_len, _ = query.shape
-    return query.new_empty(batch, q_len, q_heads, values.shape[-1])
+@torch.library.triton_op("kvc::packed_attention", mutates_args=())
+def packed_attention(
+    query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
+) -> Tensor:
+    """``packed_attention_reference`` as an op, so compiled decode graphs show where the packed
+    layout is read; on the GPU it runs the variable-length Triton kernel
+    (``kvc_compile.plugins.triton.decode_attention``), elsewhere the reference."""
+    if not use_kernels(query):
+        return packed_attention_reference(query, keys, values, heads, kv_heads, scaling)
+    from kvc_compile.plugins.triton.decode_attention import packed_attention_triton
+
+    return packed_attention_triton(query, keys, values, heads, kv_heads, scaling)
 
 
 def per_kv_head(x: Tensor, factor: Tensor, equation: str) -> Tensor:
@@ -73,6 +81,12 @@ def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kw
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if key.key_up is not None and key.heads is None and query.shape[2] == 1 and use_kernels(query):
+        # GPU decoding over a dense rank-R cache: one kernel projects the queries and attends.
+        valid = valid_keys_from_mask(attention_mask, query.shape[0], key.keys.shape[2], query.device)
+        out = lowrank_decode_attention(query, key.key_up, key.keys, value, valid, float(scaling))
+        fold = key.output_fold if key.output_fold is not None else out.new_empty(0, 0)
+        return lowrank_lift(out, key.value_up, fold), None
     if key.key_up is not None:  # low rank: score in the R-dimensional space
         query = per_kv_head(query, key.key_up, "bkgqd,kdr->bkgqr")
     if key.heads is not None:

@@ -50,3 +50,25 @@ def score_kernels(tensor: Tensor) -> dict:
     if not use_kernels(tensor):
         return {}
     return {"votes_kernel": window_votes, "select_kernel": select_and_gather}
+
+
+@torch.library.triton_op("kvc::rope_lowrank_project", mutates_args=())
+def rope_lowrank_project(keys: Tensor, cos: Tensor, sin: Tensor, down: Tensor) -> Tensor:
+    """RoPE and KQ-SVD's key projection in one pass (``kvc_compile.plugins.triton.lowrank``)."""
+    from kvc_compile.plugins.triton import lowrank
+
+    if not use_kernels(keys):
+        return lowrank.rope_lowrank_project_reference(keys, cos, sin, down)
+    return lowrank.rope_lowrank_project_triton(keys, cos, sin, down)
+
+
+@torch.library.triton_op("kvc::lowrank_decode_attention", mutates_args=())
+def lowrank_decode_attention(
+    query: Tensor, key_up: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scaling: float
+) -> Tensor:
+    """One decoding step over a dense rank-R cache, queries projected inside (``plugins.triton.lowrank``)."""
+    from kvc_compile.plugins.triton import lowrank
+
+    if not use_kernels(query):
+        return lowrank.lowrank_decode_attention_reference(query, key_up, keys, values, valid, scaling)
+    return lowrank.lowrank_decode_attention_triton(query, key_up, keys, values, valid, scaling)

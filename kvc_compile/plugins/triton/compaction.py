@@ -41,8 +41,8 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ordered_keys(x):
-        """int32 keys that order like the fp32 values (two's complement trick on the bits)."""
-        bits = x.to(tl.int32, bitcast=True)
+        """int32 keys that order like the fp32 values (two's complement trick on the bits); -0 is 0."""
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
