@@ -52,6 +52,20 @@ def test_fused_window_votes_match_the_reference(case, window):
     torch.testing.assert_close(got, expected, atol=TOLERANCE[queries.dtype], rtol=1e-4)
 
 
+@KERNEL_SETTINGS
+@given(case=attention_case(), window=st.integers(1, 40), variant=st.sampled_from(["v", "k", "kv"]))
+def test_fused_obcache_saliency_matches_the_reference(case, window, variant):
+    from kvc_compile.methods.obcache import window_output_saliency
+    from kvc_compile.plugins.triton.window_scores import output_saliency_triton
+
+    queries, keys, valid = case
+    values = torch.randn(keys.shape, generator=torch.Generator().manual_seed(7)).to(keys)
+    expected = window_output_saliency(queries, keys, values, valid, window, variant)
+    got = output_saliency_triton(queries, keys, values, valid, window, variant)
+    # Saliencies scale with ||v||^2 and z^2: compare relative to the largest one.
+    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()) + 1e-6, rtol=1e-4)
+
+
 def test_window_votes_op_runs_the_reference_on_the_cpu():
     import kvc_compile.ops.kernels  # noqa: F401  (registers kvc::window_votes)
 
@@ -126,13 +140,13 @@ def test_head_adaptive_selection_is_one_row_over_the_layer():
     assert flat.tolist() == [[[0, 3, 4]]] and flat_keys[0, 0, :, 0].tolist() == [0.0, 3.0, 4.0]
 
 
-@pytest.mark.parametrize("method", ["snapkv", "tova", "lava"])
+@pytest.mark.parametrize("method", ["snapkv", "tova", "lava", "obcache"])
 def test_scorers_keep_the_same_entries_through_the_kernels(method):
     """What the GPU path runs (kernels injected into ScoreInputs) keeps what the reference keeps."""
     from kvc_compile.methods import build_method
     from kvc_compile.methods.base import ScoreInputs, compress_layer
     from kvc_compile.plugins.triton.compaction import select_and_gather_triton
-    from kvc_compile.plugins.triton.window_scores import window_votes_triton
+    from kvc_compile.plugins.triton.window_scores import output_saliency_triton, window_votes_triton
 
     torch.manual_seed(0)
     queries, keys, values = torch.randn(2, 8, 90, 64), torch.randn(2, 2, 90, 64), torch.randn(2, 2, 90, 64)
@@ -141,7 +155,7 @@ def test_scorers_keep_the_same_entries_through_the_kernels(method):
     scorer = build_method(method, {} if method == "tova" else {"window_size": 16})
     reference = compress_layer(scorer, 40, ScoreInputs(queries, keys, values, valid, 0))
     kernels = ScoreInputs(queries, keys, values, valid, 0, votes_kernel=window_votes_triton,
-                          select_kernel=select_and_gather_triton)
+                          select_kernel=select_and_gather_triton, saliency_kernel=output_saliency_triton)
     fused = compress_layer(scorer, 40, kernels)
     assert torch.equal(fused.positions, reference.positions) and torch.equal(fused.heads, reference.heads)
     torch.testing.assert_close(fused.keys, reference.keys)

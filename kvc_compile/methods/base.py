@@ -67,12 +67,21 @@ class ScoreInputs:
     votes_kernel: Callable[[Tensor, Tensor, Tensor, int], Tensor] | None = None
     # ``select_and_gather(scores, keys, values, k)``: the GPU kernel for uniform selection + gather.
     select_kernel: Callable | None = None
+    # ``output_saliency(queries, keys, values, valid, window, variant)``: OBCache's fused GPU scoring.
+    saliency_kernel: Callable | None = None
 
     def window_votes(self, window: int) -> Tensor:
         """Attention of the last ``window`` queries over every key, summed over them: [batch, q_heads, n] fp32."""
         from kvc_compile.methods.snapkv import window_votes
 
         return (self.votes_kernel or window_votes)(self.queries, self.keys, self.valid, window)
+
+    def output_saliency(self, window: int, variant: str) -> Tensor:
+        """OBCache's saliency of every key for the last ``window`` queries' outputs: [batch, q_heads, n] fp32."""
+        from kvc_compile.methods.obcache import window_output_saliency
+
+        kernel = self.saliency_kernel or window_output_saliency
+        return kernel(self.queries, self.keys, self.values, self.valid, window, variant)
 
     def _rotary(self, who: str) -> tuple[Tensor, Tensor]:
         if self.cos is None or self.sin is None:
@@ -173,6 +182,14 @@ def gqa_max(per_query_head: Tensor, kv_heads: int) -> Tensor:
     return per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).amax(dim=2)
 
 
+def top_positions(scores: Tensor, k) -> Tensor:
+    """Positions of the ``k`` best scores along the last axis, ascending; ties go to the lowest
+    positions (max pooling makes plateaus of equal scores), so every device keeps the same entries
+    (the Triton compaction kernel follows the same rule)."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
+
+
 def select_uniform(scores: Tensor, valid: Tensor, n_kept) -> Tensor:
     """Indices of the ``n_kept`` best tokens per KV head, in ascending position order.
 
@@ -181,8 +198,7 @@ def select_uniform(scores: Tensor, valid: Tensor, n_kept) -> Tensor:
     (offset by the number of evicted tokens) masks it out.
     """
     scores = scores.float().masked_fill(~valid[:, None, :], EXCLUDED)
-    kept = scores.topk(n_kept, dim=-1, sorted=False).indices
-    return kept.sort(dim=-1).values
+    return top_positions(scores, n_kept)
 
 
 def select_head_adaptive(scores: Tensor, valid: Tensor, n_kept, alpha_safeguard: float) -> Tensor:
@@ -201,8 +217,7 @@ def select_head_adaptive(scores: Tensor, valid: Tensor, n_kept, alpha_safeguard:
         # Above every finite score but below PROTECTED ties, so the floor never displaces a window.
         boosted = scores.scatter(-1, own_best, torch.finfo(torch.float32).max)
         scores = torch.where(torch.isinf(scores), scores, boosted)
-    kept = scores.reshape(batch, kv_heads * n).topk(kv_heads * n_kept, dim=-1, sorted=False).indices
-    return kept.sort(dim=-1).values
+    return top_positions(scores.reshape(batch, kv_heads * n), kv_heads * n_kept)
 
 
 def gather_kept(tensor: Tensor, kept: Tensor) -> Tensor:

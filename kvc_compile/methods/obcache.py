@@ -71,6 +71,17 @@ def output_saliency(attention: Tensor, logits: Tensor, values: Tensor, variant: 
     return (attention_sq * value_sq + key_term + cross).sum(dim=3).reshape(batch, q_heads, n)
 
 
+def window_output_saliency(
+    queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor, window: int, variant: str
+) -> Tensor:
+    """``output_saliency`` of the last ``window`` queries (the reference of the fused Triton kernel,
+    ``kvc_compile.plugins.triton.window_scores.output_saliency_triton``)."""
+    window = min(window, keys.shape[2])
+    # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
+    attention = window_attention(queries, keys, valid, window)
+    return output_saliency(attention, window_logits(queries, keys, window), values, variant)
+
+
 @dataclass(frozen=True)
 class OBCache(Method):
     name = "obcache"
@@ -109,10 +120,7 @@ class OBCache(Method):
     def score(self, inputs: ScoreInputs) -> Tensor:
         keys, w = inputs.keys, self.protected_window
         n, kv_heads = keys.shape[2], keys.shape[1]
-        # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
-        attention = window_attention(inputs.queries, keys, inputs.valid, w)
-        logits = window_logits(inputs.queries, keys, w)
-        saliency = output_saliency(attention, logits, inputs.values, self.variant)[..., : n - w]
+        saliency = inputs.output_saliency(w, self.variant)[..., : n - w]
         if self.base == "snapkv":
             pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
             saliency = pool(saliency, self.kernel_size, stride=1, padding=self.kernel_size // 2)

@@ -45,11 +45,23 @@ def select_and_gather(scores: Tensor, keys: Tensor, values: Tensor, k: int) -> t
     return select_and_gather_triton(scores, keys, values, k)
 
 
+@torch.library.triton_op("kvc::output_saliency", mutates_args=())
+def output_saliency(queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor, window: int, variant: str) -> Tensor:
+    """OBCache's fused saliency (``kvc_compile.plugins.triton.window_scores``)."""
+    if not use_kernels(queries):
+        from kvc_compile.methods.obcache import window_output_saliency
+
+        return window_output_saliency(queries, keys, values, valid, window, variant)
+    from kvc_compile.plugins.triton.window_scores import output_saliency_triton
+
+    return output_saliency_triton(queries, keys, values, valid, window, variant)
+
+
 def score_kernels(tensor: Tensor) -> dict:
     """``ScoreInputs`` fields that route scoring and selection to the kernels when ``tensor`` is on the GPU."""
     if not use_kernels(tensor):
         return {}
-    return {"votes_kernel": window_votes, "select_kernel": select_and_gather}
+    return {"votes_kernel": window_votes, "select_kernel": select_and_gather, "saliency_kernel": output_saliency}
 
 
 @torch.library.triton_op("kvc::rope_lowrank_project", mutates_args=())

@@ -16,8 +16,8 @@ Two kernels, one program per (row, head) each:
    or equal to it and among the first of those ties still needed; running counts (a cumulative
    sum per block) give each kept entry its output slot, where its key and value rows are written.
 
-Ties at the threshold go to the lowest positions, so the result is deterministic;
-``stable_select_reference`` is the same rule in PyTorch (``torch.topk`` leaves ties unordered).
+Ties at the threshold go to the lowest positions, as in ``kvc_compile.methods.base.top_positions``
+(the reference, which ``select_uniform`` uses too): every device keeps the same entries.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
+from kvc_compile.methods.base import top_positions
 from kvc_compile.plugins.triton import TRITON_AVAILABLE, require_triton
 
 
 def stable_select_reference(scores: Tensor, k: int) -> Tensor:
     """Positions [b, H, k] of the ``k`` best scores per row, ties to the lowest positions, ascending."""
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
-    return order[..., :k].sort(dim=-1).values
+    return top_positions(scores.float(), k)
 
 
 if TRITON_AVAILABLE:
