@@ -172,3 +172,24 @@ def test_decode_graphs_fold_the_value_lift_into_o_proj(projections_file, monkeyp
     assert torch.equal(compiled_generate(model, options, ids, mask).sequences[:, PROMPT:], expected)
     # Prefill graphs have nothing to fold; decode graphs fold both layers and keep no lift.
     assert (2, 0) in folded and all(lifts == 0 for _, lifts in folded)
+
+
+def test_decode_graphs_fuse_rope_into_the_key_projection(projections_file, monkeypatch):
+    from kvc_compile.passes import FuseRopeIntoLowRankProjection
+
+    fused, original = [], FuseRopeIntoLowRankProjection.__call__
+
+    def spy(self, gm, sites):
+        count = original(self, gm, sites)
+        targets = [n.target for n in gm.graph.nodes]
+        fused.append((count, targets.count(torch.ops.kvc.lowrank_project.default)))
+        return count
+
+    monkeypatch.setattr(FuseRopeIntoLowRankProjection, "__call__", spy)
+    model = tiny_model("llama", attn_implementation="kvc")
+    ids, mask = padded_batch()
+    options = {**with_file(CASES["kqsvd alone"], projections_file), "inner_backend": "eager"}
+    expected = reference_generate(model, ids, options, max_new_tokens=NEW, attention_mask=mask)  # unfused RoPE
+    assert torch.equal(compiled_generate(model, options, ids, mask).sequences[:, PROMPT:], expected)
+    # Decode graphs: both layers' new keys are rotated and projected by one op; values keep theirs.
+    assert (2, 2) in fused

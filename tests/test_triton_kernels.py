@@ -206,7 +206,8 @@ def test_fused_rope_and_lowrank_projection_match_the_reference(shape, dtype, see
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(batch, kv_heads, q_len, head_dim, generator=generator).to(dtype)
     angles = torch.rand(batch, q_len, head_dim // 2, generator=generator) * 100
-    cos, sin = torch.cat([angles.cos()] * 2, dim=-1).to(dtype), torch.cat([angles.sin()] * 2, dim=-1).to(dtype)
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype).unsqueeze(1)
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype).unsqueeze(1)
     down = torch.randn(kv_heads, head_dim, rank, generator=generator) / head_dim**0.5
     args = tuple(x.to(DEVICE) for x in (keys, cos, sin, down))
     expected = rope_lowrank_project_reference(*args)

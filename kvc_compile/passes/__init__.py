@@ -4,7 +4,11 @@ queries and evict while decoding, store the cache at low rank."""
 from kvc_compile.passes.attention_sites import AttentionSite, find_attention_sites
 from kvc_compile.passes.decode_compression import CompressDecodeCache, RecordRecentQueries
 from kvc_compile.passes.lookahead import KeepPromptEntries
-from kvc_compile.passes.lowrank_projection import FoldValueProjection, ProjectCacheToLowRank
+from kvc_compile.passes.lowrank_projection import (
+    FoldValueProjection,
+    FuseRopeIntoLowRankProjection,
+    ProjectCacheToLowRank,
+)
 from kvc_compile.passes.manager import NoAttentionSiteError, PassManager
 from kvc_compile.passes.prefill_compression import InsertPrefillCompression
 
@@ -12,6 +16,7 @@ __all__ = [
     "AttentionSite",
     "CompressDecodeCache",
     "FoldValueProjection",
+    "FuseRopeIntoLowRankProjection",
     "InsertPrefillCompression",
     "KeepPromptEntries",
     "NoAttentionSiteError",

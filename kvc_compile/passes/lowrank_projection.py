@@ -29,10 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+import kvc_compile.ops.kernels  # noqa: F401  (registers torch.ops.kvc.rope_lowrank_project)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.ops.lowrank import FACTOR_NAMES
 from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_layout_op
-from kvc_compile.passes.prefill_compression import CacheLayoutError, getitems, new_key_states, propagate_meta
+from kvc_compile.passes.prefill_compression import (
+    CacheLayoutError,
+    getitems,
+    new_key_states,
+    propagate_meta,
+    rotary_tables,
+)
 
 FACTORS_MARKER = {torch.ops.kvc.lowrank_factors.default, torch.ops.kvc.lowrank_factors}
 
@@ -154,3 +161,29 @@ class FoldValueProjection:
             folded_count += 1
         graph.eliminate_dead_code()
         return folded_count
+
+
+class FuseRopeIntoLowRankProjection:
+    """Decode graphs: ``kvc.lowrank_project(k * cos + rotate_half(k) * sin, None, A)`` (the cache
+    projecting a new key) becomes ``kvc.rope_lowrank_project(k, cos, sin, A)``, whose GPU kernel
+    rotates and projects in registers and writes only the rank-R entry. On the CPU the op computes
+    exactly the model's RoPE and then the projection, so results do not change."""
+
+    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+        graph, fused = gm.graph, 0
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not torch.ops.kvc.lowrank_project.default:
+                continue
+            k_rope, heads, down = node.args
+            cos, sin = rotary_tables(k_rope)
+            if heads is not None or cos is None:
+                continue
+            k_pre = next(term for term in k_rope.args if isinstance(term, fx.Node)).args[0]  # k in k * cos
+            args = (k_pre, cos, sin, down)
+            with graph.inserting_before(node):
+                fused_node = graph.call_function(torch.ops.kvc.rope_lowrank_project.default, args)
+            propagate_meta(fused_node, torch.ops.kvc.rope_lowrank_project.default, args)
+            node.replace_all_uses_with(fused_node)
+            graph.erase_node(node)
+            fused += 1
+        return fused

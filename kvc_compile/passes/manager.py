@@ -9,7 +9,11 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import find_attention_sites, reads_packed_cache, root_module_name
 from kvc_compile.passes.decode_compression import CompressDecodeCache, RecordRecentQueries
 from kvc_compile.passes.lookahead import KeepPromptEntries
-from kvc_compile.passes.lowrank_projection import FoldValueProjection, ProjectCacheToLowRank
+from kvc_compile.passes.lowrank_projection import (
+    FoldValueProjection,
+    FuseRopeIntoLowRankProjection,
+    ProjectCacheToLowRank,
+)
 from kvc_compile.passes.prefill_compression import InsertPrefillCompression
 
 
@@ -23,7 +27,7 @@ class PassManager:
     prompt entries for LAQ's second stage, (5) evict inside decode graphs (MorphKV, periodic
     compression), which votes with the recent queries, (6) project what the cache stores to low
     rank (KQ-SVD), which must see the entries eviction kept, (7) fold the low-rank value lift of
-    decode graphs into ``o_proj``."""
+    decode graphs into ``o_proj``, (8) fuse RoPE into the projection of each new key."""
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
@@ -34,6 +38,7 @@ class PassManager:
             CompressDecodeCache(config),
             ProjectCacheToLowRank(config),
             FoldValueProjection(),
+            FuseRopeIntoLowRankProjection(),
         ]
 
     def run(self, gm: fx.GraphModule) -> int:

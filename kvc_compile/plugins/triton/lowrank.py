@@ -1,6 +1,7 @@
 """KQ-SVD kernels: RoPE and the rank-R projection in one pass, and decode attention over rank-R keys.
 
-``rope_lowrank_project_triton(k, cos, sin, down)`` rotates pre-RoPE keys ``k`` [b, kv, q, d] and
+``rope_lowrank_project_triton(k, cos, sin, down)`` rotates pre-RoPE keys ``k`` [b, kv, q, d]
+(tables cos/sin [b, 1, q, d]) and
 projects them by their KV head's ``A`` [kv, d, R] in registers, writing only the [b, kv, q, R]
 entries the cache stores (reference: ``rope_lowrank_project_reference``).
 
@@ -25,8 +26,9 @@ from kvc_compile.plugins.triton.decode_attention import merge_partials
 
 
 def rope_lowrank_project_reference(keys: Tensor, cos: Tensor, sin: Tensor, down: Tensor) -> Tensor:
-    """``(k cos + rotate_half(k) sin) A``: keys [b, kv, q, d], cos/sin [b, q, d], down [kv, d, R]."""
-    rotated = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+    """``(k cos + rotate_half(k) sin) A``: keys [b, kv, q, d], cos/sin [b, 1, q, d] (as transformers
+    applies them), down [kv, d, R]. The same arithmetic as the model's RoPE, then the projection."""
+    rotated = keys * cos + rotate_half(keys) * sin
     return project_entries(rotated, None, down)
 
 
@@ -137,7 +139,8 @@ def rope_lowrank_project_triton(keys: Tensor, cos: Tensor, sin: Tensor, down: Te
     require_triton()
     batch, kv_heads, q_len, head_dim = keys.shape
     rank = down.shape[-1]
-    keys, cos, sin, down = keys.contiguous(), cos.contiguous(), sin.contiguous(), down.contiguous()
+    keys, down = keys.contiguous(), down.contiguous()
+    cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [b, q, d]
     out = keys.new_empty(batch, kv_heads, q_len, rank)
     block_q = 16
     wrap_triton(_rope_project)[(batch, kv_heads, triton.cdiv(q_len, block_q))](
