@@ -29,6 +29,18 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
+    def online_softmax_step(logits, v, row_max, row_sum, acc):
+        """Fold a block of logits [rows, T] (-inf: not visible) and its values [T, d] into a running
+        softmax: the rows' maximum, normaliser and weighted sum of values."""
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        weights = tl.exp(logits - safe_max[:, None])
+        rescale = tl.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
+        return new_max, row_sum, acc
+
+    @triton.jit
     def _packed_partials(
         q_ptr, k_ptr, v_ptr, heads_ptr, max_ptr, sum_ptr, acc_ptr,
         total, chunk, q_len, kv_heads, group, rows, scale, head_dim, value_dim,
@@ -61,15 +73,8 @@ if TRITON_AVAILABLE:
                         mask=inside[:, None] & (value_dims[None, :] < value_dim), other=0.0).to(tl.float32)
             token = tl.where(t >= first_new, (t - first_new) // kv_heads, -1)
             visible = (label[None, :] == owner[:, None]) & (token[None, :] <= i[:, None]) & row_ok[:, None]
-            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            logits = tl.where(visible, logits, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            weights = tl.exp(logits - safe_max[:, None])
-            rescale = tl.exp(row_max - safe_max)
-            row_sum = row_sum * rescale + tl.sum(weights, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
-            row_max = new_max
+            logits = tl.where(visible, tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+            row_max, row_sum, acc = online_softmax_step(logits, v, row_max, row_sum, acc)
         partial = (b * tl.num_programs(1) + split) * rows + r
         tl.store(max_ptr + partial, row_max, mask=row_ok)
         tl.store(sum_ptr + partial, row_sum, mask=row_ok)

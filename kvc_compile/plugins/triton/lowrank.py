@@ -24,6 +24,9 @@ from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.plugins.triton import TRITON_AVAILABLE, require_triton
 from kvc_compile.plugins.triton.decode_attention import merge_partials
 
+if TRITON_AVAILABLE:
+    from kvc_compile.plugins.triton.decode_attention import online_softmax_step
+
 
 def rope_lowrank_project_reference(keys: Tensor, cos: Tensor, sin: Tensor, down: Tensor) -> Tensor:
     """``(k cos + rotate_half(k) sin) A``: keys [b, kv, q, d], cos/sin [b, 1, q, d] (as transformers
@@ -116,15 +119,9 @@ if TRITON_AVAILABLE:
                         mask=inside[:, None] & (ranks[None, :] < rank), other=0.0).to(tl.float32)
             v = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + t[:, None] * stride_vt + value_ranks[None, :],
                         mask=inside[:, None] & (value_ranks[None, :] < value_rank), other=0.0).to(tl.float32)
-            logits = tl.dot(projected, tl.trans(k), input_precision="ieee") * scale
-            logits = tl.where(key_ok[None, :] & inside[None, :] & (g[:, None] < group), logits, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            weights = tl.exp(logits - safe_max[:, None])
-            rescale = tl.exp(row_max - safe_max)
-            row_sum = row_sum * rescale + tl.sum(weights, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
-            row_max = new_max
+            visible = key_ok[None, :] & inside[None, :] & (g[:, None] < group)
+            logits = tl.where(visible, tl.dot(projected, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+            row_max, row_sum, acc = online_softmax_step(logits, v, row_max, row_sum, acc)
         rows = tl.num_programs(1) * group
         partial = (b * tl.num_programs(2) + split) * rows + heads
         row_ok = g < group

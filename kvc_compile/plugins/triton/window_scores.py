@@ -72,6 +72,32 @@ if TRITON_AVAILABLE:
         tl.store(sum_ptr + out, row_sum, mask=row_ok)
 
     @triton.jit
+    def _window_block(
+        q_ptr, valid_ptr, max_ptr, sum_ptr, k, key_ok, cols, dims, b, head, start,
+        n, window, group, scale, stride_qb, stride_qh, stride_qn, stride_vb,
+        BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """Window rows ``start ..`` of query head ``head`` against a block of keys ``k``: the softmax
+        probabilities (0 where not visible, and on padding queries), the logits, the rows' index into
+        the statistics, and which rows exist."""
+        i = start + tl.arange(0, BLOCK_R)
+        row_ok = i < window
+        position = n - window + i
+        q = tl.load(q_ptr + b * stride_qb + head * stride_qh + position[:, None] * stride_qn + dims[None, :],
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        stats = (b * tl.num_programs(1) * group + head) * window + i
+        row_max = tl.load(max_ptr + stats, mask=row_ok, other=0.0)
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        row_sum = tl.load(sum_ptr + stats, mask=row_ok, other=1.0)
+        row_sum = tl.where(row_sum > 0, row_sum, 1.0)  # a row that sees no real key votes nothing
+        # A padding query (itself invalid) casts no vote, whatever it could see.
+        query_ok = tl.load(valid_ptr + b * stride_vb + position, mask=row_ok, other=0) != 0
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & (row_ok & query_ok)[:, None]
+        attention = tl.where(visible, tl.exp(logits - row_max[:, None]) / row_sum[:, None], 0.0)
+        return attention, tl.where(visible, logits, 0.0), stats, row_ok
+
+    @triton.jit
     def _column_votes(
         q_ptr, k_ptr, valid_ptr, max_ptr, sum_ptr, out_ptr,
         n, window, group, scale,
@@ -92,24 +118,11 @@ if TRITON_AVAILABLE:
             head = kv_head * group + g
             votes = tl.zeros([BLOCK_N], tl.float32)
             for start in range(0, window, BLOCK_R):
-                i = start + tl.arange(0, BLOCK_R)
-                row_ok = i < window
-                position = n - window + i
-                q = tl.load(
-                    q_ptr + b * stride_qb + head * stride_qh + position[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0,
-                ).to(tl.float32)
-                stats = b * group * window * tl.num_programs(1) + head * window + i
-                row_max = tl.load(max_ptr + stats, mask=row_ok, other=float("-inf"))
-                row_sum = tl.load(sum_ptr + stats, mask=row_ok, other=1.0)
-                row_sum = tl.where(row_sum > 0, row_sum, 1.0)  # a row that sees no real key votes nothing
-                # A padding query (itself invalid) casts no vote, whatever it could see.
-                query_ok = tl.load(valid_ptr + b * stride_vb + position, mask=row_ok, other=0) != 0
-                logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & (row_ok & query_ok)[:, None]
-                safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-                weights = tl.where(visible, tl.exp(logits - safe_max[:, None]) / row_sum[:, None], 0.0)
-                votes += tl.sum(weights, axis=0)
+                attention, _, _, _ = _window_block(
+                    q_ptr, valid_ptr, max_ptr, sum_ptr, k, key_ok, cols, dims, b, head, start,
+                    n, window, group, scale, stride_qb, stride_qh, stride_qn, stride_vb, BLOCK_R, HEAD_DIM,
+                )
+                votes += tl.sum(attention, axis=0)
             tl.store(out_ptr + (b * tl.num_programs(1) * group + head) * n + cols, votes, mask=cols < n)
 
     @triton.jit
@@ -180,20 +193,10 @@ if TRITON_AVAILABLE:
             head = kv_head * group + g
             saliency = tl.zeros([BLOCK_N], tl.float32)
             for start in range(0, window, BLOCK_R):
-                i = start + tl.arange(0, BLOCK_R)
-                row_ok = i < window
-                position = n - window + i
-                q = tl.load(q_ptr + b * stride_qb + head * stride_qh + position[:, None] * stride_qn + dims[None, :],
-                            mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-                stats = (b * tl.num_programs(1) * group + head) * window + i
-                row_max = tl.load(max_ptr + stats, mask=row_ok, other=0.0)
-                row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-                row_sum = tl.load(sum_ptr + stats, mask=row_ok, other=1.0)
-                row_sum = tl.where(row_sum > 0, row_sum, 1.0)
-                query_ok = tl.load(valid_ptr + b * stride_vb + position, mask=row_ok, other=0) != 0
-                logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & (row_ok & query_ok)[:, None]
-                attention = tl.where(visible, tl.exp(logits - row_max[:, None]) / row_sum[:, None], 0.0)
+                attention, z, stats, row_ok = _window_block(
+                    q_ptr, valid_ptr, max_ptr, sum_ptr, k, key_ok, cols, dims, b, head, start,
+                    n, window, group, scale, stride_qb, stride_qh, stride_qn, stride_vb, BLOCK_R, HEAD_DIM,
+                )
                 attention_sq = attention * attention
                 if VARIANT == 0:
                     term = attention_sq * value_sq[None, :]
@@ -202,7 +205,6 @@ if TRITON_AVAILABLE:
                                 mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
                     value_dot_output = tl.dot(o, tl.trans(v), input_precision="ieee")  # v_j . o_i
                     output_sq = tl.sum(o * o, axis=1)
-                    z = tl.where(visible, logits, 0.0)
                     term = attention_sq * z * z * (value_sq[None, :] + output_sq[:, None] - 2 * value_dot_output)
                     if VARIANT == 2:
                         term += attention_sq * value_sq[None, :]
