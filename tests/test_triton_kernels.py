@@ -99,7 +99,11 @@ def selection_case(draw):
 @given(case=selection_case())
 def test_selection_and_compaction_match_the_reference(case):
     from kvc_compile.methods.base import gather_kept
-    from kvc_compile.plugins.triton.compaction import select_and_gather_triton, stable_select_reference
+    from kvc_compile.plugins.triton.compaction import (
+        select_and_gather_triton,
+        stable_select_reference,
+        top_positions_triton,
+    )
 
     scores, keys, values, k = case
     kept_keys, kept_values, positions = select_and_gather_triton(scores, keys, values, k)
@@ -107,6 +111,7 @@ def test_selection_and_compaction_match_the_reference(case):
     assert torch.equal(positions.long(), expected)
     assert torch.equal(kept_keys, gather_kept(keys, expected))
     assert torch.equal(kept_values, gather_kept(values, expected))
+    assert torch.equal(top_positions_triton(scores, k), expected)  # the selection alone
 
 
 def test_stable_reference_keeps_what_select_uniform_keeps_without_ties():
@@ -118,6 +123,27 @@ def test_stable_reference_keeps_what_select_uniform_keeps_without_ties():
     assert torch.equal(stable_select_reference(scores, 20), select_uniform(scores, valid, 20))
     # Ties go to the lowest positions.
     assert stable_select_reference(torch.tensor([[[1.0, 2.0, 1.0, 1.0]]]), 2).tolist() == [[[0, 1]]]
+
+
+def test_head_adaptive_selection_through_the_radix_select():
+    """AdaKV's floor + global top-k: the kernel on the boosted, flattened scores keeps what torch keeps."""
+    from kvc_compile.methods import base
+    from kvc_compile.plugins.triton.compaction import top_positions_triton
+
+    torch.manual_seed(3)
+    scores = torch.randn(2, 4, 75)
+    scores[..., -8:] = float("inf")
+    valid = torch.ones(2, 75, dtype=torch.bool)
+    valid[1, :20] = False
+    expected, expected_uniform = base.select_head_adaptive(scores, valid, 30, 0.2), base.select_uniform(scores, valid, 30)
+    base.register_top_positions_kernel(top_positions_triton)  # what the ops layer does for GPU tensors
+    try:
+        assert torch.equal(base.select_head_adaptive(scores, valid, 30, 0.2), expected)
+        assert torch.equal(base.select_uniform(scores, valid, 30), expected_uniform)
+    finally:
+        import kvc_compile.ops.kernels as kernels
+
+        base.register_top_positions_kernel(kernels._top_positions_on_gpu)
 
 
 def test_negative_zero_ties_with_zero():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvc_compile.methods.base import register_top_positions_kernel
 from kvc_compile.methods.snapkv import window_votes as window_votes_reference
 from kvc_compile.plugins.triton import TRITON_AVAILABLE
 
@@ -55,6 +56,26 @@ def output_saliency(queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor
     from kvc_compile.plugins.triton.window_scores import output_saliency_triton
 
     return output_saliency_triton(queries, keys, values, valid, window, variant)
+
+
+@torch.library.triton_op("kvc::top_positions", mutates_args=())
+def top_positions_op(scores: Tensor, k: int) -> Tensor:
+    """The ``k`` best positions per row, ties to the lowest (``plugins.triton.compaction``)."""
+    if not use_kernels(scores):
+        from kvc_compile.plugins.triton.compaction import stable_select_reference
+
+        return stable_select_reference(scores, k)
+    from kvc_compile.plugins.triton.compaction import top_positions_triton
+
+    return top_positions_triton(scores, k)
+
+
+def _top_positions_on_gpu(scores: Tensor, k) -> Tensor | None:
+    return top_positions_op(scores, int(k)) if use_kernels(scores) else None
+
+
+# Every selection (uniform or head-adaptive) of GPU scores goes through the radix select.
+register_top_positions_kernel(_top_positions_on_gpu)
 
 
 def score_kernels(tensor: Tensor) -> dict:

@@ -73,7 +73,7 @@ if TRITON_AVAILABLE:
     def _compact(
         scores_ptr, kth_ptr, keys_ptr, values_ptr, out_keys_ptr, out_values_ptr, out_positions_ptr,
         n, k, key_dim, value_dim,
-        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, GATHER: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         scores_ptr += row * n
@@ -92,16 +92,17 @@ if TRITON_AVAILABLE:
             kept = inside & ((keys > kth) | (tie & (tie_rank < ties_needed)))
             slot = written + tl.cumsum(kept.to(tl.int32), axis=0) - kept.to(tl.int32)
             tl.store(out_positions_ptr + row * k + slot, cols.to(tl.int32), mask=kept)
-            source = row * n + cols
-            target = row * k + slot
-            key_rows = tl.load(keys_ptr + source[:, None] * key_dim + key_dims[None, :],
-                               mask=kept[:, None] & (key_dims[None, :] < key_dim))
-            tl.store(out_keys_ptr + target[:, None] * key_dim + key_dims[None, :], key_rows,
-                     mask=kept[:, None] & (key_dims[None, :] < key_dim))
-            value_rows = tl.load(values_ptr + source[:, None] * value_dim + value_dims[None, :],
-                                 mask=kept[:, None] & (value_dims[None, :] < value_dim))
-            tl.store(out_values_ptr + target[:, None] * value_dim + value_dims[None, :], value_rows,
-                     mask=kept[:, None] & (value_dims[None, :] < value_dim))
+            if GATHER:
+                source = row * n + cols
+                target = row * k + slot
+                key_rows = tl.load(keys_ptr + source[:, None] * key_dim + key_dims[None, :],
+                                   mask=kept[:, None] & (key_dims[None, :] < key_dim))
+                tl.store(out_keys_ptr + target[:, None] * key_dim + key_dims[None, :], key_rows,
+                         mask=kept[:, None] & (key_dims[None, :] < key_dim))
+                value_rows = tl.load(values_ptr + source[:, None] * value_dim + value_dims[None, :],
+                                     mask=kept[:, None] & (value_dims[None, :] < value_dim))
+                tl.store(out_values_ptr + target[:, None] * value_dim + value_dims[None, :], value_rows,
+                         mask=kept[:, None] & (value_dims[None, :] < value_dim))
             ties_seen += tl.sum(tie.to(tl.int32), axis=0)
             written += tl.sum(kept.to(tl.int32), axis=0)
 
@@ -125,6 +126,22 @@ def select_and_gather_triton(
     wrap_triton(_compact)[(rows,)](
         scores, kth, keys, values, out_keys, out_values, positions, n, k, keys.shape[-1], values.shape[-1],
         BLOCK_N=block, BLOCK_DK=triton.next_power_of_2(keys.shape[-1]),
-        BLOCK_DV=triton.next_power_of_2(values.shape[-1]),
+        BLOCK_DV=triton.next_power_of_2(values.shape[-1]), GATHER=True,
     )
     return out_keys, out_values, positions
+
+
+def top_positions_triton(scores: Tensor, k: int, block: int = 256) -> Tensor:
+    """Positions [..., k] (int64, ascending) of the ``k`` best of ``scores`` [..., N]: the selection
+    alone (``kvc_compile.methods.base.top_positions``), e.g. AdaKV's top-k over a layer's heads."""
+    require_triton()
+    n = scores.shape[-1]
+    rows = scores.reshape(-1, n).float().contiguous()
+    kth = torch.empty(rows.shape[0], device=scores.device, dtype=torch.int32)
+    positions = torch.empty(rows.shape[0], k, device=scores.device, dtype=torch.int32)
+    wrap_triton(_kth_largest)[(rows.shape[0],)](rows, kth, n, k, BLOCK_N=block)
+    wrap_triton(_compact)[(rows.shape[0],)](
+        rows, kth, rows, rows, rows, rows, positions, n, k, 1, 1, BLOCK_N=block, BLOCK_DK=16, BLOCK_DV=16,
+        GATHER=False,
+    )
+    return positions.long().view(*scores.shape[:-1], k)
