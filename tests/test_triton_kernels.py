@@ -135,7 +135,8 @@ def test_head_adaptive_selection_through_the_radix_select():
     scores[..., -8:] = float("inf")
     valid = torch.ones(2, 75, dtype=torch.bool)
     valid[1, :20] = False
-    expected, expected_uniform = base.select_head_adaptive(scores, valid, 30, 0.2), base.select_uniform(scores, valid, 30)
+    expected = base.select_head_adaptive(scores, valid, 30, 0.2)
+    expected_uniform = base.select_uniform(scores, valid, 30)
     base.register_top_positions_kernel(top_positions_triton)  # what the ops layer does for GPU tensors
     try:
         assert torch.equal(base.select_head_adaptive(scores, valid, 30, 0.2), expected)
