@@ -47,7 +47,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _count_at_least(scores_ptr, n, threshold, BLOCK_N: tl.constexpr):
-        total = 0
+        total = tl.full([], 0, tl.int32)
         for start in range(0, n, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             keys = _ordered_keys(tl.load(scores_ptr + cols, mask=cols < n, other=float("-inf")))
@@ -58,10 +58,9 @@ if TRITON_AVAILABLE:
     def _kth_largest(scores_ptr, kth_ptr, n, k, BLOCK_N: tl.constexpr):
         row = tl.program_id(0)
         scores_ptr += row.to(tl.int64) * n
-        low = -2147483648  # int32 range, as int64 so that low + high cannot overflow
-        high = 2147483647
-        low = low.to(tl.int64)
-        high = high.to(tl.int64)
+        # The int32 key range, held in int64 so that low + high cannot overflow.
+        low = tl.full([], -2147483648, tl.int64)
+        high = tl.full([], 2147483647, tl.int64)
         for _ in range(32):
             middle = (low + high + 1) // 2
             enough = _count_at_least(scores_ptr, n, middle, BLOCK_N) >= k
@@ -80,8 +79,8 @@ if TRITON_AVAILABLE:
         kth = tl.load(kth_ptr + row)
         above = _count_at_least(scores_ptr, n, kth + 1, BLOCK_N)
         ties_needed = k - above
-        ties_seen = 0
-        written = 0
+        ties_seen = tl.full([], 0, tl.int32)
+        written = tl.full([], 0, tl.int32)
         key_dims, value_dims = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
         for start in range(0, n, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
