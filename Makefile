@@ -22,7 +22,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check kvc_compile tests examples benchmarks
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check kvc_compile tests examples benchmarks
