@@ -150,9 +150,11 @@ class CompressionConfig:
         return self.budget if self.method_impl.compresses_while_decoding else None
 
     @property
-    def decode_interval(self) -> int:
-        """Decode steps between two decode-time compressions (1 for MorphKV)."""
-        return self.decoding_interval or 1
+    def decode_threshold(self) -> int | None:
+        """Entries per KV head at which a layer is compressed while decoding: ``target_size +
+        decoding_interval`` (MorphKV: ``budget + 1``, every step); None when it never is."""
+        target = self.decode_target
+        return None if target is None else target + (self.decoding_interval or 1)
 
     @property
     def recent_queries(self) -> int:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kvc_compile.cache import CompressedCache, CompressedLayer
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import INDEX_DTYPE, CompressedKV, gather_kept, prefill_entries, select_uniform
+from kvc_compile.methods.base import CompressedKV, keep_dense, prefill_entries, select_uniform
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (token [batch, 1], mask [batch, length]) -> logits [batch, vocab]
 
@@ -94,9 +94,7 @@ def rescore_layer(config: CompressionConfig, layer: CompressedLayer, prompt_mask
         compressed = CompressedKV(keys, values, *prefill_entries(batch, kv_heads, n, keys.device))
     else:
         scores = method.lookahead_scores(keys, valid, layer.recent_queries, voter_valid)
-        kept = select_uniform(scores, valid, n_kept)
-        heads = torch.arange(kv_heads, device=keys.device, dtype=INDEX_DTYPE)[:, None].expand_as(kept).clone()
-        compressed = CompressedKV(gather_kept(keys, kept), gather_kept(values, kept), kept.to(INDEX_DTYPE), heads)
+        compressed = keep_dense(keys, values, select_uniform(scores, valid, n_kept))
     no_queries = layer.recent_queries.new_empty(batch, 0, 0, layer.recent_queries.shape[-1])
     layer.set_compressed(compressed, logical_length=n, kv_heads=kv_heads, recent_queries=no_queries)
     layer.prompt_keys = layer.prompt_values = None

@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvc_compile.cache import CompressedCache
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
-from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage
+from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
 from kvc_compile.methods.base import CompressedKV, prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, score_site
@@ -86,8 +86,6 @@ class ReferencePrefill:
     kept_indices: list[Tensor]  # per layer: kept positions, [batch, kv_heads, k] (dense) or [batch, 1, T] (packed)
     kept_heads: list[Tensor]  # per layer: KV head of each kept entry, same shape (-1: padding slot)
     logits: Tensor  # [batch, n, vocab]
-    # per layer: the prompt's last queries [batch, q_heads, W, d], for decode-time compression
-    recent_queries: list[Tensor] | None = None
 
 
 def _as_config(config: CompressionConfig | dict[str, Any]) -> CompressionConfig:
@@ -124,9 +122,7 @@ def reference_prefill(
     """Run the prompt eagerly and compress every layer's cache with the reference method."""
     config = _as_config(config)
     cache = CompressedCache()
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    if attention_mask is not None:  # left padding: count positions from each row's first real token
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    position_ids = prompt_position_ids(input_ids, attention_mask)
     with capture_prefill_attention(model) as captured:
         # .forward, not __call__: a model compiled in place must still run eagerly here.
         out = model.forward(
@@ -170,7 +166,7 @@ def reference_prefill(
             layer.prompt_keys, layer.prompt_values = keys, site[2]
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
-    return ReferencePrefill(cache, kept_indices, kept_heads, out.logits, recent)
+    return ReferencePrefill(cache, kept_indices, kept_heads, out.logits)
 
 
 @dataclass
@@ -210,7 +206,7 @@ def reference_decode(
         attention_mask = torch.ones_like(input_ids)
     first_token = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
     cache = prefill.cache
-    if config.decode_target is not None or config.recent_queries:
+    if config.recent_queries:
         # Decode-time compression and LAQ's rollout: each step's queries are captured and shifted
         # into every layer's buffer, and layers grown past the threshold are evicted.
         with capture_prefill_attention(model, decode=True) as captured:
@@ -235,12 +231,12 @@ class RecordingStep:
 
     def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
         logits = self.step(token, mask)
-        target = self.config.decode_target
+        threshold = self.config.decode_threshold
         n_layers = len(self.cache.layers)
         for layer_idx, layer in enumerate(self.cache.layers):
             query, _, _, layer_mask = self.captured[layer_idx]
             layer.recent_queries = shift_in(layer.recent_queries, query)
-            if target is not None and layer.physical_length >= target + self.config.decode_interval:
+            if threshold is not None and layer.physical_length >= threshold:
                 layer.keys, layer.values, layer.positions = compress_decode_site(
                     self.config, layer.recent_queries, layer.keys, layer.values, layer.positions, layer_mask,
                     layer_idx, n_layers,

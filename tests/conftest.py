@@ -63,18 +63,19 @@ def compiled_greedy_steps(model, options, ids, mask, steps):
     and the cache's bytes (measured from storage).
     """
     from kvc_compile import CompressedCache, cache_nbytes
+    from kvc_compile.lookahead import decode_step, prompt_position_ids
 
     compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
     cache, tokens, lengths, sizes = CompressedCache(), [], [], []
+    step = decode_step(compiled, cache)
     with torch.no_grad():
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        out = compiled(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = compiled(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), past_key_values=cache,
+                       use_cache=True)
+        logits = out.logits[:, -1]
         for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
+            tokens.append(logits.argmax(-1, keepdim=True))
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            positions = mask.long().cumsum(-1)[:, -1:] - 1
-            out = compiled(token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            logits = step(tokens[-1], mask)
             lengths.append(cache.physical_lengths())
             sizes.append(cache_nbytes(cache))
     return torch.cat(tokens, dim=-1), cache, lengths, sizes

@@ -257,6 +257,17 @@ class CompressedKV(NamedTuple):
     heads: Tensor
 
 
+def dense_heads(kept: Tensor) -> Tensor:
+    """The KV head of each entry of a dense selection [batch, kv_heads, k]."""
+    kv_heads = kept.shape[1]
+    return torch.arange(kv_heads, device=kept.device, dtype=INDEX_DTYPE)[:, None].expand_as(kept).clone()
+
+
+def keep_dense(keys: Tensor, values: Tensor, kept: Tensor) -> CompressedKV:
+    """The dense layout of the entries ``kept`` [batch, kv_heads, k] (positions, ascending)."""
+    return CompressedKV(gather_kept(keys, kept), gather_kept(values, kept), kept.to(INDEX_DTYPE), dense_heads(kept))
+
+
 def prefill_entries(batch: int, kv_heads: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Positions and heads of an uncompressed dense cache: [batch, kv_heads, n] each."""
     positions = torch.arange(n, device=device, dtype=INDEX_DTYPE).expand(batch, kv_heads, n).clone()
@@ -277,15 +288,12 @@ def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
             positions, heads = prefill_entries(batch, kv_heads, n, keys.device)
             return CompressedKV(keys.clone(), values.clone(), positions, heads)
         scores = method.score(inputs)
-        if inputs.select_kernel is not None and type(method).select is Method.select:
-            # Uniform selection on the GPU: a radix select and a compaction kernel, no sort.
-            masked = scores.float().masked_fill(~valid[:, None, :], EXCLUDED)
-            kept_keys, kept_values, kept = inputs.select_kernel(masked, keys, values, n_kept)
-        else:
-            kept = method.select(scores, valid, n_kept)
-            kept_keys, kept_values = gather_kept(keys, kept), gather_kept(values, kept)
-        heads = torch.arange(kv_heads, device=keys.device, dtype=INDEX_DTYPE)[:, None].expand_as(kept).clone()
-        return CompressedKV(kept_keys, kept_values, kept.to(INDEX_DTYPE), heads)
+        if inputs.select_kernel is None or type(method).select is not Method.select:
+            return keep_dense(keys, values, method.select(scores, valid, n_kept))
+        # Uniform selection on the GPU: a radix select and a compaction kernel that gathers as it goes.
+        masked = scores.float().masked_fill(~valid[:, None, :], EXCLUDED)
+        kept_keys, kept_values, kept = inputs.select_kernel(masked, keys, values, n_kept)
+        return CompressedKV(kept_keys, kept_values, kept.to(INDEX_DTYPE), dense_heads(kept))
     if n_kept >= n:
         flat = torch.arange(kv_heads * n, device=keys.device).expand(batch, kv_heads * n)
     else:

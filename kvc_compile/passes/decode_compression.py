@@ -99,13 +99,13 @@ class CompressDecodeCache:
         self.spec = config.to_spec()
 
     def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
-        target = self.config.decode_target
-        if target is None:
+        threshold = self.config.decode_threshold
+        if threshold is None:
             return 0
         graph = gm.graph
         decode_sites = [site for site in sites if not site.is_prefill]
         # A comparison on the (possibly symbolic) cache length: the graph is specialised on it.
-        if not decode_sites or not bool(decode_sites[0].cached_length >= target + self.config.decode_interval):
+        if not decode_sites or not bool(decode_sites[0].cached_length >= threshold):
             return 0
         for site in decode_sites:
             positions = marker_user(new_key_states(site.cached_keys), kvc.append_positions)
