@@ -84,6 +84,9 @@ def compress_site(config: CompressionConfig, *site: Tensor | int | None) -> Comp
 def score_site(config: CompressionConfig, *site: Tensor | int | None) -> Tensor:
     """What ``kvc::score_kv`` computes: the method's [batch, kv_heads, n] fp32 scores at one site."""
     inputs = site_inputs(config, *site)
+    batch, kv_heads, n, _ = inputs.keys.shape
+    if n <= config.method_impl.min_uncompressed_length:  # kept whole: no window to score with
+        return inputs.keys.new_zeros(batch, kv_heads, n, dtype=torch.float32)
     return config.method_impl.score(inputs).float()
 
 

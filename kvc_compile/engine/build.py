@@ -1,0 +1,321 @@
+"""``kvc_compile.build``: export the prefill and decode programs, apply the kvc pass, compile, save.
+
+1. ``torch.export`` traces ``PrefillProgram`` (the unmodified model on a ``CompressedCache``) to an
+   aten graph with a dynamic batch and prompt length; the ``PassManager`` inserts compression after
+   each attention; the rewritten graph is exported again so shapes and guards are re-derived.
+   Prompts no longer than the method's observation window are left uncompressed by the method, a
+   different program, so they get their own prefill program.
+2. ``DecodeProgram`` is exported with the cache at its fixed capacity (the prompt slots of the
+   longest prompt plus ``max_new_tokens``): shape-static, state updated in place.
+3. Each program is compiled with AOTInductor into a ``.pt2`` package (target ``aoti``) or saved as
+   a serialized ``ExportedProgram`` (target ``exported``: no C++ compile, for tests and debugging);
+   target ``onnx`` writes ONNX graphs with the compression as custom-domain nodes.
+4. The tokenizer and ``manifest.json`` go beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.config import CompressionConfig
+from kvc_compile.engine.manifest import FORMAT_VERSION, EngineError, Manifest, ProgramEntry
+from kvc_compile.engine.programs import DecodeProgram, PrefillProgram, StateLayout
+from kvc_compile.passes import PassManager
+
+TARGETS = ("aoti", "exported", "onnx", "tensorrt")
+EXAMPLE_BATCH = 2  # an example batch of 1 would specialise the batch dimension
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: Manifest
+    seconds: float
+    nbytes: int  # the engine directory's size
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """``out`` must be creatable and empty, unless ``force`` replaces what is there."""
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"--out {out} is a file, not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise EngineError(f"--out {out} is not empty; choose an empty directory or pass --force to replace it")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise EngineError(f"--out {out} is not writable ({error.strerror}); choose a directory you can write to") \
+            from error
+
+
+def check_supported(config: CompressionConfig) -> None:
+    method = config.method_impl
+    if method is not None and method.lookahead_queries:
+        raise EngineError(
+            f"{config.method}: engines do not run Lookahead Q-Cache's rollout and second stage yet; use "
+            f"kvc_compile.lookahead_generate on a torch.compile'd model, or build the engine with its stage-1 "
+            f"method (e.g. --method snapkv)"
+        )
+    if config.decode_target is not None:
+        raise EngineError(
+            f"{config.method} with compression while decoding (decoding_interval/target_size, MorphKV) is not "
+            f"supported by engines yet: their decode program has a fixed capacity. Use torch.compile(backend='kvc') "
+            f"for it, or build without decoding_interval/target_size"
+        )
+
+
+class _Stages:
+    """A progress bar over the build's stages; each stage shows its elapsed time."""
+
+    def __init__(self, console: Console, total: int, enabled: bool) -> None:
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                 console=console, disable=not enabled, transient=False)
+        self.task = self.progress.add_task("build", total=total)
+
+    @contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        self.progress.update(self.task, description=description)
+        yield
+        self.progress.advance(self.task)
+
+
+def _prefill_ranges(config: CompressionConfig, max_context: int) -> list[tuple[int, int]]:
+    """Prompt-length ranges with one program each: within a range the cache shapes are one
+    expression of the length. Prompts up to the method's window are kept whole; prompts that keep a
+    single entry per head get their own program (a size of 1 is special to tracing)."""
+    window = config.method_impl.min_uncompressed_length if config.evicts else 0
+    if window >= max_context:
+        raise EngineError(f"max_context ({max_context}) must exceed {config.method}'s observation window ({window} "
+                          f"tokens), or no prompt would be compressed")
+    first_plural = next((n for n in range(window + 1, max_context + 1) if config.kept_length(n) >= 2), max_context + 1)
+    ranges = [(1, window), (window + 1, first_plural - 1), (first_plural, max_context)]
+    return [(low, high) for low, high in ranges if low <= high]
+
+
+def _example_prompt(length: int, vocab: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    ids = torch.randint(3, vocab, (EXAMPLE_BATCH, length), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, : length // 4] = 0  # a left-padded row, so padding takes the general code path
+    return ids, mask
+
+
+def _export_prefill(model, config: CompressionConfig, layout: StateLayout, lengths: tuple[int, int],
+                    max_batch: int, device: torch.device):
+    low, high = lengths
+    example = _example_prompt(max(low, min(high, (low + high) // 2, low + 64)), model.config.vocab_size, device)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # DYNAMIC, not a named Dim: guards that hold over the range (budget formulas with min/max the
+    # solver cannot simplify) must not fail the export.
+    length = low if low == high else torch.export.Dim.DYNAMIC(min=low, max=high)
+    shapes = ({0: batch, 1: length}, {0: batch, 1: length})
+    traced = torch.export.export(PrefillProgram(model, layout), example, dynamic_shapes=shapes, strict=False)
+    rewritten = traced.module()
+    PassManager(config).run(rewritten)
+    return torch.export.export(rewritten, example, dynamic_shapes=shapes, strict=False), rewritten
+
+
+def _entry_lengths(prefill, layout: StateLayout, n_layers: int, length: int, vocab: int, device) -> list[int]:
+    ids = torch.full((1, length), 3, dtype=torch.long, device=device)
+    outputs = prefill(ids, torch.ones_like(ids))
+    per_layer = len(layout.state_names) + 1
+    return [outputs[1 + i * per_layer].shape[2] for i in range(n_layers)]
+
+
+def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torch.dtype, device) -> tuple:
+    cfg = model.config
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    state = []
+    for slots in capacity:
+        heads = 1 if layout.packed else kv_heads
+        state += [torch.zeros(EXAMPLE_BATCH, heads, slots, head_dim, dtype=dtype, device=device) for _ in range(2)]
+        if layout.packed:
+            state.append(torch.full((EXAMPLE_BATCH, 1, slots), -1, dtype=torch.int32, device=device))
+        if layout.lowrank:
+            raise EngineError("kqsvd engines are not supported yet")
+    token = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long, device=device)
+    mask = torch.ones(EXAMPLE_BATCH, 1, 1, max(capacity), dtype=torch.bool, device=device)
+    return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)
+
+
+def _save_program(exported, path: Path, target: str) -> str:
+    if target == "aoti":
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path.with_suffix(".pt2")))
+        return path.with_suffix(".pt2").name
+    torch.export.save(exported, str(path.with_suffix(".ep.pt2")))
+    return path.with_suffix(".ep.pt2").name
+
+
+def build(
+    model,
+    options: dict[str, Any] | CompressionConfig,
+    out: str | Path,
+    *,
+    target: str = "aoti",
+    tokenizer=None,
+    model_name: str | None = None,
+    max_context: int = 2048,
+    max_new_tokens: int = 256,
+    max_batch: int = 8,
+    force: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> BuildResult:
+    """Build an engine directory for ``model`` compressed as ``options`` say; see the module docstring.
+
+    ``max_context`` bounds the prompt length, ``max_new_tokens`` the decoded tokens (the decode
+    program's capacity is the prompt slots plus this), ``max_batch`` the batch size.
+    """
+    started = time.perf_counter()
+    console = console or Console(stderr=True)
+    if target not in TARGETS:
+        raise EngineError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    if target == "tensorrt":
+        from kvc_compile.plugins.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    config = CompressionConfig.from_options(options)
+    check_supported(config)
+    for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EngineError(f"{name} must be a positive integer, got {value!r}")
+    model_limit = getattr(model.config, "max_position_embeddings", None)
+    if model_limit is not None and max_context + max_new_tokens > model_limit:
+        raise EngineError(f"max_context + max_new_tokens ({max_context + max_new_tokens}) exceeds the model's "
+                          f"{model_limit} positions; lower --max-context or --max-new-tokens")
+    out = Path(out)
+    check_output_dir(out, force)
+    ranges = _prefill_ranges(config, max_context)
+    layout = StateLayout.of(config)
+    if layout.lowrank:
+        raise EngineError("kqsvd (low-rank) engines are not supported yet; use torch.compile(backend='kvc')")
+    model = model.eval()
+    model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n_layers = model.config.num_hidden_layers
+    stages = _Stages(console, total=2 * len(ranges) + 2, enabled=progress)
+    prefill_entries: list[ProgramEntry] = []
+    lengths_per_range: list[list[int]] = []
+    with stages.progress, torch.no_grad():
+        for index, (low, high) in enumerate(ranges):
+            name = f"prefill_{low}_{high}"
+            with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
+                exported, rewritten = _export_prefill(model, config, layout, (low, high), max_batch, device)
+                lengths_per_range.append(
+                    _entry_lengths(rewritten, layout, n_layers, high, model.config.vocab_size, device))
+            with stages.stage(f"compile {name} ({target})"):
+                file = _save_program(exported, out / name, target if target == "aoti" else "exported")
+            prefill_entries.append(ProgramEntry(file, low, high))
+        prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
+        entries_per_token = model.config.num_key_value_heads if layout.packed else 1
+        capacity = [slots + max_new_tokens * entries_per_token for slots in prompt_slots]
+        if not layout.packed and len(set(prompt_slots)) > 1:
+            raise EngineError(f"layers keep different numbers of prompt entries ({sorted(set(prompt_slots))}) in the "
+                              f"dense layout, which engines do not support")
+        with stages.stage("export decode (fixed capacity)"):
+            program = DecodeProgram(model, layout, prompt_slots)
+            example = _decode_example(model, layout, capacity, dtype, device)
+            batch = torch.export.Dim("batch", min=1, max=max_batch)
+            shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
+            decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
+        with stages.stage(f"compile decode ({target})"):
+            decode_file = _save_program(decode, out / "decode", target if target == "aoti" else "exported")
+    tokenizer_dir = None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / "tokenizer")
+        tokenizer_dir = "tokenizer"
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        target=target,
+        model=model_summary(model, model_name, dtype),
+        compression=json.loads(config.to_spec()),
+        device=str(device),
+        max_context=max_context,
+        max_new_tokens=max_new_tokens,
+        max_batch=max_batch,
+        state_names=list(layout.state_names),
+        packed=layout.packed,
+        prompt_slots=prompt_slots,
+        capacity=capacity,
+        budgets={"at_max_context": lengths_per_range[-1],
+                 **({"short_prompts": lengths_per_range[0]} if len(ranges) > 1 else {})},
+        prefill=prefill_entries,
+        decode=ProgramEntry(decode_file, 1, max(capacity)),
+        eos_token_ids=eos_ids(model, tokenizer),
+        pad_token_id=pad_id(model, tokenizer),
+        versions=library_versions(),
+        tokenizer=tokenizer_dir,
+    )
+    manifest.write(out)
+    nbytes = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    return BuildResult(out, manifest, time.perf_counter() - started, nbytes)
+
+
+def model_summary(model, name: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {
+        "name": name or getattr(cfg, "_name_or_path", "") or cfg.model_type,
+        "architecture": (cfg.architectures or [type(model).__name__])[0],
+        "layers": cfg.num_hidden_layers,
+        "kv_heads": cfg.num_key_value_heads,
+        "query_heads": cfg.num_attention_heads,
+        "head_dim": head_dim,
+        "vocab_size": cfg.vocab_size,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def pad_id(model, tokenizer) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(model.generation_config, "pad_token_id", None),
+                      *eos_ids(model, tokenizer)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    import kvc_compile
+
+    versions = {"kvc_compile": kvc_compile.__version__, "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+__all__ = ["TARGETS", "BuildResult", "EngineError", "build", "check_output_dir"]

@@ -1,0 +1,165 @@
+"""The two programs an engine is made of, as modules ``torch.export`` can trace.
+
+``PrefillProgram``: ``(input_ids, attention_mask) -> (logits of the last token, *cache state)``.
+The model runs on a fresh ``CompressedCache``; the kvc pass, applied to the exported aten graph,
+inserts compression after each attention and rewires the returned cache tensors to what it kept.
+
+``DecodeProgram``: one token for every row of the batch over a cache of fixed capacity.
+``(input_ids [b, 1], position_ids [b, 1], attention_mask [b, 1, 1, capacity], step [1], *state)
+-> logits [b, vocab]``; the state buffers are written in place (the new token's entries go to slot
+``prompt_slots + step``), so every step has the same shapes and the same buffers, which is what
+CUDA graphs need. The mask says which slots hold real entries; the runtime builds it the way the
+compiled path slices its 2-D mask (``kvc_compile.engine.runtime``).
+
+Per layer the state is ``keys, values`` plus ``heads`` (packed layout: the KV head of each entry,
+-1 for an empty slot) plus the five low-rank factors (KQ-SVD), in ``state_names`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvc_compile.cache import CachedKeys, CompressedCache
+from kvc_compile.config import CompressionConfig
+from kvc_compile.lookahead import prompt_position_ids
+from kvc_compile.methods.base import INDEX_DTYPE
+from kvc_compile.ops.lowrank import FACTOR_NAMES, lowrank_project
+
+LOWRANK_STATE = (*FACTOR_NAMES, "output_fold")
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Which tensors describe one layer's cache, and how long they are."""
+
+    packed: bool
+    lowrank: bool
+
+    @classmethod
+    def of(cls, config: CompressionConfig) -> StateLayout:
+        method = config.method_impl
+        return cls(packed=method is not None and method.layout == "packed", lowrank=config.lowrank is not None)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        names = ("keys", "values")
+        if self.packed:
+            names += ("heads",)
+        if self.lowrank:
+            names += LOWRANK_STATE
+        return names
+
+    @property
+    def entry_names(self) -> tuple[str, ...]:
+        """The state tensors whose length grows with the entries (the others are per-layer constants)."""
+        return ("keys", "values", "heads") if self.packed else ("keys", "values")
+
+
+class PrefillProgram(nn.Module):
+    """The prompt through the model; returns the last token's logits, then per layer the cache
+    state (``StateLayout.state_names``) and the kept entries' positions."""
+
+    def __init__(self, model: nn.Module, layout: StateLayout) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = layout
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        cache = CompressedCache()
+        out = self.model(input_ids, attention_mask=attention_mask,
+                         position_ids=prompt_position_ids(input_ids, attention_mask), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        outputs = [out.logits[:, -1]]
+        for layer in cache.layers:
+            outputs += [_layer_state(layer, name) for name in self.layout.state_names]
+            outputs.append(layer.positions)
+        return tuple(outputs)
+
+
+def _layer_state(layer, name: str) -> Tensor:
+    value = getattr(layer, name)
+    if name == "output_fold" and value is None:
+        return layer.keys.new_empty(0, 0)
+    return value
+
+
+class SlotLayer(DynamicLayer):
+    """A cache layer over fixed-capacity buffers: decoding writes the new entries to a slot."""
+
+    def __init__(self, layout: StateLayout, state: dict[str, Tensor], slot: Tensor, kv_heads: int) -> None:
+        super().__init__()
+        self.layout = layout
+        self.state = state
+        self.slot = slot
+        self.kv_heads = kv_heads
+        self.keys, self.values = state["keys"], state["values"]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        state = self.state
+        if self.layout.lowrank:
+            key_states = lowrank_project(key_states, None, state["key_down"])
+            value_states = lowrank_project(value_states, None, state["value_down"])
+        if self.layout.packed:
+            # Token-major, head-minor like the compiled packed layout: the token's kv_heads entries.
+            batch = key_states.shape[0]
+            index = self.slot * self.kv_heads + torch.arange(self.kv_heads, device=self.slot.device)
+            self.keys.index_copy_(2, index, key_states.transpose(1, 2).reshape(batch, 1, self.kv_heads, -1))
+            self.values.index_copy_(2, index, value_states.transpose(1, 2).reshape(batch, 1, self.kv_heads, -1))
+            heads = torch.arange(self.kv_heads, device=index.device, dtype=INDEX_DTYPE)
+            state["heads"].index_copy_(2, index, heads.expand(batch, 1, -1).contiguous())
+        else:
+            self.keys.index_copy_(2, self.slot, key_states)
+            self.values.index_copy_(2, self.slot, value_states)
+        if self.layout.packed or self.layout.lowrank:
+            factors = {}
+            if self.layout.lowrank:
+                factors = dict(key_up=state["key_up"], value_up=state["value_up"],
+                               output_fold=state["output_fold"] if state["output_fold"].numel() else None)
+            return CachedKeys(self.keys, state.get("heads"), **factors), self.values
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
+class SlotCache(Cache):
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        super().__init__(layers=layers)
+
+
+class DecodeProgram(nn.Module):
+    """One decoding step over fixed-capacity buffers (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, layout: StateLayout, prompt_slots: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        # Per layer, the slots reserved for prompt entries (per KV head; packed: per row, a multiple
+        # of kv_heads).
+        self.prompt_slots = list(prompt_slots)
+        self.kv_heads = model.config.num_key_value_heads
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, step: Tensor,
+                *state: Tensor) -> Tensor:
+        names = self.layout.state_names
+        per_layer = len(names)
+        entries_per_token = self.kv_heads if self.layout.packed else 1
+        layers = [
+            SlotLayer(self.layout, dict(zip(names, state[i * per_layer:(i + 1) * per_layer], strict=True)),
+                      step + prompt_slots // entries_per_token, self.kv_heads)
+            for i, prompt_slots in enumerate(self.prompt_slots)
+        ]
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=SlotCache(layers), use_cache=True)
+        return out.logits[:, -1]
+
+
+__all__ = ["DecodeProgram", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout"]

@@ -1,0 +1,231 @@
+"""``Engine``: load an engine directory and generate with it; no model code is imported.
+
+    engine = kvc_compile.Engine.load("engine/")
+    result = engine.generate(["Summarise: ...", "Translate: ..."], max_new_tokens=64)
+    print(result.texts)
+
+The prefill program returns the compressed cache; its entries are copied into buffers of the
+decode program's fixed capacity (prompt slots first, then one slot per decoded token). The mask
+each step gets marks the slots holding real entries the same way the compiled path slices its
+2-D mask: prompt entry ``j`` of ``k`` kept stands at logical position ``n - k + j``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import kvc_compile.cache.attention  # noqa: F401  (registers the kvc ops the programs call)
+import kvc_compile.ops  # noqa: F401
+from kvc_compile.engine.manifest import EngineError, Manifest
+
+TokenCallback = Callable[[int, Tensor], None]  # (step, tokens [batch]) after each generated token
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated per prompt, up to and including EOS
+    texts: list[str] | None
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def _load_program(path: Path, target: str):
+    if target == "aoti":
+        return torch._inductor.aoti_load_package(str(path))
+    return torch.export.load(str(path)).module()
+
+
+class Engine:
+    """A built engine: prefill programs by prompt length, one decode program, the tokenizer."""
+
+    def __init__(self, folder: Path, manifest: Manifest, prefill: list, decode, tokenizer) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self._prefill = prefill
+        self._decode = decode
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Engine:
+        folder = Path(folder)
+        manifest = Manifest.read(folder)
+        if manifest.target not in ("aoti", "exported"):
+            raise EngineError(f"engine {folder} was built for target {manifest.target!r}, which Engine does not run; "
+                              f"build it with --target aoti")
+        if manifest.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"engine {folder} was built for {manifest.device}, and this machine has no CUDA device; "
+                              f"build it on this machine with kvc-build")
+        try:
+            prefill = [_load_program(folder / entry.file, manifest.target) for entry in manifest.prefill]
+            decode = _load_program(folder / manifest.decode.file, manifest.target)
+        except Exception as error:  # a package from another torch build fails in many ways
+            raise EngineError(f"engine {folder} could not be loaded ({type(error).__name__}: {error}); it was built "
+                              f"with {manifest.versions}: rebuild it with this machine's libraries") from error
+        tokenizer = None
+        if manifest.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder / manifest.tokenizer)
+        return cls(folder, manifest, prefill, decode, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.manifest.device)
+
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Token ids and mask, left-padded, for text prompts (needs the tokenizer) or token-id lists."""
+        if not prompts:
+            raise EngineError("no prompts given")
+        if all(isinstance(prompt, str) for prompt in prompts):
+            if self.tokenizer is None:
+                raise EngineError(f"engine {self.folder} has no tokenizer (its model came without one); pass token "
+                                  f"ids instead of text")
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token_id = self.manifest.pad_token_id
+            batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+            return batch["input_ids"], batch["attention_mask"]
+        rows = [list(map(int, prompt)) for prompt in prompts]
+        if any(len(row) == 0 for row in rows):
+            raise EngineError("a prompt is empty; every prompt needs at least one token")
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.manifest.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        return ids, mask
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int | None = None,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_on_eos: bool = True,
+        on_token: TokenCallback | None = None,
+    ) -> Generation:
+        """Greedy (``temperature=0``) or sampled generation for a batch of prompts (padded on the left)."""
+        manifest = self.manifest
+        max_new_tokens = manifest.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= max_new_tokens <= manifest.max_new_tokens:
+            raise EngineError(f"max_new_tokens must be in [1, {manifest.max_new_tokens}] (the engine's decode "
+                              f"capacity); rebuild with --max-new-tokens {max_new_tokens} for more")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise EngineError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
+                              f"{top_p}, {top_k}")
+        ids, mask = self.encode(prompts)
+        batch, length = ids.shape
+        if length > manifest.max_context:
+            raise EngineError(f"a prompt has {length} tokens, more than this engine's max context of "
+                              f"{manifest.max_context}; shorten it or rebuild with --max-context {length}")
+        if batch > manifest.max_batch:
+            raise EngineError(f"{batch} prompts exceed this engine's max batch of {manifest.max_batch}; pass at most "
+                              f"{manifest.max_batch} at a time or rebuild with --max-batch {batch}")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        pick = _sampler(temperature, top_k, top_p, generator)
+        eos = torch.tensor(manifest.eos_token_ids if stop_on_eos else [], dtype=torch.long, device=self.device)
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            outputs = self._prefill_program(length)(ids, mask)
+            logits, buffers, kept = outputs[0], *self._decode_buffers(outputs[1:])
+            token = pick(logits)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            prefill_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            finished = torch.isin(token, eos)
+            generated = [token]
+            if on_token is not None:
+                on_token(0, token)
+            prompt_mask = self._prompt_slot_mask(mask, kept)
+            for step in range(max_new_tokens - 1):
+                if bool(finished.all()):
+                    break
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+                position_ids = mask.cumsum(-1)[:, -1:] - 1
+                slot_mask = prompt_mask.clone()
+                slot_mask[:, manifest.prompt_slots[0]: manifest.prompt_slots[0] + step + 1] = True
+                logits = self._decode(token[:, None], position_ids, slot_mask[:, None, None, :],
+                                      torch.tensor([step], device=self.device), *buffers)
+                token = pick(logits).masked_fill(finished, manifest.pad_token_id)
+                finished |= torch.isin(token, eos)
+                generated.append(token)
+                if on_token is not None:
+                    on_token(step + 1, token)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        decode_seconds = time.perf_counter() - started
+        tokens = torch.stack(generated, dim=-1).tolist()
+        rows = [_until_eos(row, manifest.eos_token_ids if stop_on_eos else []) for row in tokens]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True) if self.tokenizer is not None else None
+        return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist())
+
+    def _prefill_program(self, length: int):
+        for entry, program in zip(self.manifest.prefill, self._prefill, strict=True):
+            if entry.min_length <= length <= entry.max_length:
+                return program
+        raise EngineError(f"no prefill program of this engine takes {length}-token prompts")
+
+    def _decode_buffers(self, state: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
+        """The prefill's cache copied into fixed-capacity buffers; returns them and the entries kept per layer."""
+        names = self.manifest.state_names
+        per_layer = len(names) + 1  # + positions
+        buffers, kept = [], []
+        for layer, capacity in enumerate(self.manifest.capacity):
+            tensors = state[layer * per_layer: (layer + 1) * per_layer - 1]
+            kept.append(tensors[0].shape[2])
+            for name, tensor in zip(names, tensors, strict=True):
+                buffer = torch.full((*tensor.shape[:2], capacity, *tensor.shape[3:]), -1 if name == "heads" else 0,
+                                    dtype=tensor.dtype, device=tensor.device)
+                buffer[:, :, : tensor.shape[2]] = tensor
+                buffers.append(buffer)
+        return buffers, kept
+
+    def _prompt_slot_mask(self, mask: Tensor, kept: list[int]) -> Tensor:
+        """[batch, capacity] bool: prompt slots holding a real (non-padding) entry; decoded slots are added per step."""
+        length = mask.shape[1]
+        slot_mask = torch.zeros(mask.shape[0], max(self.manifest.capacity), dtype=torch.bool, device=mask.device)
+        if not self.manifest.packed:  # packed layers label their entries instead (empty slots: -1)
+            slot_mask[:, : kept[0]] = mask[:, length - kept[0]:].bool()
+        return slot_mask
+
+
+def _until_eos(row: list[int], eos: list[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+def _sampler(temperature: float, top_k: int, top_p: float, generator) -> Callable[[Tensor], Tensor]:
+    def pick(logits: Tensor) -> Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k:
+            threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        if top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    return pick
+
+
+__all__ = ["Engine", "Generation"]
