@@ -192,6 +192,9 @@ def build(
         from kvc_compile.plugins.tensorrt import require_tensorrt
 
         require_tensorrt()
+    if target == "onnx":
+        raise EngineError("--target onnx is not implemented in this version (the compression ops have no ONNX "
+                          "custom-domain export yet); build with --target aoti")
     config = CompressionConfig.from_options(options)
     check_supported(config)
     for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
@@ -216,7 +219,7 @@ def build(
     prefill_entries: list[ProgramEntry] = []
     lengths_per_range: list[list[int]] = []
     with stages.progress, torch.no_grad():
-        for index, (low, high) in enumerate(ranges):
+        for low, high in ranges:
             name = f"prefill_{low}_{high}"
             with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
                 exported, rewritten = _export_prefill(model, config, layout, (low, high), max_batch, device)

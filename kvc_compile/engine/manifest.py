@@ -91,7 +91,8 @@ class Manifest:
         for name, digest in self.files.items():
             path = folder / name
             if not path.is_file():
-                raise EngineError(f"engine {folder} is incomplete: {name} is missing; rebuild it with kvc-build --force")
+                raise EngineError(f"engine {folder} is incomplete: {name} is missing; rebuild it with "
+                                  f"kvc-build --force")
             if sha256(path) != digest:
                 raise EngineError(f"engine {folder} is corrupted: {name} does not match the SHA-256 in {MANIFEST}; "
                                   f"rebuild it with kvc-build --force")

@@ -1,0 +1,29 @@
+"""TensorRT target: where TensorRT and a GPU are missing, the build refuses with what is missing.
+
+The plugins themselves (TensorRT's Python plugin API over the Triton kernels) are not written yet,
+so even with TensorRT present the target refuses and says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kvc_compile.engine.manifest import EngineError
+
+
+def require_tensorrt() -> None:
+    missing = []
+    if importlib.util.find_spec("tensorrt") is None:
+        missing.append("the tensorrt Python package (pip install tensorrt)")
+    if not torch.cuda.is_available():
+        missing.append("an NVIDIA GPU")
+    if missing:
+        raise EngineError(f"--target tensorrt needs {' and '.join(missing)}, which this machine lacks; build with "
+                          f"--target aoti instead")
+    raise EngineError("--target tensorrt: the TensorRT plugins for the compression ops are not implemented in this "
+                      "version; build with --target aoti")
+
+
+__all__ = ["require_tensorrt"]

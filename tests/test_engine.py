@@ -1,0 +1,210 @@
+"""Engines (kvc-build / kvc-run): programs exported with the kvc pass, against the compiled path.
+
+Breadth runs on tiny random decoders with the ``exported`` target (the same programs, without the
+C++ compile); one tiny engine goes through AOTInductor; SmolLM2 is in test_smollm2_engine.py.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import compiled_greedy_steps, random_prompt, tiny_model
+
+from kvc_compile import list_methods, reference_generate
+from kvc_compile.cli.build import main as build_cli
+from kvc_compile.cli.run import main as run_cli
+from kvc_compile.config import CompressionConfig
+from kvc_compile.engine import Engine, EngineError, build
+from kvc_compile.engine.build import _prefill_ranges
+from kvc_compile.engine.manifest import MANIFEST
+
+STEPS = 8
+WINDOWED = {"snapkv", "pyramidkv", "lava", "obcache"}
+NOT_IN_ENGINES = {"laq", "morphkv"}  # refused with a message (test_unsupported_methods_are_refused)
+
+
+def method_options(method: str) -> dict:
+    options = {"method": method, "compression_ratio": 0.5}
+    if method in WINDOWED:
+        options["window_size"] = 8  # short prompts still get compressed
+    return options
+
+
+def padded_batch(length: int = 40, pad: int = 5):
+    ids = random_prompt(2, length)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask, [ids[0, pad:].tolist(), ids[1].tolist()]
+
+
+def quiet_build(model, options, out, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the short-prompt program warns that it keeps everything
+        return build(model, options, out, progress=False, **{"max_context": 96, "max_new_tokens": 12,
+                                                             "max_batch": 4, **kwargs})
+
+
+@pytest.mark.parametrize("method", sorted(set(list_methods()) - NOT_IN_ENGINES))
+def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
+    options = method_options(method)
+    quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine", target="exported")
+    ids, mask, prompts = padded_batch()
+    engine_tokens = Engine.load(tmp_path / "engine").generate(prompts, STEPS).tokens
+    torch._dynamo.reset()
+    compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
+                                         {**options, "inner_backend": "eager"}, ids, mask, STEPS)
+    assert engine_tokens == compiled.tolist()
+
+
+def test_aoti_engine_equals_compiled_and_reference_and_writes_its_buffers_in_place(tmp_path):
+    options = method_options("snapkv")
+    result = quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "engine")
+    files = [entry.file for entry in [*result.manifest.prefill, result.manifest.decode]]
+    assert all(file.endswith(".pt2") and not file.endswith(".ep.pt2") for file in files)
+    engine = Engine.load(tmp_path / "engine")
+    ids, mask, prompts = padded_batch()
+    tokens = engine.generate(prompts, STEPS).tokens
+    model = tiny_model("qwen3", attn_implementation="kvc")
+    compiled, *_ = compiled_greedy_steps(model, {**options, "inner_backend": "eager"}, ids, mask, STEPS)
+    assert tokens == compiled.tolist()
+    assert tokens == reference_generate(tiny_model("qwen3"), ids, options, STEPS, mask).tolist()
+    # The decode program writes the new entries into the buffers it is given (nothing is returned).
+    outputs = engine._prefill_program(ids.shape[1])(ids, mask)
+    buffers, kept = engine._decode_buffers(outputs[1:])
+    slot = engine.manifest.prompt_slots[0]
+    assert not buffers[0][:, :, slot].any()
+    prompt_mask = engine._prompt_slot_mask(mask, kept)
+    prompt_mask[:, slot] = True
+    engine._decode(ids[:, -1:], mask.sum(-1, keepdim=True), prompt_mask[:, None, None, :], torch.tensor([0]),
+                   *buffers)
+    assert buffers[0][:, :, slot].abs().sum() > 0 and not buffers[0][:, :, slot + 1].any()
+
+
+def test_sampling_is_seeded_and_eos_stops_a_row(tmp_path):
+    model = tiny_model("llama", attn_implementation="kvc")
+    quiet_build(model, method_options("knorm"), tmp_path / "engine", target="exported")
+    engine = Engine.load(tmp_path / "engine")
+    _, _, prompts = padded_batch()
+    first = engine.generate(prompts, STEPS, temperature=1.0, top_k=20, top_p=0.9, seed=3).tokens
+    assert first == engine.generate(prompts, STEPS, temperature=1.0, top_k=20, top_p=0.9, seed=3).tokens
+    assert first != engine.generate(prompts, STEPS, temperature=1.0, seed=4).tokens
+    greedy = engine.generate(prompts, STEPS).tokens
+    engine.manifest.eos_token_ids = [greedy[0][2]]  # row 0 emits it third
+    stopped = engine.generate(prompts, STEPS).tokens
+    assert stopped[0] == greedy[0][: greedy[0].index(greedy[0][2]) + 1]
+    streamed = []
+    engine.generate(prompts, 3, on_token=lambda step, token: streamed.append((step, token.tolist())))
+    assert [step for step, _ in streamed] == [0, 1, 2]
+
+
+def test_prompt_ranges_split_where_the_kept_length_changes_form():
+    snapkv = CompressionConfig.from_options({"method": "snapkv", "compression_ratio": 0.5, "window_size": 8})
+    assert _prefill_ranges(snapkv, 96) == [(1, 8), (9, 96)]
+    knorm = CompressionConfig.from_options({"method": "knorm", "compression_ratio": 0.75})
+    assert _prefill_ranges(knorm, 96) == [(1, 7), (8, 96)]  # floor(n/4) >= 2 from n = 8
+    with pytest.raises(EngineError, match="observation window"):
+        _prefill_ranges(snapkv, 8)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "laq", "budget": 16}, "Lookahead"),
+    ({"method": "morphkv", "budget": 16, "window_size": 4}, "while decoding"),
+    ({"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4, "target_size": 16},
+     "while decoding"),
+])
+def test_unsupported_methods_are_refused(options, message, tmp_path):
+    with pytest.raises(EngineError, match=message):
+        quiet_build(tiny_model("llama"), options, tmp_path / "engine", target="exported")
+
+
+@pytest.mark.parametrize("target, message", [("onnx", "not implemented"), ("tensorrt", "tensorrt"),
+                                             ("tflite", "unknown target")])
+def test_targets_that_cannot_build_here_say_so(target, message, tmp_path):
+    with pytest.raises(EngineError, match=message):
+        quiet_build(tiny_model("llama"), method_options("knorm"), tmp_path / "engine", target=target)
+
+
+@pytest.fixture(scope="module")
+def built_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "engine"
+    quiet_build(tiny_model("llama", attn_implementation="kvc"), method_options("knorm"), out, target="exported")
+    return out
+
+
+def copy_engine(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_cli_errors_not_tracebacks(built_engine, tmp_path, capsys):
+    cases = [
+        (build_cli, ["--model", "gpt-17", "--weights", "random", "--method", "knorm", "--out", str(tmp_path / "a")],
+         "unknown preset"),
+        (build_cli, ["--model", "smollm2-135m", "--weights", "random", "--layers", "1", "--method", "knorm",
+                     "--out", str(built_engine)], "not empty"),
+        (build_cli, ["--model", "smollm2-135m", "--weights", "random", "--layers", "1", "--method", "knorm",
+                     "--out", str(built_engine / MANIFEST / "sub")], "--out"),
+        (build_cli, ["--model", "smollm2-135m", "--method", "snapkv", "--option", "window_size=-3", "--out",
+                     str(tmp_path / "b")], "window_size"),
+        (run_cli, [str(tmp_path / "missing"), "--token-ids", "5 6 7"], "does not exist"),
+        (run_cli, [str(built_engine), "--token-ids", " ".join(["5"] * 97)], "max context of 96"),
+        (run_cli, [str(built_engine), "--prompt", "hello"], "no tokenizer"),
+        (run_cli, [str(built_engine), "--token-ids", "5 6", "--max-new-tokens", "13"], "--max-new-tokens 13"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err.replace("\n", ""), argv
+
+
+def test_damaged_engines_are_reported(built_engine, tmp_path):
+    corrupted = copy_engine(built_engine, tmp_path / "corrupted")
+    program = next(corrupted.glob("decode*"))
+    program.write_bytes(program.read_bytes()[:-1] + b"x")
+    with pytest.raises(EngineError, match="corrupted: decode"):
+        Engine.load(corrupted)
+    incomplete = copy_engine(built_engine, tmp_path / "incomplete")
+    next(incomplete.glob("prefill*")).unlink()
+    with pytest.raises(EngineError, match="incomplete: prefill"):
+        Engine.load(incomplete)
+    no_manifest = copy_engine(built_engine, tmp_path / "no-manifest")
+    (no_manifest / MANIFEST).unlink()
+    with pytest.raises(EngineError, match="no manifest.json"):
+        Engine.load(no_manifest)
+    future = copy_engine(built_engine, tmp_path / "future")
+    manifest = json.loads((future / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (future / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="format version 99"):
+        Engine.load(future)
+    garbled = copy_engine(built_engine, tmp_path / "garbled")
+    (garbled / MANIFEST).write_text("{")
+    with pytest.raises(EngineError, match="corrupted"):
+        Engine.load(garbled)
+
+
+def test_manifest_records_what_the_engine_is(built_engine):
+    manifest = json.loads((built_engine / MANIFEST).read_text())
+    assert manifest["compression"]["method"] == "knorm" and manifest["compression"]["compression_ratio"] == 0.5
+    assert manifest["model"]["layers"] == 2 and manifest["model"]["kv_heads"] == 2
+    assert manifest["budgets"]["at_max_context"] == [48, 48]  # half of 96
+    assert manifest["capacity"] == [48 + 12, 48 + 12]
+    assert set(manifest["versions"]) >= {"torch", "transformers", "kvc_compile"}
+    assert sorted(manifest["files"]) == sorted(p.name for p in built_engine.iterdir() if p.name != MANIFEST)
+    assert all(len(digest) == 64 for digest in manifest["files"].values())
+
+
+def test_random_weight_presets_build_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "engine"
+    assert build_cli(["--model", "mistral-7b", "--weights", "random", "--layers", "1", "--method", "knorm",
+                      "--target", "exported", "--max-context", "64", "--max-new-tokens", "4", "--max-batch", "2",
+                      "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "bytes saved per prompt token" in err and "32 entries per KV head" in err
+    assert run_cli([str(out), "--token-ids", "5 6 7 8", "--token-ids", "9 10", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "#0" in printed and "#1" in printed
