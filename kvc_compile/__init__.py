@@ -8,6 +8,7 @@ from kvc_compile.backend import kvc_backend
 from kvc_compile.cache import CompressedCache, cache_nbytes, kept_tokens_per_layer
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, packed_attention
 from kvc_compile.config import CompressionConfig
+from kvc_compile.engine import Engine, EngineError, build
 from kvc_compile.lookahead import lookahead_generate
 from kvc_compile.methods import list_methods
 from kvc_compile.models import ModelNotFoundError, load_model
@@ -19,7 +20,10 @@ __all__ = [
     "ATTENTION_IMPLEMENTATION",
     "CompressedCache",
     "CompressionConfig",
+    "Engine",
+    "EngineError",
     "ModelNotFoundError",
+    "build",
     "cache_nbytes",
     "kept_tokens_per_layer",
     "kvc_backend",

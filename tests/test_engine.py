@@ -20,6 +20,7 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.engine import Engine, EngineError, build
 from kvc_compile.engine.build import _prefill_ranges
 from kvc_compile.engine.manifest import MANIFEST
+from kvc_compile.models import preset_config
 
 STEPS = 8
 WINDOWED = {"snapkv", "pyramidkv", "lava", "obcache"}
@@ -47,7 +48,16 @@ def quiet_build(model, options, out, **kwargs):
                                                              "max_batch": 4, **kwargs})
 
 
-@pytest.mark.parametrize("method", sorted(set(list_methods()) - NOT_IN_ENGINES))
+# One method per mechanism runs by default (a window scorer with a short-prompt program, a scorer
+# whose tiny prompts keep one entry, pre-RoPE keys, packed layout with budgets across layers); the
+# others are the same mechanisms and run with -m extended (about 30 s each on a 2-core CPU).
+CORE_METHODS = {"snapkv", "knorm", "expected_attention", "lava"}
+
+
+@pytest.mark.parametrize("method", [
+    method if method in CORE_METHODS else pytest.param(method, marks=pytest.mark.extended)
+    for method in sorted(set(list_methods()) - NOT_IN_ENGINES)
+])
 def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
     options = method_options(method)
     quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine", target="exported")
@@ -83,10 +93,8 @@ def test_aoti_engine_equals_compiled_and_reference_and_writes_its_buffers_in_pla
     assert buffers[0][:, :, slot].abs().sum() > 0 and not buffers[0][:, :, slot + 1].any()
 
 
-def test_sampling_is_seeded_and_eos_stops_a_row(tmp_path):
-    model = tiny_model("llama", attn_implementation="kvc")
-    quiet_build(model, method_options("knorm"), tmp_path / "engine", target="exported")
-    engine = Engine.load(tmp_path / "engine")
+def test_sampling_is_seeded_and_eos_stops_a_row(built_engine):
+    engine = Engine.load(built_engine)
     _, _, prompts = padded_batch()
     first = engine.generate(prompts, STEPS, temperature=1.0, top_k=20, top_p=0.9, seed=3).tokens
     assert first == engine.generate(prompts, STEPS, temperature=1.0, top_k=20, top_p=0.9, seed=3).tokens
@@ -198,9 +206,20 @@ def test_manifest_records_what_the_engine_is(built_engine):
     assert all(len(digest) == 64 for digest in manifest["files"].values())
 
 
+@pytest.mark.parametrize("preset, dims", [
+    ("smollm2-135m", (30, 9, 3, 64)), ("mistral-7b", (32, 32, 8, 128)), ("llama-3.1-8b", (32, 32, 8, 128)),
+    ("qwen2.5-7b", (28, 28, 4, 128)), ("qwen3-8b", (36, 32, 8, 128)),
+])
+def test_presets_ship_their_architecture(preset, dims):
+    config = preset_config(preset)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim) == dims
+    assert preset_config(preset, layers=2).num_hidden_layers == 2
+
+
 def test_random_weight_presets_build_from_the_cli(tmp_path, capsys):
     out = tmp_path / "engine"
-    assert build_cli(["--model", "mistral-7b", "--weights", "random", "--layers", "1", "--method", "knorm",
+    assert build_cli(["--model", "smollm2-135m", "--weights", "random", "--layers", "1", "--method", "knorm",
                       "--target", "exported", "--max-context", "64", "--max-new-tokens", "4", "--max-batch", "2",
                       "--out", str(out)]) == 0
     err = capsys.readouterr().err
