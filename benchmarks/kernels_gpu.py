@@ -9,15 +9,18 @@ SDPA) and the time of SnapKV's compression of that layer's cache (window 32, max
 - ``fused``: ``kvc::window_votes`` (two-pass Triton scoring, no attention matrix in memory) and
   ``kvc::select_and_gather`` (radix select + compaction);
 - ``reference``: the same method through the pure-PyTorch reference (fp32 window attention
-  materialised, ``topk``, ``sort``, ``gather``);
+  materialised, a stable ``sort``, ``gather``; the radix select that ``top_positions`` uses for
+  CUDA tensors is switched off for it);
 - ``kvpress-style``: what a hook-based press does: repeat KV heads to the query heads, window
   attention in the model's dtype, softmax in fp32, mean over the window and the GQA group,
   pooling, ``topk`` and ``gather`` of the kept indices.
 
 Every layer costs the same, so the per-layer ratio is the model's. Targets: overhead <= 2 % of
-prefill at 32K. Decode attention bandwidth: one decoding step's bytes of K and V (and entry labels)
-over its time, as a fraction of ``--peak-gbps``, for SDPA over the full dense cache and for the
-variable-length packed kernel over a half-size packed cache (target >= 70 %).
+prefill at 32K. Compression runs eagerly, as the pass calls it once per prompt. Decode attention
+bandwidth: one decoding step's bytes of K and V (and entry labels) over its time, as a fraction of
+``--peak-gbps``, for SDPA over the full dense cache and for the variable-length packed kernel over a
+half-size packed cache (target >= 70 %); timed eagerly and as a replayed CUDA graph (what a
+compiled decode step with ``mode="reduce-overhead"`` runs: no Python launch cost per kernel).
 
     python benchmarks/kernels_gpu.py --out benchmarks/results/kernels-h100.md
 """
@@ -25,6 +28,7 @@ variable-length packed kernel over a half-size packed cache (target >= 70 %).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.cache.attention import packed_attention
+from kvc_compile.methods import base
 from kvc_compile.methods.base import ScoreInputs, compress_layer
 from kvc_compile.methods.snapkv import SnapKV
 from kvc_compile.ops.kernels import score_kernels
@@ -63,6 +68,41 @@ def timed(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_timed(fn, repeats: int, replays: int = 20) -> float:
+    """Median seconds of one ``fn()`` captured in a CUDA graph, over ``repeats`` timings of
+    ``replays`` back-to-back replays each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the graph: Triton compiles, allocator settles
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def pure_torch_selection_timed(fn, repeats: int) -> float:
+    """``timed`` with ``top_positions`` on its PyTorch path (no radix select registered)."""
+    previous = base._top_positions_kernel
+    base.register_top_positions_kernel(None)
+    try:
+        return timed(fn, repeats)
+    finally:
+        base.register_top_positions_kernel(previous)
+
+
 def kvpress_style(queries, keys, values, n_kept: int, window: int = 32, kernel: int = 7):
     """Window attention over repeated KV heads in the model dtype, then pooling, topk, gather."""
     batch, q_heads, n, head_dim = queries.shape
@@ -80,8 +120,10 @@ def kvpress_style(queries, keys, values, n_kept: int, window: int = 32, kernel: 
     return keys.gather(2, index), values.gather(2, index)
 
 
-def measure(n: int, layer, rotary, device: str, dtype: torch.dtype, repeats: int, peak_gbps: float) -> list[str]:
-    """Table rows for one context length: prefill of one layer, the three compression paths, decode."""
+def measure(
+    n: int, layer, rotary, device: str, dtype: torch.dtype, repeats: int, peak_gbps: float
+) -> tuple[list[str], list[str]]:
+    """Table rows for one context length: prefill of one layer and the three compression paths; decode."""
     heads, kv_heads, head_dim = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], 128
     hidden = torch.randn(1, n, SHAPE["hidden_size"], device=device, dtype=dtype)
     embeddings = rotary(hidden, torch.arange(n, device=device)[None])
@@ -96,31 +138,52 @@ def measure(n: int, layer, rotary, device: str, dtype: torch.dtype, repeats: int
     times = {
         "fused" if kernels else "fused (no kernels here: reference)": timed(
             lambda: compress_layer(METHOD, n // 2, fused), repeats),
-        "reference": timed(lambda: compress_layer(METHOD, n // 2, plain), repeats),
+        "reference": pure_torch_selection_timed(lambda: compress_layer(METHOD, n // 2, plain), repeats),
         "kvpress-style": timed(lambda: kvpress_style(queries, keys, values, n // 2), repeats),
     }
     rows = [f"| {n} | {name} | {prefill * 1e3:.2f} | {seconds * 1e3:.2f} | {seconds / prefill:.2%} |"
             for name, seconds in times.items()]
-    cache_bytes = 2 * keys.numel() * keys.element_size()
     query = queries[:, :, -1:]
-    decode = timed(lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True), repeats)
-    bandwidth = cache_bytes / decode / 1e9
-    rows.append(f"| {n} | decode attention (SDPA, dense, full cache) | — | {decode * 1e3:.3f} | "
-                f"{bandwidth:.0f} GB/s = {bandwidth / peak_gbps:.0%} of peak |")
+    decode_rows = [decode_row(n, "SDPA, dense, full cache", 2 * keys.numel() * keys.element_size(),
+                              lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True),
+                              device, repeats, peak_gbps)]
     # The packed layout AdaKV-style budgets leave: half the entries, heads of different lengths.
     total = kv_heads * n // 2
     packed_keys = torch.randn(1, 1, total, head_dim, device=device, dtype=dtype)
     packed_values = torch.randn_like(packed_keys)
     labels = torch.randint(0, kv_heads, (1, 1, total), device=device, dtype=torch.int32)
     labels[..., -kv_heads:] = torch.arange(kv_heads, device=device, dtype=torch.int32)
-    packed = timed(lambda: packed_attention(query, packed_keys, packed_values, labels, kv_heads, head_dim**-0.5),
-                   repeats)
     packed_bytes = 2 * packed_keys.numel() * packed_keys.element_size() + labels.numel() * labels.element_size()
-    bandwidth = packed_bytes / packed / 1e9
-    path = "Triton" if kernels else "reference"
-    rows.append(f"| {n} | decode attention (packed, half the entries, {path}) | — | {packed * 1e3:.3f} | "
-                f"{bandwidth:.0f} GB/s = {bandwidth / peak_gbps:.0%} of peak |")
-    return rows
+    decode_rows.append(decode_row(
+        n, f"packed, half the entries, {'Triton' if kernels else 'reference'}", packed_bytes,
+        lambda: packed_attention(query, packed_keys, packed_values, labels, kv_heads, head_dim**-0.5),
+        device, repeats, peak_gbps))
+    return rows, decode_rows
+
+
+def decode_row(n: int, path: str, nbytes: int, fn, device: str, repeats: int, peak_gbps: float) -> str:
+    """One decode-attention row: bytes read, eager and CUDA-graph times, the graph's bandwidth."""
+    eager = timed(fn, repeats)
+    graph = graph_timed(fn, repeats) if device == "cuda" else eager
+    bandwidth = nbytes / graph / 1e9
+    return (f"| {n} | {path} | {nbytes / 2**20:.0f} | {eager * 1e3:.3f} | {graph * 1e3:.3f} | "
+            f"{bandwidth:.0f} GB/s = {bandwidth / peak_gbps:.0%} |")
+
+
+def device_line(device: str) -> str:
+    """The GPU, its CUDA and driver, and Triton's version (which compiled the kernels)."""
+    if device != "cuda":
+        return "cpu"
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        driver = "unknown"
+    return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
+            f"CUDA {torch.version.cuda}, driver {driver}; triton {triton.__version__}")
 
 
 def main() -> int:
@@ -136,9 +199,12 @@ def main() -> int:
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
     rotary = LlamaRotaryEmbedding(config).to(device)
     start = time.perf_counter()
+    rows, decode_rows = [], []
     with torch.no_grad():
-        rows = [row for n in args.contexts.split(",")
-                for row in measure(int(n), layer, rotary, device, dtype, args.repeats, args.peak_gbps)]
+        for n in args.contexts.split(","):
+            compression, decode = measure(int(n), layer, rotary, device, dtype, args.repeats, args.peak_gbps)
+            rows += compression
+            decode_rows += decode
     lines = [
         f"# Compression overhead per layer, Llama-3-8B shapes ({dtype}, {device})",
         "",
@@ -146,8 +212,16 @@ def main() -> int:
         "|---|---|---|---|---|",
         *rows,
         "",
+        f"## Decode attention, one step (32 query heads, 8 KV heads; peak {args.peak_gbps:.0f} GB/s)",
+        "",
+        "| context | path | MiB read | eager ms | CUDA graph ms | bandwidth (graph), % of peak |",
+        "|---|---|---|---|---|---|",
+        *decode_rows,
+        "",
         *provenance_lines(time.perf_counter() - start),
-        f"- device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}",
+        f"- device: {device_line(device)}",
+        f"- timing: median of {args.repeats} runs after a warm-up, CUDA events; a CUDA graph time is the mean of "
+        "20 back-to-back replays, median of as many runs",
     ]
     write_report(args.out, lines)
     return 0

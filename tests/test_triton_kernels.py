@@ -1,9 +1,13 @@
 """Triton kernels against their pure-PyTorch references, over shapes drawn by hypothesis.
 
-Without a GPU they run under ``TRITON_INTERPRET=1`` (set in conftest). Inputs in fp16/bf16 are
-loaded by the kernels and the references alike and computed in fp32, so results differ only by
-fp32 summation order; the tolerances below are per input dtype.
+Without a GPU they run under ``TRITON_INTERPRET=1`` (set in conftest) on CPU tensors; with one,
+compiled, on CUDA tensors (``DEVICE``), plus the ``gpu``-marked tests at the end at long-context
+shapes the interpreter is too slow for. Inputs in fp16/bf16 are loaded by the kernels and the
+references alike and computed in fp32, so results differ only by fp32 summation order; the
+tolerances below are per input dtype.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -22,6 +26,20 @@ KERNEL_SETTINGS = settings(
     max_examples=25, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+@contextlib.contextmanager
+def pure_torch_selection():
+    """``top_positions`` through PyTorch alone: the ops layer registers the radix select for CUDA
+    tensors, which a GPU reference must not call."""
+    from kvc_compile.methods import base
+
+    previous = base._top_positions_kernel
+    base.register_top_positions_kernel(None)
+    try:
+        yield
+    finally:
+        base.register_top_positions_kernel(previous)
 
 
 @st.composite
@@ -131,27 +149,27 @@ def test_head_adaptive_selection_through_the_radix_select():
     from kvc_compile.plugins.triton.compaction import top_positions_triton
 
     torch.manual_seed(3)
-    scores = torch.randn(2, 4, 75)
+    scores = torch.randn(2, 4, 75).to(DEVICE)
     scores[..., -8:] = float("inf")
-    valid = torch.ones(2, 75, dtype=torch.bool)
+    valid = torch.ones(2, 75, dtype=torch.bool, device=DEVICE)
     valid[1, :20] = False
-    expected = base.select_head_adaptive(scores, valid, 30, 0.2)
-    expected_uniform = base.select_uniform(scores, valid, 30)
+    with pure_torch_selection():
+        expected = base.select_head_adaptive(scores, valid, 30, 0.2)
+        expected_uniform = base.select_uniform(scores, valid, 30)
+    previous = base._top_positions_kernel
     base.register_top_positions_kernel(top_positions_triton)  # what the ops layer does for GPU tensors
     try:
         assert torch.equal(base.select_head_adaptive(scores, valid, 30, 0.2), expected)
         assert torch.equal(base.select_uniform(scores, valid, 30), expected_uniform)
     finally:
-        import kvc_compile.ops.kernels as kernels
-
-        base.register_top_positions_kernel(kernels._top_positions_on_gpu)
+        base.register_top_positions_kernel(previous)
 
 
 def test_negative_zero_ties_with_zero():
     from kvc_compile.plugins.triton.compaction import select_and_gather_triton
 
-    scores = torch.tensor([[[-0.0, 1.0, 0.0, -1.0, 0.0]]])
-    entries = torch.randn(1, 1, 5, 16)
+    scores = torch.tensor([[[-0.0, 1.0, 0.0, -1.0, 0.0]]], device=DEVICE)
+    entries = torch.randn(1, 1, 5, 16, device=DEVICE)
     _, _, positions = select_and_gather_triton(scores, entries, entries, 3)
     assert positions.tolist() == [[[0, 1, 2]]]  # -0.0 and 0.0 are one value: the lowest positions win
 
@@ -160,8 +178,8 @@ def test_head_adaptive_selection_is_one_row_over_the_layer():
     """AdaKV's global top-k: the layer's heads flattened into one row, positions ``head * n + t``."""
     from kvc_compile.plugins.triton.compaction import select_and_gather_triton
 
-    scores = torch.tensor([[[5.0, 1.0, 0.0], [4.0, 3.0, 2.0]]])  # head 0 concentrated, head 1 spread
-    keys = torch.arange(6.0).view(1, 2, 3, 1).expand(1, 2, 3, 16).contiguous()
+    scores = torch.tensor([[[5.0, 1.0, 0.0], [4.0, 3.0, 2.0]]], device=DEVICE)  # head 0 concentrated, head 1 spread
+    keys = torch.arange(6.0, device=DEVICE).view(1, 2, 3, 1).expand(1, 2, 3, 16).contiguous()
     flat_keys, _, flat = select_and_gather_triton(scores.view(1, 1, 6), keys.view(1, 1, 6, 16),
                                                   keys.view(1, 1, 6, 16), 3)
     assert flat.tolist() == [[[0, 3, 4]]] and flat_keys[0, 0, :, 0].tolist() == [0.0, 3.0, 4.0]
@@ -177,10 +195,12 @@ def test_scorers_keep_the_same_entries_through_the_kernels(method):
 
     torch.manual_seed(0)
     queries, keys, values = torch.randn(2, 8, 90, 64), torch.randn(2, 2, 90, 64), torch.randn(2, 2, 90, 64)
-    valid = torch.ones(2, 90, dtype=torch.bool)
+    queries, keys, values = queries.to(DEVICE), keys.to(DEVICE), values.to(DEVICE)
+    valid = torch.ones(2, 90, dtype=torch.bool, device=DEVICE)
     valid[1, :13] = False
     scorer = build_method(method, {} if method == "tova" else {"window_size": 16})
-    reference = compress_layer(scorer, 40, ScoreInputs(queries, keys, values, valid, 0))
+    with pure_torch_selection():
+        reference = compress_layer(scorer, 40, ScoreInputs(queries, keys, values, valid, 0))
     kernels = ScoreInputs(queries, keys, values, valid, 0, votes_kernel=window_votes_triton,
                           select_kernel=select_and_gather_triton, saliency_kernel=output_saliency_triton)
     fused = compress_layer(scorer, 40, kernels)
@@ -269,3 +289,99 @@ def test_lowrank_decode_attention_matches_the_reference(shape, dtype, seed):
     got = lowrank_decode_attention_triton(*args, head_dim**-0.5, chunk=128)
     tolerance = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+# Long-context shapes, compiled on the GPU only (the interpreter would take minutes per case): grids
+# of thousands of programs, offsets past 2^24 elements, Llama-3-8B's heads (32 query, 8 KV, d 128).
+def on_gpu(test):
+    """The ``gpu`` marker, and a skip without CUDA."""
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (compiled kernels)")
+    return pytest.mark.gpu(needs_cuda(test))
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [4096, 16384])
+@pytest.mark.parametrize("variant", [None, "kv"])  # None: the votes; "kv": OBCache's joint saliency
+def test_window_scores_at_long_contexts_on_the_gpu(dtype, n, variant):
+    from kvc_compile.methods.obcache import window_output_saliency
+    from kvc_compile.plugins.triton.window_scores import output_saliency_triton, window_votes_triton
+
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    queries = torch.randn(1, 32, n, 128, device="cuda", generator=generator).to(dtype)
+    keys = (2 * torch.randn(1, 8, n, 128, device="cuda", generator=generator)).to(dtype)
+    values = torch.randn(1, 8, n, 128, device="cuda", generator=generator).to(dtype)
+    valid = torch.ones(1, n, dtype=torch.bool, device="cuda")
+    valid[:, : n // 3] = False  # a long left padding
+    if variant is None:
+        expected = window_votes(queries, keys, valid, 32)
+        got = window_votes_triton(queries, keys, valid, 32)
+        torch.testing.assert_close(got, expected, atol=TOLERANCE[dtype], rtol=1e-4)
+    else:
+        expected = window_output_saliency(queries, keys, values, valid, 32, variant)
+        got = output_saliency_triton(queries, keys, values, valid, 32, variant)
+        torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()) + 1e-6, rtol=1e-4)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [4096, 32768])
+def test_selection_at_long_contexts_on_the_gpu(dtype, n):
+    from kvc_compile.methods.base import gather_kept
+    from kvc_compile.plugins.triton.compaction import (
+        select_and_gather_triton,
+        stable_select_reference,
+        top_positions_triton,
+    )
+
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    scores = (4 * torch.randn(1, 8, n, device="cuda", generator=generator)).round()  # plateaus of ties
+    scores[..., -32:] = float("inf")
+    keys = torch.randn(1, 8, n, 128, device="cuda", generator=generator).to(dtype)
+    values = torch.randn_like(keys)
+    kept_keys, kept_values, positions = select_and_gather_triton(scores, keys, values, n // 2)
+    expected = stable_select_reference(scores, n // 2)
+    assert torch.equal(positions.long(), expected)
+    assert torch.equal(kept_keys, gather_kept(keys, expected))
+    assert torch.equal(kept_values, gather_kept(values, expected))
+    # AdaKV's layer-wide selection: one row of 8 * n entries.
+    flat = scores.view(1, 1, 8 * n)
+    assert torch.equal(top_positions_triton(flat, 4 * n), stable_select_reference(flat, 4 * n))
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [4096, 32768])
+def test_decode_attention_at_long_contexts_on_the_gpu(dtype, n):
+    from kvc_compile.cache.attention import packed_attention_reference
+    from kvc_compile.plugins.triton.decode_attention import packed_attention_triton
+    from kvc_compile.plugins.triton.lowrank import (
+        lowrank_decode_attention_reference,
+        lowrank_decode_attention_triton,
+    )
+
+    generator = torch.Generator(device="cuda").manual_seed(n)
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    # Packed: half of 8 heads' n entries, heads of different lengths, the new token's entries last.
+    total = 8 * n // 2
+    query = torch.randn(1, 32, 1, 128, device="cuda", generator=generator).to(dtype)
+    keys = torch.randn(1, 1, total, 128, device="cuda", generator=generator).to(dtype)
+    values = torch.randn(1, 1, total, 128, device="cuda", generator=generator).to(dtype)
+    heads = torch.randint(-1, 8, (1, 1, total), device="cuda", generator=generator, dtype=torch.int32)
+    heads[..., -8:] = torch.arange(8, device="cuda", dtype=torch.int32)
+    expected = packed_attention_reference(query, keys, values, heads, 8, 128**-0.5)
+    got = packed_attention_triton(query, keys, values, heads, 8, 128**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    # Low rank (KQ-SVD, rank 32 keys and values) over a dense cache with left padding.
+    key_up = torch.randn(8, 128, 32, device="cuda", generator=generator) / 128**0.5
+    low_keys = torch.randn(1, 8, n, 32, device="cuda", generator=generator).to(dtype)
+    low_values = torch.randn(1, 8, n, 32, device="cuda", generator=generator).to(dtype)
+    valid = torch.ones(1, n, dtype=torch.bool, device="cuda")
+    valid[:, : n // 4] = False
+    args = (query, key_up, low_keys, low_values, valid, 128**-0.5)
+    got = lowrank_decode_attention_triton(*args)
+    torch.testing.assert_close(got.float(), lowrank_decode_attention_reference(*args).float(),
+                               atol=tolerance, rtol=tolerance)

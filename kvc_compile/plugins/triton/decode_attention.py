@@ -5,10 +5,11 @@ one flat run per row, each entry labelled with its KV head (``kvc_compile.method
 reference reader is ``kvc::packed_attention`` (``kvc_compile.cache.attention``), which masks a
 dense ``[heads, T]`` score matrix.
 
-Here the run is split into chunks, one program per (row, chunk) (flash-decoding's split over the
-sequence, so a single long row still fills the GPU). A program reads each of its entries once and
-scores it against every query head at once (one ``tl.dot``); a query head keeps only the entries
-labelled with its KV head, so nothing of the run is read twice and evicted entries cost nothing.
+Here the run is split into chunks, one program per (row, chunk, block of up to 32 query rows)
+(flash-decoding's split over the sequence, so a single long row still fills the GPU). A program
+reads each of its entries once and scores it against all its query rows at once (one ``tl.dot``);
+a query head keeps only the entries labelled with its KV head. Up to 32 query rows (one block), no
+entry is read twice; evicted entries cost nothing.
 Each program leaves an online-softmax partial (running max, normaliser, weighted values); the
 partials of a row's chunks are merged in PyTorch (a few floats per head).
 
@@ -28,6 +29,8 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    from kvc_compile.plugins.triton import exact_dot
+
     @triton.jit
     def online_softmax_step(logits, v, row_max, row_sum, acc):
         """Fold a block of logits [rows, T] (-inf: not visible) and its values [T, d] into a running
@@ -37,7 +40,7 @@ if TRITON_AVAILABLE:
         weights = tl.exp(logits - safe_max[:, None])
         rescale = tl.exp(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
+        acc = acc * rescale[:, None] + exact_dot(weights, v)
         return new_max, row_sum, acc
 
     @triton.jit
@@ -50,13 +53,14 @@ if TRITON_AVAILABLE:
         stride_hb,
         BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        b, split = tl.program_id(0), tl.program_id(1)
-        r = tl.arange(0, BLOCK_R)  # row = query_head * q_len + i
+        b, split, row_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a symbolic float argument as fp64
+        r = row_block * BLOCK_R + tl.arange(0, BLOCK_R)  # row = query_head * q_len + i
         row_ok = r < rows
         head, i = r // q_len, r % q_len
         dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
         q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qq + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < head_dim), other=0.0).to(tl.float32)
+                    mask=row_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
         owner = head // group  # the KV head each query head reads
         first_new = total - q_len * kv_heads
         row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -68,12 +72,12 @@ if TRITON_AVAILABLE:
             inside = (t < total) & (t < begin + chunk)
             label = tl.load(heads_ptr + b * stride_hb + t, mask=inside, other=-1)
             k = tl.load(k_ptr + b * stride_kb + t[:, None] * stride_kt + dims[None, :],
-                        mask=inside[:, None] & (dims[None, :] < head_dim), other=0.0).to(tl.float32)
+                        mask=inside[:, None] & (dims[None, :] < head_dim), other=0.0)
             v = tl.load(v_ptr + b * stride_vb + t[:, None] * stride_vt + value_dims[None, :],
-                        mask=inside[:, None] & (value_dims[None, :] < value_dim), other=0.0).to(tl.float32)
+                        mask=inside[:, None] & (value_dims[None, :] < value_dim), other=0.0)
             token = tl.where(t >= first_new, (t - first_new) // kv_heads, -1)
             visible = (label[None, :] == owner[:, None]) & (token[None, :] <= i[:, None]) & row_ok[:, None]
-            logits = tl.where(visible, tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+            logits = tl.where(visible, exact_dot(q, tl.trans(k)) * scale, float("-inf"))
             row_max, row_sum, acc = online_softmax_step(logits, v, row_max, row_sum, acc)
         partial = (b * tl.num_programs(1) + split) * rows + r
         tl.store(max_ptr + partial, row_max, mask=row_ok)
@@ -103,11 +107,14 @@ def packed_attention_triton(
     row_max = torch.empty(batch, splits, rows, device=query.device, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
     acc = torch.empty(batch, splits, rows, value_dim, device=query.device, dtype=torch.float32)
-    wrap_triton(_packed_partials)[(batch, splits)](
+    # At most 32 rows (query heads x new tokens) a program: more overflow the shared memory with
+    # fp32 inputs (tf32x3 operands) and spill registers; further rows go to more programs.
+    block_rows = min(max(triton.next_power_of_2(rows), 16), 32)
+    wrap_triton(_packed_partials)[(batch, splits, triton.cdiv(rows, block_rows))](
         query, keys, values, heads, row_max, row_sum, acc,
         total, chunk, q_len, kv_heads, q_heads // kv_heads, rows, scaling, head_dim, value_dim,
         *query.stride()[:3], *keys.stride()[:2], *values.stride()[:2], heads.stride(0),
-        BLOCK_R=max(triton.next_power_of_2(rows), 16), BLOCK_T=64,
+        BLOCK_R=block_rows, BLOCK_T=64,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(value_dim),
     )
     out = merge_partials(row_max, row_sum, acc)  # [b, q_heads * q_len, d_v], row = head * q_len + i

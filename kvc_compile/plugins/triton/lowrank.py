@@ -25,6 +25,7 @@ from kvc_compile.plugins.triton import TRITON_AVAILABLE, require_triton
 from kvc_compile.plugins.triton.decode_attention import merge_partials
 
 if TRITON_AVAILABLE:
+    from kvc_compile.plugins.triton import exact_dot
     from kvc_compile.plugins.triton.decode_attention import online_softmax_step
 
 
@@ -82,8 +83,8 @@ if TRITON_AVAILABLE:
         factor_ok = (dims[:, None] < half) & (ranks[None, :] < rank)
         down1 = tl.load(factor + dims[:, None] * rank + ranks[None, :], mask=factor_ok, other=0.0).to(tl.float32)
         down2 = tl.load(factor + (half + dims[:, None]) * rank + ranks[None, :], mask=factor_ok, other=0.0)
-        projected = tl.dot(rotated1, down1, input_precision="ieee")
-        projected += tl.dot(rotated2, down2.to(tl.float32), input_precision="ieee")
+        projected = exact_dot(rotated1, down1)
+        projected += exact_dot(rotated2, down2)
         out = out_ptr + b * stride_ob + kv_head * stride_oh + tokens[:, None] * stride_oq + ranks[None, :]
         tl.store(out, projected.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < q_len) & (ranks[None, :] < rank))
 
@@ -99,14 +100,15 @@ if TRITON_AVAILABLE:
         BLOCK_T: tl.constexpr,
     ):
         b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a symbolic float argument as fp64
         g = tl.arange(0, BLOCK_G)
         dims, ranks, value_ranks = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_RV)
         heads = kv_head * group + g
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                    mask=(g[:, None] < group) & (dims[None, :] < head_dim), other=0.0).to(tl.float32)
+                    mask=(g[:, None] < group) & (dims[None, :] < head_dim), other=0.0)
         up = tl.load(up_ptr + kv_head * head_dim * rank + dims[:, None] * rank + ranks[None, :],
                      mask=(dims[:, None] < head_dim) & (ranks[None, :] < rank), other=0.0).to(tl.float32)
-        projected = tl.dot(q, up, input_precision="ieee")  # [G, R]: the group's queries in the rank-R space
+        projected = exact_dot(q, up)  # [G, R]: the group's queries in the rank-R space
         row_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
@@ -116,11 +118,11 @@ if TRITON_AVAILABLE:
             inside = (t < total) & (t < begin + chunk)
             key_ok = tl.load(valid_ptr + b * stride_valid + t, mask=inside, other=0) != 0
             k = tl.load(k_ptr + b * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + ranks[None, :],
-                        mask=inside[:, None] & (ranks[None, :] < rank), other=0.0).to(tl.float32)
+                        mask=inside[:, None] & (ranks[None, :] < rank), other=0.0)
             v = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + t[:, None] * stride_vt + value_ranks[None, :],
-                        mask=inside[:, None] & (value_ranks[None, :] < value_rank), other=0.0).to(tl.float32)
+                        mask=inside[:, None] & (value_ranks[None, :] < value_rank), other=0.0)
             visible = key_ok[None, :] & inside[None, :] & (g[:, None] < group)
-            logits = tl.where(visible, tl.dot(projected, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+            logits = tl.where(visible, exact_dot(projected, tl.trans(k)) * scale, float("-inf"))
             row_max, row_sum, acc = online_softmax_step(logits, v, row_max, row_sum, acc)
         rows = tl.num_programs(1) * group
         partial = (b * tl.num_programs(2) + split) * rows + heads

@@ -31,6 +31,8 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    from kvc_compile.plugins.triton import exact_dot
+
     @triton.jit
     def _row_statistics(
         q_ptr, k_ptr, valid_ptr, max_ptr, sum_ptr,
@@ -41,6 +43,7 @@ if TRITON_AVAILABLE:
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):
         b, kv_head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a symbolic float argument as fp64
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * window + i over the GQA group
         row_ok = rows < group * window
         g, i = rows // window, rows % window
@@ -50,7 +53,7 @@ if TRITON_AVAILABLE:
             q_ptr + b * stride_qb + (kv_head * group + g)[:, None] * stride_qh + position[:, None] * stride_qn
             + dims[None, :],
             mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0,
-        ).to(tl.float32)
+        )
         row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, n, BLOCK_N):
@@ -58,9 +61,9 @@ if TRITON_AVAILABLE:
             k = tl.load(
                 k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :],
                 mask=(cols[:, None] < n) & (dims[None, :] < HEAD_DIM), other=0.0,
-            ).to(tl.float32)
+            )
             key_ok = tl.load(valid_ptr + b * stride_vb + cols, mask=cols < n, other=0) != 0
-            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            logits = exact_dot(q, tl.trans(k)) * scale
             visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & row_ok[:, None]
             logits = tl.where(visible, logits, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -84,7 +87,7 @@ if TRITON_AVAILABLE:
         row_ok = i < window
         position = n - window + i
         q = tl.load(q_ptr + b * stride_qb + head * stride_qh + position[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
         stats = (b * tl.num_programs(1) * group + head) * window + i
         row_max = tl.load(max_ptr + stats, mask=row_ok, other=0.0)
         row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
@@ -92,7 +95,7 @@ if TRITON_AVAILABLE:
         row_sum = tl.where(row_sum > 0, row_sum, 1.0)  # a row that sees no real key votes nothing
         # A padding query (itself invalid) casts no vote, whatever it could see.
         query_ok = tl.load(valid_ptr + b * stride_vb + position, mask=row_ok, other=0) != 0
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        logits = exact_dot(q, tl.trans(k)) * scale
         visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & (row_ok & query_ok)[:, None]
         attention = tl.where(visible, tl.exp(logits - row_max[:, None]) / row_sum[:, None], 0.0)
         return attention, tl.where(visible, logits, 0.0), stats, row_ok
@@ -107,12 +110,13 @@ if TRITON_AVAILABLE:
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):
         b, kv_head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a symbolic float argument as fp64
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         k = tl.load(
             k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :],
             mask=(cols[:, None] < n) & (dims[None, :] < HEAD_DIM), other=0.0,
-        ).to(tl.float32)
+        )
         key_ok = tl.load(valid_ptr + b * stride_vb + cols, mask=cols < n, other=0) != 0
         for g in range(0, group):
             head = kv_head * group + g
@@ -137,6 +141,7 @@ if TRITON_AVAILABLE:
     ):
         """``o_i = sum_j A_ij v_j`` of every window row (OBCache's saliency needs them): [b, q_heads, window, d]."""
         b, kv_head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a symbolic float argument as fp64
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < group * window
         g, i = rows // window, rows % window
@@ -144,7 +149,7 @@ if TRITON_AVAILABLE:
         position = n - window + i
         head = kv_head * group + g
         q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + position[:, None] * stride_qn + dims[None, :],
-                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+                    mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
         stats = (b * tl.num_programs(1) * group + head) * window + i
         row_max = tl.load(max_ptr + stats, mask=row_ok, other=0.0)
         row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
@@ -155,14 +160,14 @@ if TRITON_AVAILABLE:
             cols = start + tl.arange(0, BLOCK_N)
             entry_ok = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
             k = tl.load(k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :],
-                        mask=entry_ok, other=0.0).to(tl.float32)
+                        mask=entry_ok, other=0.0)
             v = tl.load(v_ptr + b * stride_valb + kv_head * stride_valh + cols[:, None] * stride_valn + dims[None, :],
-                        mask=entry_ok, other=0.0).to(tl.float32)
+                        mask=entry_ok, other=0.0)
             key_ok = tl.load(valid_ptr + b * stride_vb + cols, mask=cols < n, other=0) != 0
-            logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            logits = exact_dot(q, tl.trans(k)) * scale
             visible = key_ok[None, :] & (cols[None, :] <= position[:, None]) & row_ok[:, None]
             weights = tl.where(visible, tl.exp(logits - row_max[:, None]) / row_sum[:, None], 0.0)
-            acc += tl.dot(weights, v, input_precision="ieee")
+            acc += exact_dot(weights, v)
         tl.store(out_ptr + stats[:, None] * HEAD_DIM + dims[None, :], acc,
                  mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM))
 
@@ -180,14 +185,15 @@ if TRITON_AVAILABLE:
         """OBCache's saliency of each key, summed over the window rows of each query head (VARIANT:
         0 value, 1 key, 2 joint), from the logits, the statistics and the rows' outputs."""
         b, kv_head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        scale = tl.cast(scale, tl.float32)  # Inductor passes a symbolic float argument as fp64
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         entry_ok = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
         k = tl.load(k_ptr + b * stride_kb + kv_head * stride_kh + cols[:, None] * stride_kn + dims[None, :],
-                    mask=entry_ok, other=0.0).to(tl.float32)
+                    mask=entry_ok, other=0.0)
         v = tl.load(v_ptr + b * stride_valb + kv_head * stride_valh + cols[:, None] * stride_valn + dims[None, :],
-                    mask=entry_ok, other=0.0).to(tl.float32)
-        value_sq = tl.sum(v * v, axis=1)  # ||v_j||^2
+                    mask=entry_ok, other=0.0)
+        value_sq = tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=1)  # ||v_j||^2
         key_ok = tl.load(valid_ptr + b * stride_vb + cols, mask=cols < n, other=0) != 0
         for g in range(0, group):
             head = kv_head * group + g
@@ -203,7 +209,7 @@ if TRITON_AVAILABLE:
                 else:
                     o = tl.load(o_ptr + stats[:, None] * HEAD_DIM + dims[None, :],
                                 mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-                    value_dot_output = tl.dot(o, tl.trans(v), input_precision="ieee")  # v_j . o_i
+                    value_dot_output = exact_dot(o, tl.trans(v))  # v_j . o_i
                     output_sq = tl.sum(o * o, axis=1)
                     term = attention_sq * z * z * (value_sq[None, :] + output_sq[:, None] - 2 * value_dot_output)
                     if VARIANT == 2:
@@ -214,10 +220,12 @@ if TRITON_AVAILABLE:
 
 
 def window_votes_triton(
-    queries: Tensor, keys: Tensor, valid: Tensor, window: int, block_rows: int = 16, block_keys: int = 64
+    queries: Tensor, keys: Tensor, valid: Tensor, window: int, block_rows: int = 16, block_keys: int = 128
 ) -> Tensor:
     """The Triton path of ``kvc_compile.methods.snapkv.window_votes``: ``queries`` [b, q_heads, n, d]
-    (every query; the last ``window`` vote), ``keys`` [b, kv_heads, n, d], ``valid`` [b, n] bool."""
+    (every query; the last ``window`` vote), ``keys`` [b, kv_heads, n, d], ``valid`` [b, n] bool.
+
+    128-key blocks: 1.4x faster than 64 on an H100 at 32K keys (bf16, head_dim 128)."""
     require_triton()
     batch, q_heads, n, head_dim = queries.shape
     kv_heads = keys.shape[1]
@@ -250,7 +258,9 @@ def output_saliency_triton(
     block_rows: int = 16, block_keys: int = 64,
 ) -> Tensor:
     """OBCache's saliency [b, q_heads, n] fp32 of every key for the last ``window`` queries' outputs:
-    the fused path of ``output_saliency(window_attention(...), window_logits(...), values, variant)``."""
+    the fused path of ``output_saliency(window_attention(...), window_logits(...), values, variant)``.
+
+    64-key blocks: at 128, fp32 inputs need more shared memory than an H100 has (~290 KB)."""
     require_triton()
     batch, q_heads, n, head_dim = queries.shape
     kv_heads = keys.shape[1]
