@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             options["compression_ratio"] = 0.5
         config = CompressionConfig.from_options(options)  # bad options fail before the model loads
-        check_output_dir_early(args)
+        if not args.force:  # before a minutes-long model load; build checks again
+            check_output_dir(Path(args.out), force=False)
         console.print(f"loading [bold]{args.model}[/bold] ({args.weights} weights) ...")
         model, tokenizer = load_model(args.model, DTYPES[args.dtype], weights=args.weights, layers=args.layers)
         model.to(args.device)
@@ -76,17 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report(console, result)
     return 0
-
-
-def check_output_dir_early(args) -> None:
-    """The output directory is checked before a minutes-long model load, and again by ``build``."""
-    from pathlib import Path
-
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        check_output_dir(out, force=False)
-    if out.exists() and not out.is_dir():
-        check_output_dir(out, force=args.force)
 
 
 def report(console: Console, result) -> None:

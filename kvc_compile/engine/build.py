@@ -149,8 +149,6 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
         state += [torch.zeros(EXAMPLE_BATCH, heads, slots, head_dim, dtype=dtype, device=device) for _ in range(2)]
         if layout.packed:
             state.append(torch.full((EXAMPLE_BATCH, 1, slots), -1, dtype=torch.int32, device=device))
-        if layout.lowrank:
-            raise EngineError("kqsvd engines are not supported yet")
     token = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long, device=device)
     mask = torch.ones(EXAMPLE_BATCH, 1, 1, max(capacity), dtype=torch.bool, device=device)
     return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)

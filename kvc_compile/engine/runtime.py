@@ -150,14 +150,13 @@ class Engine:
             generated = [token]
             if on_token is not None:
                 on_token(0, token)
-            prompt_mask = self._prompt_slot_mask(mask, kept)
+            slot_mask = self._prompt_slot_mask(mask, kept)
             for step in range(max_new_tokens - 1):
                 if bool(finished.all()):
                     break
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
                 position_ids = mask.cumsum(-1)[:, -1:] - 1
-                slot_mask = prompt_mask.clone()
-                slot_mask[:, manifest.prompt_slots[0]: manifest.prompt_slots[0] + step + 1] = True
+                slot_mask[:, manifest.prompt_slots[0] + step] = True  # the slot this step writes
                 logits = self._decode(token[:, None], position_ids, slot_mask[:, None, None, :],
                                       torch.tensor([step], device=self.device), *buffers)
                 token = pick(logits).masked_fill(finished, manifest.pad_token_id)
