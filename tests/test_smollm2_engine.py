@@ -35,31 +35,36 @@ def engine(smollm2, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def loaded(engine):
+    return Engine.load(engine)  # loading SmolLM2's programs takes a while: once per module
+
+
 def chat(tokenizer, question: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
 
 
-def test_engine_tokens_equal_compiled_and_reference(smollm2, engine):
+def test_engine_tokens_equal_compiled_and_reference(smollm2, loaded):
     model, tokenizer = smollm2
     prompts = [chat(tokenizer, question) for question in QUESTIONS]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert (mask == 0).any() and ids.shape[1] > 64  # a padded batch, longer than SnapKV's window
-    engine_tokens = Engine.load(engine).generate(prompts, NEW_TOKENS, stop_on_eos=False).tokens
+    engine_tokens = loaded.generate(prompts, NEW_TOKENS, stop_on_eos=False).tokens
     compiled, *_ = compiled_greedy_steps(model, {**OPTIONS, "inner_backend": "eager"}, ids, mask, NEW_TOKENS)
     assert engine_tokens == compiled.tolist()
     assert engine_tokens == reference_generate(model, ids, OPTIONS, NEW_TOKENS, mask).tolist()
-    alone = Engine.load(engine).generate([prompts[1]], NEW_TOKENS, stop_on_eos=False).tokens
+    alone = loaded.generate([prompts[1]], NEW_TOKENS, stop_on_eos=False).tokens
     assert alone[0] == reference_generate(model, ids[1:, -int(mask[1].sum()):], OPTIONS, NEW_TOKENS).tolist()[0]
 
 
-def test_kvc_run_prints_the_engine_text(smollm2, engine, tmp_path, capsys):
+def test_kvc_run_prints_the_engine_text(smollm2, engine, loaded, tmp_path, capsys):
     _, tokenizer = smollm2
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(QUESTIONS[0])
     assert run_cli([str(engine), "--prompt-file", str(prompt), "--chat", "--max-new-tokens", str(NEW_TOKENS)]) == 0
     printed = capsys.readouterr().out.strip()
-    tokens = Engine.load(engine).generate([chat(tokenizer, QUESTIONS[0])], NEW_TOKENS).tokens[0]
+    tokens = loaded.generate([chat(tokenizer, QUESTIONS[0])], NEW_TOKENS).tokens[0]
     assert printed == tokenizer.decode(tokens, skip_special_tokens=True).strip()

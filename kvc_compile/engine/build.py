@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -97,6 +98,12 @@ class _Stages:
         self.progress.advance(self.task)
 
 
+def _require_onnx() -> None:
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EngineError(f"--target onnx needs {' and '.join(missing)}: pip install 'kvc-compile[onnx]'")
+
+
 def _prefill_ranges(config: CompressionConfig, max_context: int) -> list[tuple[int, int]]:
     """Prompt-length ranges with one program each: within a range the cache shapes are one
     expression of the length. Prompts up to the method's window are kept whole; prompts that keep a
@@ -155,6 +162,10 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
 
 
 def _save_program(exported, path: Path, target: str) -> str:
+    if target == "onnx":
+        from kvc_compile.plugins.onnx import export_onnx
+
+        return export_onnx(exported, path.with_suffix(".onnx")).name
     if target == "aoti":
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path.with_suffix(".pt2")))
         return path.with_suffix(".pt2").name
@@ -191,8 +202,7 @@ def build(
 
         require_tensorrt()
     if target == "onnx":
-        raise EngineError("--target onnx is not implemented in this version (the compression ops have no ONNX "
-                          "custom-domain export yet); build with --target aoti")
+        _require_onnx()
     config = CompressionConfig.from_options(options)
     check_supported(config)
     for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
@@ -224,7 +234,7 @@ def build(
                 lengths_per_range.append(
                     _entry_lengths(rewritten, layout, n_layers, high, model.config.vocab_size, device))
             with stages.stage(f"compile {name} ({target})"):
-                file = _save_program(exported, out / name, target if target == "aoti" else "exported")
+                file = _save_program(exported, out / name, target)
             prefill_entries.append(ProgramEntry(file, low, high))
         prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
         entries_per_token = model.config.num_key_value_heads if layout.packed else 1
@@ -233,13 +243,13 @@ def build(
             raise EngineError(f"layers keep different numbers of prompt entries ({sorted(set(prompt_slots))}) in the "
                               f"dense layout, which engines do not support")
         with stages.stage("export decode (fixed capacity)"):
-            program = DecodeProgram(model, layout, prompt_slots)
+            program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
             example = _decode_example(model, layout, capacity, dtype, device)
             batch = torch.export.Dim("batch", min=1, max=max_batch)
             shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
             decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
         with stages.stage(f"compile decode ({target})"):
-            decode_file = _save_program(decode, out / "decode", target if target == "aoti" else "exported")
+            decode_file = _save_program(decode, out / "decode", target)
     tokenizer_dir = None
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")

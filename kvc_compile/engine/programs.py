@@ -138,10 +138,13 @@ class SlotCache(Cache):
 class DecodeProgram(nn.Module):
     """One decoding step over fixed-capacity buffers (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, layout: StateLayout, prompt_slots: list[int]) -> None:
+    def __init__(self, model: nn.Module, layout: StateLayout, prompt_slots: list[int],
+                 return_state: bool = False) -> None:
         super().__init__()
         self.model = model
         self.layout = layout
+        # ONNX has no in-place update of inputs: its decode graph returns the written buffers too.
+        self.return_state = return_state
         # Per layer, the slots reserved for prompt entries (per KV head; packed: per row, a multiple
         # of kv_heads).
         self.prompt_slots = list(prompt_slots)
@@ -159,6 +162,8 @@ class DecodeProgram(nn.Module):
         ]
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=SlotCache(layers), use_cache=True)
+        if self.return_state:
+            return (out.logits[:, -1], *(layer.state[name] for layer in layers for name in names))
         return out.logits[:, -1]
 
 

@@ -12,6 +12,7 @@ each step gets marks the slots holding real entries the same way the compiled pa
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +37,31 @@ class Generation:
     prompt_lengths: list[int] = field(default_factory=list)
 
 
-def _load_program(path: Path, target: str):
+PREFILL_ARGS = ("input_ids", "attention_mask")
+DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "step")
+
+
+def _load_program(path: Path, target: str, n_state: int | None = None):
+    """A program file as a callable; ``n_state`` (decode programs): the number of state buffers."""
+    if target == "onnx":
+        from kvc_compile.plugins.onnx.runtime import OnnxProgram
+
+        if n_state is None:
+            return OnnxProgram(path, PREFILL_ARGS)
+        return OnnxProgram(path, DECODE_ARGS + tuple(f"state_{i}" for i in range(n_state)), state_from=len(DECODE_ARGS))
     if target == "aoti":
         return torch._inductor.aoti_load_package(str(path))
     return torch.export.load(str(path)).module()
+
+
+def _check_onnx_runnable(folder: Path, manifest: Manifest) -> None:
+    missing = [name for name in ("onnxruntime", "onnxruntime_extensions") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EngineError(f"engine {folder} is an ONNX engine and needs {' and '.join(missing)}: "
+                          f"pip install 'kvc-compile[onnx]'")
+    if manifest.model.get("dtype") != "float32":
+        raise EngineError(f"engine {folder} is a {manifest.model.get('dtype')} ONNX engine; ONNX Runtime runs the "
+                          f"compression plugins in float32 only: rebuild it with --dtype float32")
 
 
 class Engine:
@@ -56,15 +78,18 @@ class Engine:
     def load(cls, folder: str | Path) -> Engine:
         folder = Path(folder)
         manifest = Manifest.read(folder)
-        if manifest.target not in ("aoti", "exported"):
+        if manifest.target not in ("aoti", "exported", "onnx"):
             raise EngineError(f"engine {folder} was built for target {manifest.target!r}, which Engine does not run; "
                               f"build it with --target aoti")
         if manifest.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError(f"engine {folder} was built for {manifest.device}, and this machine has no CUDA device; "
                               f"build it on this machine with kvc-build")
+        if manifest.target == "onnx":
+            _check_onnx_runnable(folder, manifest)
         try:
             prefill = [_load_program(folder / entry.file, manifest.target) for entry in manifest.prefill]
-            decode = _load_program(folder / manifest.decode.file, manifest.target)
+            n_state = len(manifest.state_names) * len(manifest.prompt_slots)
+            decode = _load_program(folder / manifest.decode.file, manifest.target, n_state)
         except Exception as error:  # a package from another torch build fails in many ways
             raise EngineError(f"engine {folder} could not be loaded ({type(error).__name__}: {error}); it was built "
                               f"with {manifest.versions}: rebuild it with this machine's libraries") from error

@@ -1,7 +1,8 @@
 """TensorRT target: where TensorRT and a GPU are missing, the build refuses with what is missing.
 
-The plugins themselves (TensorRT's Python plugin API over the Triton kernels) are not written yet,
-so even with TensorRT present the target refuses and says so.
+The ONNX graphs of ``--target onnx`` already name their compression nodes as TensorRT plugins
+(``kvc_compile.plugins.onnx``); the plugins themselves (TensorRT's Python plugin API over the
+Triton kernels) are not written yet, so even with TensorRT present the target refuses and says so.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ def require_tensorrt() -> None:
         missing.append("an NVIDIA GPU")
     if missing:
         raise EngineError(f"--target tensorrt needs {' and '.join(missing)}, which this machine lacks; build with "
-                          f"--target aoti instead")
+                          f"--target aoti instead, or --target onnx for the ONNX graphs TensorRT would parse")
     raise EngineError("--target tensorrt: the TensorRT plugins for the compression ops are not implemented in this "
-                      "version; build with --target aoti")
+                      "version; build with --target aoti, or --target onnx for the ONNX graphs with the plugin nodes")
 
 
 __all__ = ["require_tensorrt"]
