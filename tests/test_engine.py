@@ -72,7 +72,7 @@ def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
     assert engine_tokens == compiled.tolist()
 
 
-def test_aoti_engine_equals_compiled_and_reference_and_writes_its_buffers_in_place(tmp_path):
+def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_in_place(tmp_path):
     options = method_options("snapkv")
     result = quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "engine")
     files = [entry.file for entry in [*result.manifest.prefill, result.manifest.decode]]
@@ -84,6 +84,9 @@ def test_aoti_engine_equals_compiled_and_reference_and_writes_its_buffers_in_pla
     compiled, *_ = compiled_greedy_steps(model, {**options, "inner_backend": "eager"}, ids, mask, STEPS)
     assert tokens == compiled.tolist()
     assert tokens == reference_generate(tiny_model("qwen3"), ids, options, STEPS, mask).tolist()
+    # The same model as an ONNX engine, run by ONNX Runtime, keeps the AOTInductor engine's tokens.
+    quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "onnx", target="onnx")
+    assert Engine.load(tmp_path / "onnx").generate(prompts, STEPS).tokens == tokens
     # The decode program writes the new entries into the buffers it is given (nothing is returned).
     outputs = engine._prefill_program(ids.shape[1])(ids, mask)
     buffers, kept = engine._decode_buffers(outputs[1:])
