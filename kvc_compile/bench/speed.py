@@ -8,6 +8,7 @@ the median of repeated runs after a warm-up, so the ratios between variants are 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,11 +80,33 @@ def measure(
                        cache_bytes, peak)
 
 
+def measure_engine(variant: str, engine, input_ids: torch.Tensor, new_tokens: int, repeats: int = 3,
+                   build_s: float = 0.0) -> SpeedResult:
+    """Time a built engine (``kvc_compile.Engine``) on the same prompt and number of decode steps as
+    ``measure``: it generates ``new_tokens + 1`` tokens, the first from the prefill's logits.
+    ``compile_s`` is the build time plus the warm-up run."""
+    if engine.manifest.max_new_tokens < new_tokens + 1:
+        raise ValueError(f"the engine decodes at most {engine.manifest.max_new_tokens} tokens; build it with "
+                         f"--max-new-tokens {new_tokens + 1} or more")
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prompt = input_ids.tolist()
+    start = time.perf_counter()
+    engine.generate(prompt, 4, stop_on_eos=False)
+    compile_s = build_s + time.perf_counter() - start
+    runs = [engine.generate(prompt, new_tokens + 1, stop_on_eos=False) for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return SpeedResult(variant, compile_s, statistics.median(run.prefill_seconds for run in runs),
+                       statistics.median(new_tokens / run.decode_seconds for run in runs), runs[-1].cache_bytes, peak)
+
+
 def bench_variants(
     model: PreTrainedModel, input_ids: torch.Tensor, options: dict, new_tokens: int, repeats: int = 3,
-    inductor_baseline: bool = False,
+    inductor_baseline: bool = False, engine_target: str | None = None,
 ) -> list[SpeedResult]:
-    """Plain transformers with the full cache, optionally Inductor with the full cache, and the kvc model."""
+    """Plain transformers with the full cache, optionally Inductor with the full cache, the kvc
+    model, and optionally an engine built here for ``engine_target`` (``kvc_compile.build``)."""
     results = [measure("transformers, full cache", model, DynamicCache, input_ids, new_tokens, repeats)]
     if inductor_baseline:
         compiled = torch.compile(model, dynamic=True)
@@ -92,7 +115,22 @@ def bench_variants(
         compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
         results.append(measure(f"kvc: {options['method']}", compiled, CompressedCache, input_ids, new_tokens,
                                repeats))
+    if engine_target is not None:
+        results.append(_bench_engine(model, input_ids, options, new_tokens, repeats, engine_target))
     return results
+
+
+def _bench_engine(model, input_ids, options: dict, new_tokens: int, repeats: int, target: str) -> SpeedResult:
+    from kvc_compile.engine import Engine, build
+
+    with tempfile.TemporaryDirectory(prefix="kvc-bench-engine-") as folder, attention_implementation(model, "kvc"):
+        start = time.perf_counter()
+        build(model, options, folder, target=target, max_context=input_ids.shape[1], max_new_tokens=new_tokens + 1,
+              max_batch=1, force=True, progress=False)
+        engine = Engine.load(folder)
+        build_s = time.perf_counter() - start
+        return measure_engine(f"engine ({target}): {options['method']}", engine, input_ids, new_tokens, repeats,
+                              build_s)
 
 
 def markdown(results: list[SpeedResult], title: str) -> list[str]:

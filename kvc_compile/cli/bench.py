@@ -1,7 +1,7 @@
-"""kvc-bench: prefill time, decode speed and cache memory of plain transformers (full cache) and
-the kvc-compiled model, side by side in one run, reported as ratios.
+"""kvc-bench: prefill time, decode speed and cache memory of plain transformers (full cache), the
+kvc-compiled model and a built engine, side by side in one run, reported as ratios.
 
-    kvc-bench --model smollm2-135m --method snapkv --context 4096 --new-tokens 128
+    kvc-bench --model smollm2-135m --method snapkv --context 4096 --new-tokens 128 --engine aoti
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="pretrained", choices=("pretrained", "random"),
                         help="random: the architecture with fresh weights (speed only)")
     parser.add_argument("--inductor-baseline", action="store_true", help="also time Inductor with the full cache")
+    parser.add_argument("--engine", choices=("aoti", "exported", "onnx"),
+                        help="also build an engine for this target and time it (its warm-up includes the build)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--out", type=Path, help="write the Markdown result here")
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(args.device, getattr(torch, args.dtype))
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(100, model.config.vocab_size, (1, args.context), generator=generator).to(args.device)
-    results = bench_variants(model, input_ids, options, args.new_tokens, args.repeats, args.inductor_baseline)
+    results = bench_variants(model, input_ids, options, args.new_tokens, args.repeats, args.inductor_baseline,
+                             args.engine)
     title = (f"{args.model} ({args.weights} weights, {args.dtype}, {args.device}): {args.context}-token prompt, "
              f"{args.new_tokens} new tokens, {args.method} at ratio {args.compression_ratio}")
     lines = [*markdown(results, title), "", f"- options: `{json.dumps(options)}`",

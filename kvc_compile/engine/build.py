@@ -124,11 +124,17 @@ def _example_prompt(length: int, vocab: int, device: torch.device) -> tuple[Tens
     return ids, mask
 
 
+def _batch_dim() -> torch.export.Dim:
+    """The dynamic batch dimension. Its upper bound is not ``max_batch`` (the runtime enforces that):
+    a bound below the example batch, or a Dim with min == max, cannot be exported."""
+    return torch.export.Dim("batch", min=1, max=1024)
+
+
 def _export_prefill(model, config: CompressionConfig, layout: StateLayout, lengths: tuple[int, int],
-                    max_batch: int, device: torch.device):
+                    device: torch.device):
     low, high = lengths
     example = _example_prompt(max(low, min(high, (low + high) // 2, low + 64)), model.config.vocab_size, device)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    batch = _batch_dim()
     # DYNAMIC, not a named Dim: guards that hold over the range (budget formulas with min/max the
     # solver cannot simplify) must not fail the export.
     length = low if low == high else torch.export.Dim.DYNAMIC(min=low, max=high)
@@ -230,7 +236,7 @@ def build(
         for low, high in ranges:
             name = f"prefill_{low}_{high}"
             with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
-                exported, rewritten = _export_prefill(model, config, layout, (low, high), max_batch, device)
+                exported, rewritten = _export_prefill(model, config, layout, (low, high), device)
                 lengths_per_range.append(
                     _entry_lengths(rewritten, layout, n_layers, high, model.config.vocab_size, device))
             with stages.stage(f"compile {name} ({target})"):
@@ -245,7 +251,7 @@ def build(
         with stages.stage("export decode (fixed capacity)"):
             program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
             example = _decode_example(model, layout, capacity, dtype, device)
-            batch = torch.export.Dim("batch", min=1, max=max_batch)
+            batch = _batch_dim()
             shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
             decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
         with stages.stage(f"compile decode ({target})"):

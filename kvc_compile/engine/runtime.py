@@ -35,6 +35,7 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     prompt_lengths: list[int] = field(default_factory=list)
+    cache_bytes: int = 0  # the compressed cache the prefill returned (entries, positions, heads)
 
 
 PREFILL_ARGS = ("input_ids", "attention_mask")
@@ -166,6 +167,7 @@ class Engine:
         with torch.no_grad():
             outputs = self._prefill_program(length)(ids, mask)
             logits, buffers, kept = outputs[0], *self._decode_buffers(outputs[1:])
+            cache_bytes = sum(tensor.nbytes for tensor in outputs[1:])
             token = pick(logits)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -195,7 +197,7 @@ class Engine:
         tokens = torch.stack(generated, dim=-1).tolist()
         rows = [_until_eos(row, manifest.eos_token_ids if stop_on_eos else []) for row in tokens]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True) if self.tokenizer is not None else None
-        return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist())
+        return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist(), cache_bytes)
 
     def _prefill_program(self, length: int):
         for entry, program in zip(self.manifest.prefill, self._prefill, strict=True):
