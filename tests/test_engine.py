@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import compiled_greedy_steps, random_prompt, tiny_model
+from safetensors import safe_open
 
 from kvc_compile import list_methods, reference_generate
 from kvc_compile.cli.build import main as build_cli
@@ -77,6 +78,14 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
     result = quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "engine")
     files = [entry.file for entry in [*result.manifest.prefill, result.manifest.decode]]
     assert all(file.endswith(".pt2") and not file.endswith(".ep.pt2") for file in files)
+    # The packages share one copy of the weights: every parameter is stored once, for every program.
+    weights = result.manifest.weights
+    assert set(weights["programs"]) == set(files)
+    parameters = dict(tiny_model("qwen3").named_parameters())
+    with safe_open(tmp_path / "engine" / weights["file"], "pt") as stored:
+        assert {f"model.{name}" for name in parameters} <= set(stored.keys())
+    parameter_bytes = sum(p.nbytes for p in parameters.values())
+    assert (tmp_path / "engine" / weights["file"]).stat().st_size < 1.2 * parameter_bytes
     engine = Engine.load(tmp_path / "engine")
     ids, mask, prompts = padded_batch()
     tokens = engine.generate(prompts, STEPS).tokens

@@ -167,13 +167,52 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
     return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)
 
 
-def _save_program(exported, path: Path, target: str) -> str:
+class SharedWeights:
+    """The weights of every AOTInductor program, stored once in ``weights.safetensors``.
+
+    Each package is compiled without its constants; at load time they are handed the tensors of
+    this one file, so the engine holds (on disk and in memory) one copy of the model, not one per
+    program. A tensor is stored once under its first name; a later program's constant that is a
+    different tensor under a taken name is stored under a fresh key."""
+
+    FILE = "weights.safetensors"
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self.keys_by_identity: dict[tuple, str] = {}
+        self.programs: dict[str, dict[str, str]] = {}  # program file -> {constant name: stored key}
+
+    def add(self, program_file: str, exported) -> None:
+        mapping = {}
+        for name, tensor in {**exported.state_dict, **exported.constants}.items():
+            if not isinstance(tensor, Tensor):
+                continue
+            tensor = tensor.detach()
+            identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            key = self.keys_by_identity.get(identity)
+            if key is None:
+                key = name if name not in self.tensors else f"{program_file}/{name}"
+                self.tensors[key] = tensor.contiguous()
+                self.keys_by_identity[identity] = key
+            mapping[name] = key
+        self.programs[program_file] = mapping
+
+    def save(self, out: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        save_file(self.tensors, str(out / self.FILE))
+        return {"file": self.FILE, "programs": self.programs}
+
+
+def _save_program(exported, path: Path, target: str, weights: SharedWeights | None = None) -> str:
     if target == "onnx":
         from kvc_compile.plugins.onnx import export_onnx
 
         return export_onnx(exported, path.with_suffix(".onnx")).name
     if target == "aoti":
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(path.with_suffix(".pt2")))
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path.with_suffix(".pt2")),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        weights.add(path.with_suffix(".pt2").name, exported)
         return path.with_suffix(".pt2").name
     torch.export.save(exported, str(path.with_suffix(".ep.pt2")))
     return path.with_suffix(".ep.pt2").name
@@ -231,6 +270,7 @@ def build(
     n_layers = model.config.num_hidden_layers
     stages = _Stages(console, total=2 * len(ranges) + 2, enabled=progress)
     prefill_entries: list[ProgramEntry] = []
+    weights = SharedWeights() if target == "aoti" else None
     lengths_per_range: list[list[int]] = []
     with stages.progress, torch.no_grad():
         for low, high in ranges:
@@ -240,7 +280,7 @@ def build(
                 lengths_per_range.append(
                     _entry_lengths(rewritten, layout, n_layers, high, model.config.vocab_size, device))
             with stages.stage(f"compile {name} ({target})"):
-                file = _save_program(exported, out / name, target)
+                file = _save_program(exported, out / name, target, weights)
             prefill_entries.append(ProgramEntry(file, low, high))
         prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
         entries_per_token = model.config.num_key_value_heads if layout.packed else 1
@@ -255,7 +295,8 @@ def build(
             shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
             decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
         with stages.stage(f"compile decode ({target})"):
-            decode_file = _save_program(decode, out / "decode", target)
+            decode_file = _save_program(decode, out / "decode", target, weights)
+    shared_weights = weights.save(out) if weights is not None else None
     tokenizer_dir = None
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")
@@ -281,6 +322,7 @@ def build(
         pad_token_id=pad_id(model, tokenizer),
         versions=library_versions(),
         tokenizer=tokenizer_dir,
+        weights=shared_weights,
     )
     manifest.write(out)
     nbytes = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: AOTInductor packages without constants, beside one weights file
 MANIFEST = "manifest.json"
 
 
@@ -52,6 +52,8 @@ class Manifest:
     pad_token_id: int
     versions: dict[str, str]
     tokenizer: str | None = None  # a folder, or None when the model came without one
+    # AOTInductor: {"file": weights file, "programs": {program file: {constant name: key in the file}}}
+    weights: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
 
     def write(self, folder: Path) -> None:

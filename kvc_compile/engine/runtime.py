@@ -55,6 +55,20 @@ def _load_program(path: Path, target: str, n_state: int | None = None):
     return torch.export.load(str(path)).module()
 
 
+def _load_shared_weights(folder: Path, manifest: Manifest, programs: dict) -> dict[str, Tensor]:
+    """Hand each AOTInductor program its constants from the engine's one weights file."""
+    if manifest.weights is None:
+        return {}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / manifest.weights["file"]), device=manifest.device)
+    for file, program in programs.items():
+        names = manifest.weights["programs"][file]
+        program.load_constants({name: tensors[names[name]] for name in program.get_constant_fqns()},
+                               check_full_update=True, user_managed=True)
+    return tensors
+
+
 def _check_onnx_runnable(folder: Path, manifest: Manifest) -> None:
     missing = [name for name in ("onnxruntime", "onnxruntime_extensions") if importlib.util.find_spec(name) is None]
     if missing:
@@ -91,6 +105,9 @@ class Engine:
             prefill = [_load_program(folder / entry.file, manifest.target) for entry in manifest.prefill]
             n_state = len(manifest.state_names) * len(manifest.prompt_slots)
             decode = _load_program(folder / manifest.decode.file, manifest.target, n_state)
+            weights = _load_shared_weights(folder, manifest, {entry.file: program for entry, program in
+                                                              zip([*manifest.prefill, manifest.decode],
+                                                                  [*prefill, decode], strict=True)})
         except Exception as error:  # a package from another torch build fails in many ways
             raise EngineError(f"engine {folder} could not be loaded ({type(error).__name__}: {error}); it was built "
                               f"with {manifest.versions}: rebuild it with this machine's libraries") from error
@@ -99,7 +116,9 @@ class Engine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder / manifest.tokenizer)
-        return cls(folder, manifest, prefill, decode, tokenizer)
+        engine = cls(folder, manifest, prefill, decode, tokenizer)
+        engine._weights = weights  # the programs read these tensors: they live as long as the engine
+        return engine
 
     @property
     def device(self) -> torch.device:
