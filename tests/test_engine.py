@@ -65,12 +65,18 @@ CORE_METHODS = {"snapkv", "knorm", "expected_attention", "lava"}
 def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
     options = method_options(method)
     quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine", target="exported")
+    engine_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options)
+    assert engine_tokens == compiled_tokens
+
+
+def engine_and_compiled_tokens(engine_dir, options: dict) -> tuple[list, list]:
+    """Greedy tokens of a tiny-Llama engine and of the kvc-compiled model on the padded batch."""
     ids, mask, prompts = padded_batch()
-    engine_tokens = Engine.load(tmp_path / "engine").generate(prompts, STEPS).tokens
+    engine_tokens = Engine.load(engine_dir).generate(prompts, STEPS).tokens
     torch._dynamo.reset()
     compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
                                          {**options, "inner_backend": "eager"}, ids, mask, STEPS)
-    assert engine_tokens == compiled.tolist()
+    return engine_tokens, compiled.tolist()
 
 
 def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_in_place(tmp_path):

@@ -8,8 +8,8 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import compiled_greedy_steps, tiny_model
-from test_engine import STEPS, method_options, padded_batch, quiet_build
+from conftest import tiny_model
+from test_engine import engine_and_compiled_tokens, method_options, quiet_build
 
 from kvc_compile.engine import Engine, EngineError
 from kvc_compile.engine.manifest import MANIFEST
@@ -49,12 +49,8 @@ def test_onnx_engine_passes_the_checker_and_keeps_the_compiled_tokens(method, tm
     assert {node.op_type for node in plugin_nodes(decode)} == decode_ops
     assert not any(node.domain not in ("", PLUGIN_DOMAIN) for node in [*compressing.graph.node, *decode.graph.node])
 
-    ids, mask, prompts = padded_batch()
-    tokens = Engine.load(tmp_path / "engine").generate(prompts, STEPS).tokens
-    torch._dynamo.reset()
-    compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
-                                         {**options, "inner_backend": "eager"}, ids, mask, STEPS)
-    assert tokens == compiled.tolist()
+    onnx_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options)
+    assert onnx_tokens == compiled_tokens
 
 
 def test_an_onnx_engine_of_another_dtype_is_refused_with_the_fix(tmp_path):
