@@ -52,10 +52,11 @@ def quiet_build(model, options, out, **kwargs):
                                                              "max_batch": 4, **kwargs})
 
 
-# One method per mechanism runs by default (a window scorer with a short-prompt program, a scorer
-# whose tiny prompts keep one entry, pre-RoPE keys, packed layout with budgets across layers); the
-# others are the same mechanisms and run with -m extended (about 30 s each on a 2-core CPU).
-CORE_METHODS = {"snapkv", "knorm", "expected_attention", "lava"}
+# By default: a window scorer with a short-prompt program, and a scorer whose tiny prompts keep one
+# entry. Pre-RoPE keys (expected_attention) and the packed layout (adakv, lava) go through the same
+# export by default in test_onnx_engine.py; every other method runs with -m extended (about 30 s
+# each on a 2-core CPU).
+CORE_METHODS = {"snapkv", "knorm"}
 
 
 @pytest.mark.parametrize("method", [

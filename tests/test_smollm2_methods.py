@@ -11,9 +11,12 @@ from kvc_compile.eval.passkey import passkey_inputs
 
 pytestmark = pytest.mark.smollm2
 NEW_TOKENS = 6
-# A window scorer, pre-RoPE scorers (rotary tables from the graph), head-adaptive and per-layer packed
-# budgets, budgets across layers (data-dependent sizes). MorphKV and LAQ: tests/test_smollm2_decoding.py.
-MECHANISMS = ("snapkv", "expected_attention", "compactor", "adakv", "pyramidkv", "lava")
+# A window scorer, pre-RoPE scorers (rotary tables from the graph), head-adaptive packed budgets,
+# budgets across layers (data-dependent sizes). PyramidKV's per-layer packed budgets run with
+# -m extended (every method is compiled against the reference on tiny configs by default).
+# MorphKV and LAQ: tests/test_smollm2_decoding.py.
+MECHANISMS = ("snapkv", "expected_attention", "compactor", "adakv",
+              pytest.param("pyramidkv", marks=pytest.mark.extended), "lava")
 
 
 @pytest.fixture(scope="module")
