@@ -112,8 +112,7 @@ def _layer_count(n_layers: int) -> Iterator[None]:
         register_schemas([PLUGINS["compress_layers"]])
 
 
-def _plugin_opset() -> onnxscript.values.Opset:
-    return onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+PLUGIN_OPSET = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)  # ops are looked up (by schema) when called
 
 
 def _or_empty(tensor, like):
@@ -121,32 +120,39 @@ def _or_empty(tensor, like):
     return tensor if tensor is not None else op.CastLike(op.Constant(value_floats=[]), like)
 
 
+def _mask_or_empty(attn_mask):
+    return attn_mask if attn_mask is not None else op.Cast(op.Constant(value_floats=[]), to=onnx.TensorProto.BOOL)
+
+
+def _score_inputs(query, keys, values, attn_mask, cos, sin) -> tuple:
+    """The six inputs of KvcCompressKV and KvcScoreKV."""
+    return query, keys, values, _mask_or_empty(attn_mask), _or_empty(cos, query), _or_empty(sin, query)
+
+
 def _lookup() -> dict[str, str]:
     return {"plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 
 
 def _compress_kv(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
-    mask = attn_mask if attn_mask is not None else op.Cast(op.Constant(value_floats=[]), to=onnx.TensorProto.BOOL)
-    return _plugin_opset().KvcCompressKV(query, keys, values, mask, _or_empty(cos, query), _or_empty(sin, query),
-                                         layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
-
-
-def _score_kv(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
-    mask = attn_mask if attn_mask is not None else op.Cast(op.Constant(value_floats=[]), to=onnx.TensorProto.BOOL)
-    return _plugin_opset().KvcScoreKV(query, keys, values, mask, _or_empty(cos, query), _or_empty(sin, query),
+    return PLUGIN_OPSET.KvcCompressKV(*_score_inputs(query, keys, values, attn_mask, cos, sin),
                                       layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
 
 
+def _score_kv(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
+    return PLUGIN_OPSET.KvcScoreKV(*_score_inputs(query, keys, values, attn_mask, cos, sin),
+                                   layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
+
+
 def _compress_layers(scores, keys, values, attn_mask, spec: str):
-    mask = attn_mask if attn_mask is not None else op.Cast(op.Constant(value_floats=[]), to=onnx.TensorProto.BOOL)
-    outputs = _plugin_opset().KvcCompressLayers(*scores, *keys, *values, mask, spec=spec, **_lookup())
+    outputs = PLUGIN_OPSET.KvcCompressLayers(*scores, *keys, *values, _mask_or_empty(attn_mask), spec=spec,
+                                             **_lookup())
     # The op returns a list of tensors, which the exporter reads back as an ONNX sequence.
     return op.SequenceConstruct(*outputs)
 
 
 def _packed_attention(query, keys, values, heads, kv_heads: int, scaling: float):
-    return _plugin_opset().KvcPackedAttention(query, keys, values, heads, kv_heads=kv_heads, scaling=scaling,
-                                              **_lookup())
+    return PLUGIN_OPSET.KvcPackedAttention(query, keys, values, heads, kv_heads=kv_heads, scaling=scaling,
+                                           **_lookup())
 
 
 def translation_table() -> dict:
@@ -164,14 +170,14 @@ class OnnxExportError(RuntimeError):
 
 def export_onnx(exported: torch.export.ExportedProgram, path: Path) -> Path:
     """Write ``exported`` as an ONNX model at ``path`` and check it with ``onnx.checker``."""
+    table = translation_table()
     remaining = {str(node.target) for node in exported.graph.nodes
-                 if node.op == "call_function" and str(node.target).startswith("kvc.")
-                 and node.target not in translation_table()}
+                 if node.op == "call_function" and str(node.target).startswith("kvc.") and node.target not in table}
     if remaining:
         raise OnnxExportError(f"the ops {sorted(remaining)} have no ONNX plugin node; build with --target aoti")
     register_schemas()
     with _layer_count(_n_layers(exported)):
-        program = torch.onnx.export(exported, dynamo=True, custom_translation_table=translation_table(),
+        program = torch.onnx.export(exported, dynamo=True, custom_translation_table=table,
                                     verbose=False, optimize=True)
     path = Path(path)
     program.save(str(path))
