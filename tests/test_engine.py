@@ -21,15 +21,20 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.engine import Engine, EngineError, build
 from kvc_compile.engine.build import _prefill_ranges
 from kvc_compile.engine.manifest import MANIFEST
+from kvc_compile.engine.runtime import _SlotSteps
 from kvc_compile.models import preset_config
 
 STEPS = 8
 WINDOWED = {"snapkv", "pyramidkv", "lava", "obcache"}
 SNAPKV_SCORED = {"adakv", "chunkkv"}  # wrap a scorer, SnapKV by default
-NOT_IN_ENGINES = {"laq", "morphkv"}  # refused with a message (test_unsupported_methods_are_refused)
+NOT_IN_ENGINES = {"laq"}  # refused with a message (test_unsupported_methods_are_refused)
+MORPHKV = {"method": "morphkv", "budget": 20, "window_size": 4}  # a constant cache of 20 entries per KV head
+PERIODIC_SNAPKV = {"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4, "target_size": 16}
 
 
 def method_options(method: str) -> dict:
+    if method == "morphkv":
+        return dict(MORPHKV)
     options = {"method": method, "compression_ratio": 0.5}
     if method in WINDOWED:
         options["window_size"] = 8  # short prompts still get compressed
@@ -70,14 +75,34 @@ def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
     assert engine_tokens == compiled_tokens
 
 
-def engine_and_compiled_tokens(engine_dir, options: dict) -> tuple[list, list]:
+def engine_and_compiled_tokens(engine_dir, options: dict, length: int = 40, steps: int = STEPS) -> tuple[list, list]:
     """Greedy tokens of a tiny-Llama engine and of the kvc-compiled model on the padded batch."""
-    ids, mask, prompts = padded_batch()
-    engine_tokens = Engine.load(engine_dir).generate(prompts, STEPS).tokens
+    ids, mask, prompts = padded_batch(length)
+    engine_tokens = Engine.load(engine_dir).generate(prompts, steps).tokens
     torch._dynamo.reset()
     compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
-                                         {**options, "inner_backend": "eager"}, ids, mask, STEPS)
+                                         {**options, "inner_backend": "eager"}, ids, mask, steps)
     return engine_tokens, compiled.tolist()
+
+
+# MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one. Periodic
+# SnapKV on a 40-token prompt: prefill keeps 16, every fourth step evicts back to 16.
+@pytest.mark.parametrize("options, length", [(MORPHKV, 12), (PERIODIC_SNAPKV, 40)], ids=["morphkv", "periodic"])
+def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, tmp_path):
+    result = quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine",
+                         target="exported", max_new_tokens=64)
+    manifest = result.manifest
+    config = CompressionConfig.from_options(options)
+    assert manifest.capacity == [config.decode_threshold] * 2 and manifest.decode_target == config.decode_target
+    engine_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options, length, 24)
+    assert engine_tokens == compiled_tokens
+    # One program appends and one evicts, over the same fixed shapes: eviction is only in the second.
+    kvc_ops = {}
+    for entry in (manifest.decode, manifest.decode_evict):
+        graph = torch.export.load(str(tmp_path / "engine" / entry.file)).graph
+        kvc_ops[entry.file] = {str(node.target) for node in graph.nodes if str(node.target).startswith("kvc.")}
+    assert "kvc.compress_decode.default" not in kvc_ops[manifest.decode.file]
+    assert {"kvc.compress_decode.default", "kvc.shift_in.default"} <= kvc_ops[manifest.decode_evict.file]
 
 
 def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_in_place(tmp_path):
@@ -105,13 +130,10 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
     assert Engine.load(tmp_path / "onnx").generate(prompts, STEPS).tokens == tokens
     # The decode program writes the new entries into the buffers it is given (nothing is returned).
     outputs = engine._prefill_program(ids.shape[1])(ids, mask)
-    buffers, kept = engine._decode_buffers(outputs[1:])
-    slot = engine.manifest.prompt_slots[0]
+    steps = _SlotSteps(engine, outputs[1:], mask)
+    buffers, slot = steps.buffers, engine.manifest.prompt_slots[0]
     assert not buffers[0][:, :, slot].any()
-    prompt_mask = engine._prompt_slot_mask(mask, kept)
-    prompt_mask[:, slot] = True
-    engine._decode(ids[:, -1:], mask.sum(-1, keepdim=True), prompt_mask[:, None, None, :], torch.tensor([0]),
-                   *buffers)
+    assert steps(ids[:, -1:], mask.sum(-1, keepdim=True), 0) is not None
     assert buffers[0][:, :, slot].abs().sum() > 0 and not buffers[0][:, :, slot + 1].any()
 
 
@@ -139,15 +161,14 @@ def test_prompt_ranges_split_where_the_kept_length_changes_form():
         _prefill_ranges(snapkv, 8)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"method": "laq", "budget": 16}, "Lookahead"),
-    ({"method": "morphkv", "budget": 16, "window_size": 4}, "while decoding"),
-    ({"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4, "target_size": 16},
-     "while decoding"),
+@pytest.mark.parametrize("options, target, message", [
+    ({"method": "laq", "budget": 16}, "exported", "Lookahead"),
+    (MORPHKV, "onnx", "compresses while decoding.*--target aoti"),
+    ({**PERIODIC_SNAPKV, "budget": 40}, "exported", "keeps up to 40 entries.*at most 19"),
 ])
-def test_unsupported_methods_are_refused(options, message, tmp_path):
+def test_unsupported_methods_are_refused(options, target, message, tmp_path):
     with pytest.raises(EngineError, match=message):
-        quiet_build(tiny_model("llama"), options, tmp_path / "engine", target="exported")
+        quiet_build(tiny_model("llama"), options, tmp_path / "engine", target=target)
 
 
 @pytest.mark.parametrize("target, message", [("tensorrt", "tensorrt"), ("tflite", "unknown target")])

@@ -34,6 +34,7 @@ from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
 from kvc_compile.engine.manifest import FORMAT_VERSION, EngineError, Manifest, ProgramEntry
 from kvc_compile.engine.programs import DecodeProgram, PrefillProgram, StateLayout
+from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.passes import PassManager
 
 TARGETS = ("aoti", "exported", "onnx", "tensorrt")
@@ -74,11 +75,13 @@ def check_supported(config: CompressionConfig) -> None:
             f"kvc_compile.lookahead_generate on a torch.compile'd model, or build the engine with its stage-1 "
             f"method (e.g. --method snapkv)"
         )
-    if config.decode_target is not None:
+
+
+def check_target_supports(config: CompressionConfig, target: str) -> None:
+    if target == "onnx" and config.decode_target is not None:
         raise EngineError(
-            f"{config.method} with compression while decoding (decoding_interval/target_size, MorphKV) is not "
-            f"supported by engines yet: their decode program has a fixed capacity. Use torch.compile(backend='kvc') "
-            f"for it, or build without decoding_interval/target_size"
+            f"{config.method} compresses while decoding (MorphKV, decoding_interval/target_size), which the ONNX "
+            f"target does not export yet; build it with --target aoti (or exported)"
         )
 
 
@@ -130,6 +133,18 @@ def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=1024)
 
 
+def _export_rewritten(program: torch.nn.Module, example: tuple, shapes, config: CompressionConfig,
+                      decode_eviction: bool = True):
+    """Export ``program``, let the kvc passes rewrite its aten graph, and export the result again so
+    shapes and guards are re-derived. Returns the export and the rewritten module."""
+    traced = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
+    rewritten = traced.module()
+    PassManager(config, decode_eviction=decode_eviction).run(rewritten)
+    # The rewritten module takes its inputs flat: a ``*state`` argument's shapes come out of their tuple.
+    flat_shapes = tuple(item for shape in shapes for item in (shape if isinstance(shape, tuple) else (shape,)))
+    return torch.export.export(rewritten, example, dynamic_shapes=flat_shapes, strict=False), rewritten
+
+
 def _export_prefill(model, config: CompressionConfig, layout: StateLayout, lengths: tuple[int, int],
                     device: torch.device):
     low, high = lengths
@@ -139,20 +154,18 @@ def _export_prefill(model, config: CompressionConfig, layout: StateLayout, lengt
     # solver cannot simplify) must not fail the export.
     length = low if low == high else torch.export.Dim.DYNAMIC(min=low, max=high)
     shapes = ({0: batch, 1: length}, {0: batch, 1: length})
-    traced = torch.export.export(PrefillProgram(model, layout), example, dynamic_shapes=shapes, strict=False)
-    rewritten = traced.module()
-    PassManager(config).run(rewritten)
-    return torch.export.export(rewritten, example, dynamic_shapes=shapes, strict=False), rewritten
+    return _export_rewritten(PrefillProgram(model, layout), example, shapes, config)
 
 
 def _entry_lengths(prefill, layout: StateLayout, n_layers: int, length: int, vocab: int, device) -> list[int]:
     ids = torch.full((1, length), 3, dtype=torch.long, device=device)
     outputs = prefill(ids, torch.ones_like(ids))
-    per_layer = len(layout.state_names) + 1
+    per_layer = len(layout.prefill_names)
     return [outputs[1 + i * per_layer].shape[2] for i in range(n_layers)]
 
 
-def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torch.dtype, device) -> tuple:
+def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torch.dtype, device,
+                    recent_queries: int = 0) -> tuple:
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -162,9 +175,33 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
         state += [torch.zeros(EXAMPLE_BATCH, heads, slots, head_dim, dtype=dtype, device=device) for _ in range(2)]
         if layout.packed:
             state.append(torch.full((EXAMPLE_BATCH, 1, slots), -1, dtype=torch.int32, device=device))
+        if layout.window:
+            state.append(torch.full((EXAMPLE_BATCH, kv_heads, slots), -1, dtype=INDEX_DTYPE, device=device))
+            state.append(torch.zeros(EXAMPLE_BATCH, cfg.num_attention_heads, recent_queries, head_dim, dtype=dtype,
+                                     device=device))
     token = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long, device=device)
     mask = torch.ones(EXAMPLE_BATCH, 1, 1, max(capacity), dtype=torch.bool, device=device)
     return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)
+
+
+def _decode_capacity(config: CompressionConfig, layout: StateLayout, prompt_slots: list[int], max_new_tokens: int,
+                     kv_heads: int) -> list[int]:
+    """Slots per layer of the decode buffers: the prompt's entries plus every decoded token's, or,
+    with compression while decoding, ``target_size + decoding_interval`` (the most a layer holds)."""
+    if not layout.packed and len(set(prompt_slots)) > 1:
+        raise EngineError(f"layers keep different numbers of prompt entries ({sorted(set(prompt_slots))}) in the "
+                          f"dense layout, which engines do not support")
+    if layout.window:
+        threshold = config.decode_threshold
+        if max(prompt_slots) >= threshold:
+            raise EngineError(
+                f"{config.method}: the prefill keeps up to {max(prompt_slots)} entries per KV head, and engines "
+                f"compress while decoding over buffers of target_size + decoding_interval ({threshold}) entries; "
+                f"keep at most {threshold - 1} at prefill (a budget no larger than target_size) or raise target_size"
+            )
+        return [threshold] * len(prompt_slots)
+    entries_per_token = kv_heads if layout.packed else 1
+    return [slots + max_new_tokens * entries_per_token for slots in prompt_slots]
 
 
 class SharedWeights:
@@ -250,6 +287,7 @@ def build(
         _require_onnx()
     config = CompressionConfig.from_options(options)
     check_supported(config)
+    check_target_supports(config, target)
     for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EngineError(f"{name} must be a positive integer, got {value!r}")
@@ -268,7 +306,7 @@ def build(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     n_layers = model.config.num_hidden_layers
-    stages = _Stages(console, total=2 * len(ranges) + 2, enabled=progress)
+    stages = _Stages(console, total=2 * len(ranges) + (4 if layout.window else 2), enabled=progress)
     prefill_entries: list[ProgramEntry] = []
     weights = SharedWeights() if target == "aoti" else None
     lengths_per_range: list[list[int]] = []
@@ -283,19 +321,25 @@ def build(
                 file = _save_program(exported, out / name, target, weights)
             prefill_entries.append(ProgramEntry(file, low, high))
         prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
-        entries_per_token = model.config.num_key_value_heads if layout.packed else 1
-        capacity = [slots + max_new_tokens * entries_per_token for slots in prompt_slots]
-        if not layout.packed and len(set(prompt_slots)) > 1:
-            raise EngineError(f"layers keep different numbers of prompt entries ({sorted(set(prompt_slots))}) in the "
-                              f"dense layout, which engines do not support")
+        capacity = _decode_capacity(config, layout, prompt_slots, max_new_tokens, model.config.num_key_value_heads)
+        program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
+        example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries)
+        batch = _batch_dim()
+        shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
         with stages.stage("export decode (fixed capacity)"):
-            program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
-            example = _decode_example(model, layout, capacity, dtype, device)
-            batch = _batch_dim()
-            shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
-            decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
+            if layout.window:
+                decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)
+            else:
+                decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
         with stages.stage(f"compile decode ({target})"):
             decode_file = _save_program(decode, out / "decode", target, weights)
+        decode_evict = None
+        if layout.window:
+            with stages.stage(f"export decode_evict (back to {config.decode_target} entries) and insert eviction"):
+                evicting, _ = _export_rewritten(program, example, shapes, config)
+            with stages.stage(f"compile decode_evict ({target})"):
+                decode_evict = ProgramEntry(_save_program(evicting, out / "decode_evict", target, weights),
+                                            1, max(capacity))
     shared_weights = weights.save(out) if weights is not None else None
     tokenizer_dir = None
     if tokenizer is not None:
@@ -318,6 +362,8 @@ def build(
                  **({"short_prompts": lengths_per_range[0]} if len(ranges) > 1 else {})},
         prefill=prefill_entries,
         decode=ProgramEntry(decode_file, 1, max(capacity)),
+        decode_evict=decode_evict,
+        decode_target=config.decode_target,
         eos_token_ids=eos_ids(model, tokenizer),
         pad_token_id=pad_id(model, tokenizer),
         versions=library_versions(),

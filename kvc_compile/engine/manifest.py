@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: AOTInductor packages without constants, beside one weights file
+# 2: AOTInductor packages without constants, beside one weights file; 3: compression while decoding
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -52,9 +53,17 @@ class Manifest:
     pad_token_id: int
     versions: dict[str, str]
     tokenizer: str | None = None  # a folder, or None when the model came without one
+    # Compression while decoding (window layout): the program of the steps that evict, and the
+    # entries per KV head they bring a layer back to.
+    decode_evict: ProgramEntry | None = None
+    decode_target: int | None = None
     # AOTInductor: {"file": weights file, "programs": {program file: {constant name: key in the file}}}
     weights: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+    @property
+    def programs(self) -> list[ProgramEntry]:
+        return [*self.prefill, self.decode, *([self.decode_evict] if self.decode_evict is not None else [])]
 
     def write(self, folder: Path) -> None:
         self.files = {str(path.relative_to(folder)): sha256(path) for path in sorted(folder.rglob("*"))
@@ -80,6 +89,8 @@ class Manifest:
         try:
             raw["prefill"] = [ProgramEntry(**entry) for entry in raw["prefill"]]
             raw["decode"] = ProgramEntry(**raw["decode"])
+            if raw.get("decode_evict") is not None:
+                raw["decode_evict"] = ProgramEntry(**raw["decode_evict"])
             manifest = cls(**raw)
         except (KeyError, TypeError) as error:
             raise EngineError(f"{path} is incomplete or corrupted ({error}); rebuild the engine with "

@@ -1,4 +1,4 @@
-"""The two programs an engine is made of, as modules ``torch.export`` can trace.
+"""The programs an engine is made of, as modules ``torch.export`` can trace.
 
 ``PrefillProgram``: ``(input_ids, attention_mask) -> (logits of the last token, *cache state)``.
 The model runs on a fresh ``CompressedCache``; the kvc pass, applied to the exported aten graph,
@@ -13,6 +13,14 @@ compiled path slices its 2-D mask (``kvc_compile.engine.runtime``).
 
 Per layer the state is ``keys, values`` plus ``heads`` (packed layout: the KV head of each entry,
 -1 for an empty slot) plus the five low-rank factors (KQ-SVD), in ``state_names`` order.
+
+Compression while decoding (MorphKV, ``decoding_interval``) uses the *window* layout instead:
+per layer ``keys, values, positions, recent_queries``, the entries ending at the last slot (empty
+slots first, masked like padding). A step drops the first slot and appends the new entry, and
+returns the new state after the logits (``step`` is then the new token's logical position). Two
+programs share these shapes: one that only appends, and one in which the kvc pass evicts back to
+``target_size`` after attention (``CompressDecodeCache``). The capacity is ``target_size +
+decoding_interval``, so the evicting step scores exactly the entries the compiled path scores.
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ from kvc_compile.cache import CachedKeys, CompressedCache
 from kvc_compile.config import CompressionConfig
 from kvc_compile.lookahead import prompt_position_ids
 from kvc_compile.methods.base import INDEX_DTYPE
+from kvc_compile.ops.decode import append_positions_at, push_query
 from kvc_compile.ops.lowrank import FACTOR_NAMES, lowrank_project
 
 LOWRANK_STATE = (*FACTOR_NAMES, "output_fold")
+WINDOW_STATE = ("keys", "values", "positions", "recent_queries")
 
 
 @dataclass(frozen=True)
@@ -38,14 +48,18 @@ class StateLayout:
 
     packed: bool
     lowrank: bool
+    window: bool = False  # compression while decoding (see the module docstring)
 
     @classmethod
     def of(cls, config: CompressionConfig) -> StateLayout:
         method = config.method_impl
-        return cls(packed=method is not None and method.layout == "packed", lowrank=config.lowrank is not None)
+        return cls(packed=method is not None and method.layout == "packed", lowrank=config.lowrank is not None,
+                   window=config.decode_target is not None)
 
     @property
     def state_names(self) -> tuple[str, ...]:
+        if self.window:
+            return WINDOW_STATE
         names = ("keys", "values")
         if self.packed:
             names += ("heads",)
@@ -56,7 +70,18 @@ class StateLayout:
     @property
     def entry_names(self) -> tuple[str, ...]:
         """The state tensors whose length grows with the entries (the others are per-layer constants)."""
+        if self.window:
+            return WINDOW_STATE[:3]
         return ("keys", "values", "heads") if self.packed else ("keys", "values")
+
+    @property
+    def prefill_names(self) -> tuple[str, ...]:
+        """What the prefill program returns per layer: the state, and the kept entries' positions."""
+        return prefill_state_names(self.state_names)
+
+
+def prefill_state_names(state_names) -> tuple[str, ...]:
+    return tuple(state_names) if "positions" in state_names else (*state_names, "positions")
 
 
 class PrefillProgram(nn.Module):
@@ -75,8 +100,7 @@ class PrefillProgram(nn.Module):
                          use_cache=True, logits_to_keep=1)
         outputs = [out.logits[:, -1]]
         for layer in cache.layers:
-            outputs += [_layer_state(layer, name) for name in self.layout.state_names]
-            outputs.append(layer.positions)
+            outputs += [_layer_state(layer, name) for name in self.layout.prefill_names]
         return tuple(outputs)
 
 
@@ -130,8 +154,36 @@ class SlotLayer(DynamicLayer):
         return self.keys.shape[-2], 0
 
 
+class WindowLayer(DynamicLayer):
+    """A window-layout cache layer (see the module docstring): a step drops the first slot, empty
+    whenever the runtime calls it, and appends the new entry. It calls the markers
+    ``CompressedLayer`` calls while decoding, so the kvc pass shifts the query buffer and can evict
+    as in the compiled path."""
+
+    def __init__(self, state: dict[str, Tensor], position: Tensor) -> None:
+        super().__init__()
+        self.state = state
+        self.position = position
+        self.keys, self.values = state["keys"], state["values"]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        state = self.state
+        state["positions"] = append_positions_at(state["positions"][..., 1:], key_states, self.position)
+        state["recent_queries"] = push_query(state["recent_queries"], key_states)
+        self.keys = state["keys"] = torch.cat([self.keys[:, :, 1:], key_states], dim=-2)
+        self.values = state["values"] = torch.cat([self.values[:, :, 1:], value_states], dim=-2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
 class SlotCache(Cache):
-    def __init__(self, layers: list[SlotLayer]) -> None:
+    def __init__(self, layers: list[DynamicLayer]) -> None:
         super().__init__(layers=layers)
 
 
@@ -143,8 +195,9 @@ class DecodeProgram(nn.Module):
         super().__init__()
         self.model = model
         self.layout = layout
-        # ONNX has no in-place update of inputs: its decode graph returns the written buffers too.
-        self.return_state = return_state
+        # ONNX has no in-place update of inputs: its decode graph returns the written buffers too,
+        # as window-layout programs always do (their buffers change shape inside the step).
+        self.return_state = return_state or layout.window
         # Per layer, the slots reserved for prompt entries (per KV head; packed: per row, a multiple
         # of kv_heads).
         self.prompt_slots = list(prompt_slots)
@@ -155,11 +208,13 @@ class DecodeProgram(nn.Module):
         names = self.layout.state_names
         per_layer = len(names)
         entries_per_token = self.kv_heads if self.layout.packed else 1
-        layers = [
-            SlotLayer(self.layout, dict(zip(names, state[i * per_layer:(i + 1) * per_layer], strict=True)),
-                      step + prompt_slots // entries_per_token, self.kv_heads)
-            for i, prompt_slots in enumerate(self.prompt_slots)
-        ]
+        layer_states = [dict(zip(names, state[i * per_layer:(i + 1) * per_layer], strict=True))
+                        for i in range(len(self.prompt_slots))]
+        if self.layout.window:
+            layers = [WindowLayer(layer_state, step) for layer_state in layer_states]
+        else:
+            layers = [SlotLayer(self.layout, layer_state, step + prompt_slots // entries_per_token, self.kv_heads)
+                      for layer_state, prompt_slots in zip(layer_states, self.prompt_slots, strict=True)]
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=SlotCache(layers), use_cache=True)
         if self.return_state:
@@ -167,4 +222,4 @@ class DecodeProgram(nn.Module):
         return out.logits[:, -1]
 
 
-__all__ = ["DecodeProgram", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout"]
+__all__ = ["DecodeProgram", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout", "WindowLayer"]

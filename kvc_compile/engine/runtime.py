@@ -8,6 +8,13 @@ The prefill program returns the compressed cache; its entries are copied into bu
 decode program's fixed capacity (prompt slots first, then one slot per decoded token). The mask
 each step gets marks the slots holding real entries the same way the compiled path slices its
 2-D mask: prompt entry ``j`` of ``k`` kept stands at logical position ``n - k + j``.
+
+Engines that compress while decoding keep each layer's entries at the end of its buffers (the
+window layout of ``kvc_compile.engine.programs``). Each step the runtime knows how many entries a
+layer holds, as the compiled path does, and calls the evicting program when the step brings it to
+``target_size + decoding_interval``. Eviction keeps real entries before padding, and kept entries
+stay in cache order, so after it the mask marks each row's last ``min(real entries, target_size)``
+slots, computed on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import kvc_compile.cache.attention  # noqa: F401  (registers the kvc ops the programs call)
@@ -82,11 +90,12 @@ def _check_onnx_runnable(folder: Path, manifest: Manifest) -> None:
 class Engine:
     """A built engine: prefill programs by prompt length, one decode program, the tokenizer."""
 
-    def __init__(self, folder: Path, manifest: Manifest, prefill: list, decode, tokenizer) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, prefill: list, decode, tokenizer, decode_evict=None) -> None:
         self.folder = folder
         self.manifest = manifest
         self._prefill = prefill
         self._decode = decode
+        self._decode_evict = decode_evict
         self.tokenizer = tokenizer
 
     @classmethod
@@ -105,9 +114,12 @@ class Engine:
             prefill = [_load_program(folder / entry.file, manifest.target) for entry in manifest.prefill]
             n_state = len(manifest.state_names) * len(manifest.prompt_slots)
             decode = _load_program(folder / manifest.decode.file, manifest.target, n_state)
+            decode_evict = None
+            if manifest.decode_evict is not None:
+                decode_evict = _load_program(folder / manifest.decode_evict.file, manifest.target, n_state)
+            programs = [*prefill, decode, *([decode_evict] if decode_evict is not None else [])]
             weights = _load_shared_weights(folder, manifest, {entry.file: program for entry, program in
-                                                              zip([*manifest.prefill, manifest.decode],
-                                                                  [*prefill, decode], strict=True)})
+                                                              zip(manifest.programs, programs, strict=True)})
         except Exception as error:  # a package from another torch build fails in many ways
             raise EngineError(f"engine {folder} could not be loaded ({type(error).__name__}: {error}); it was built "
                               f"with {manifest.versions}: rebuild it with this machine's libraries") from error
@@ -116,7 +128,7 @@ class Engine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder / manifest.tokenizer)
-        engine = cls(folder, manifest, prefill, decode, tokenizer)
+        engine = cls(folder, manifest, prefill, decode, tokenizer, decode_evict)
         engine._weights = weights  # the programs read these tensors: they live as long as the engine
         return engine
 
@@ -185,7 +197,8 @@ class Engine:
         started = time.perf_counter()
         with torch.no_grad():
             outputs = self._prefill_program(length)(ids, mask)
-            logits, buffers, kept = outputs[0], *self._decode_buffers(outputs[1:])
+            logits = outputs[0]
+            steps = (_WindowSteps if manifest.decode_evict is not None else _SlotSteps)(self, outputs[1:], mask)
             cache_bytes = sum(tensor.nbytes for tensor in outputs[1:])
             token = pick(logits)
             if self.device.type == "cuda":
@@ -196,15 +209,12 @@ class Engine:
             generated = [token]
             if on_token is not None:
                 on_token(0, token)
-            slot_mask = self._prompt_slot_mask(mask, kept)
             for step in range(max_new_tokens - 1):
                 if bool(finished.all()):
                     break
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
                 position_ids = mask.cumsum(-1)[:, -1:] - 1
-                slot_mask[:, manifest.prompt_slots[0] + step] = True  # the slot this step writes
-                logits = self._decode(token[:, None], position_ids, slot_mask[:, None, None, :],
-                                      torch.tensor([step], device=self.device), *buffers)
+                logits = steps(token[:, None], position_ids, step)
                 token = pick(logits).masked_fill(finished, manifest.pad_token_id)
                 finished |= torch.isin(token, eos)
                 generated.append(token)
@@ -224,28 +234,78 @@ class Engine:
                 return program
         raise EngineError(f"no prefill program of this engine takes {length}-token prompts")
 
-    def _decode_buffers(self, state: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
-        """The prefill's cache copied into fixed-capacity buffers; returns them and the entries kept per layer."""
-        names = self.manifest.state_names
+
+class _SlotSteps:
+    """Decode steps over slot buffers: the prompt's entries first, then one slot per step, written in place."""
+
+    def __init__(self, engine: Engine, state: Sequence[Tensor], prompt_mask: Tensor) -> None:
+        self.engine = engine
+        manifest = engine.manifest
+        names = manifest.state_names
         per_layer = len(names) + 1  # + positions
-        buffers, kept = [], []
-        for layer, capacity in enumerate(self.manifest.capacity):
+        self.buffers, kept = [], []
+        for layer, capacity in enumerate(manifest.capacity):
             tensors = state[layer * per_layer: (layer + 1) * per_layer - 1]
             kept.append(tensors[0].shape[2])
             for name, tensor in zip(names, tensors, strict=True):
                 buffer = torch.full((*tensor.shape[:2], capacity, *tensor.shape[3:]), -1 if name == "heads" else 0,
                                     dtype=tensor.dtype, device=tensor.device)
                 buffer[:, :, : tensor.shape[2]] = tensor
-                buffers.append(buffer)
-        return buffers, kept
+                self.buffers.append(buffer)
+        # [batch, capacity] bool: prompt slots holding a real (non-padding) entry; a step adds its slot.
+        length = prompt_mask.shape[1]
+        self.slot_mask = torch.zeros(prompt_mask.shape[0], max(manifest.capacity), dtype=torch.bool,
+                                     device=prompt_mask.device)
+        if not manifest.packed:  # packed layers label their entries instead (empty slots: -1)
+            self.slot_mask[:, : kept[0]] = prompt_mask[:, length - kept[0]:].bool()
 
-    def _prompt_slot_mask(self, mask: Tensor, kept: list[int]) -> Tensor:
-        """[batch, capacity] bool: prompt slots holding a real (non-padding) entry; decoded slots are added per step."""
-        length = mask.shape[1]
-        slot_mask = torch.zeros(mask.shape[0], max(self.manifest.capacity), dtype=torch.bool, device=mask.device)
-        if not self.manifest.packed:  # packed layers label their entries instead (empty slots: -1)
-            slot_mask[:, : kept[0]] = mask[:, length - kept[0]:].bool()
-        return slot_mask
+    def __call__(self, token: Tensor, position_ids: Tensor, step: int) -> Tensor:
+        engine = self.engine
+        self.slot_mask[:, engine.manifest.prompt_slots[0] + step] = True  # the slot this step writes
+        return engine._decode(token, position_ids, self.slot_mask[:, None, None, :],
+                              torch.tensor([step], device=engine.device), *self.buffers)
+
+
+class _WindowSteps:
+    """Decode steps over window-layout buffers (compression while decoding; see the module docstring)."""
+
+    ENTRY_FILL = {"keys": 0, "values": 0, "positions": -1}
+
+    def __init__(self, engine: Engine, state: Sequence[Tensor], prompt_mask: Tensor) -> None:
+        self.engine = engine
+        manifest = engine.manifest
+        self.capacity, self.target = manifest.capacity[0], manifest.decode_target
+        self.prompt_length = prompt_mask.shape[1]
+        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(manifest.state_names * len(manifest.capacity),
+                                                                          state, strict=True)]
+        self.entries = state[0].shape[2]  # per KV head, padding included: what the compiled path counts
+        self.slot_mask = torch.zeros(prompt_mask.shape[0], self.capacity, dtype=torch.bool, device=prompt_mask.device)
+        self.slot_mask[:, self.capacity - self.entries:] = prompt_mask[:, self.prompt_length - self.entries:].bool()
+
+    def _at_end(self, name: str, tensor: Tensor) -> Tensor:
+        """An entry tensor padded in front to the capacity (empty slots first); other state as it is."""
+        if name not in self.ENTRY_FILL:
+            return tensor
+        pad = self.capacity - tensor.shape[2]
+        return F.pad(tensor, (0, 0, pad, 0) if tensor.dim() == 4 else (pad, 0), value=self.ENTRY_FILL[name])
+
+    def __call__(self, token: Tensor, position_ids: Tensor, step: int) -> Tensor:
+        engine = self.engine
+        # The compiled path evicts when a step brings a layer to target_size + decoding_interval.
+        evict = self.entries + 1 >= self.capacity
+        self.slot_mask = torch.cat([self.slot_mask[:, 1:], self.slot_mask.new_ones(len(token), 1)], dim=-1)
+        program = engine._decode_evict if evict else engine._decode
+        position = torch.tensor([self.prompt_length + step], device=engine.device)
+        logits, *state = program(token, position_ids, self.slot_mask[:, None, None, :], position, *self.buffers)
+        names = engine.manifest.state_names * len(engine.manifest.capacity)
+        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(names, state, strict=True)]
+        if evict:
+            real = self.slot_mask.sum(-1, keepdim=True).clamp(max=self.target)
+            self.slot_mask = torch.arange(self.capacity, device=real.device) >= self.capacity - real
+            self.entries = self.target
+        else:
+            self.entries += 1
+        return logits
 
 
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:

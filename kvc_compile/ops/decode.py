@@ -131,6 +131,20 @@ def _(positions, key_states, start):
     return positions.new_empty(*positions.shape[:-1], positions.shape[-1] + added)
 
 
+@torch.library.custom_op("kvc::append_positions_at", mutates_args=())
+def append_positions_at(positions: Tensor, key_states: Tensor, start: Tensor) -> Tensor:
+    """``append_positions`` for dense layers with the first new position given as a tensor ([1]):
+    an engine's decode program takes it as an input, where the compiled path bakes in an int."""
+    batch, kv_heads, q_len, _ = key_states.shape
+    new = torch.arange(q_len, device=positions.device, dtype=positions.dtype) + start.to(positions.dtype)
+    return torch.cat([positions, new.expand(batch, kv_heads, q_len)], dim=-1)
+
+
+@append_positions_at.register_fake
+def _(positions, key_states, start):
+    return positions.new_empty(*positions.shape[:-1], positions.shape[-1] + key_states.shape[2])
+
+
 def compress_decode_site(
     config: CompressionConfig,
     buffer: Tensor,

@@ -46,11 +46,11 @@ from kvc_compile.passes.prefill_compression import CacheLayoutError, getitems, n
 kvc = torch.ops.kvc
 
 
-def marker_user(k_rope: fx.Node | None, op) -> fx.Node | None:
-    """The call of ``op`` (a cache marker) on this layer's new keys, if the cache made one."""
+def marker_user(k_rope: fx.Node | None, *ops) -> fx.Node | None:
+    """The call of one of ``ops`` (a cache marker) on this layer's new keys, if the cache made one."""
     if k_rope is None:
         return None
-    targets = {op, op.default}
+    targets = {target for op in ops for target in (op, op.default)}
     return next((user for user in k_rope.users if user.op == "call_function" and user.target in targets), None)
 
 
@@ -108,7 +108,7 @@ class CompressDecodeCache:
         if not decode_sites or not bool(decode_sites[0].cached_length >= threshold):
             return 0
         for site in decode_sites:
-            positions = marker_user(new_key_states(site.cached_keys), kvc.append_positions)
+            positions = marker_user(new_key_states(site.cached_keys), kvc.append_positions, kvc.append_positions_at)
             buffer = site.recent_queries
             if positions is None or buffer is None:
                 raise CacheLayoutError(

@@ -27,15 +27,18 @@ class PassManager:
     prompt entries for LAQ's second stage, (5) evict inside decode graphs (MorphKV, periodic
     compression), which votes with the recent queries, (6) project what the cache stores to low
     rank (KQ-SVD), which must see the entries eviction kept, (7) fold the low-rank value lift of
-    decode graphs into ``o_proj``, (8) fuse RoPE into the projection of each new key."""
+    decode graphs into ``o_proj``, (8) fuse RoPE into the projection of each new key.
 
-    def __init__(self, config: CompressionConfig) -> None:
+    ``decode_eviction=False`` leaves out (5): an engine's decode program for the steps that only
+    append has the same cache shape as the one that evicts, so the shape cannot tell them apart."""
+
+    def __init__(self, config: CompressionConfig, decode_eviction: bool = True) -> None:
         self.config = config
         self.passes = [
             InsertPrefillCompression(config),
             RecordRecentQueries(config),
             KeepPromptEntries(config),
-            CompressDecodeCache(config),
+            *([CompressDecodeCache(config)] if decode_eviction else []),
             ProjectCacheToLowRank(config),
             FoldValueProjection(),
             FuseRopeIntoLowRankProjection(),
