@@ -276,8 +276,8 @@ class _WindowSteps:
         manifest = engine.manifest
         self.capacity, self.target = manifest.capacity[0], manifest.decode_target
         self.prompt_length = prompt_mask.shape[1]
-        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(manifest.state_names * len(manifest.capacity),
-                                                                          state, strict=True)]
+        self.names = manifest.state_names * len(manifest.capacity)
+        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(self.names, state, strict=True)]
         self.entries = state[0].shape[2]  # per KV head, padding included: what the compiled path counts
         self.slot_mask = torch.zeros(prompt_mask.shape[0], self.capacity, dtype=torch.bool, device=prompt_mask.device)
         self.slot_mask[:, self.capacity - self.entries:] = prompt_mask[:, self.prompt_length - self.entries:].bool()
@@ -297,8 +297,7 @@ class _WindowSteps:
         program = engine._decode_evict if evict else engine._decode
         position = torch.tensor([self.prompt_length + step], device=engine.device)
         logits, *state = program(token, position_ids, self.slot_mask[:, None, None, :], position, *self.buffers)
-        names = engine.manifest.state_names * len(engine.manifest.capacity)
-        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(names, state, strict=True)]
+        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(self.names, state, strict=True)]
         if evict:
             real = self.slot_mask.sum(-1, keepdim=True).clamp(max=self.target)
             self.slot_mask = torch.arange(self.capacity, device=real.device) >= self.capacity - real
