@@ -80,10 +80,10 @@ def rollout(step: Step, first_token: Tensor, mask: Tensor, steps: int, eos_token
     return torch.stack(voting, dim=1)
 
 
-def rescore_layer(config: CompressionConfig, layer: CompressedLayer, prompt_mask: Tensor, pseudo_valid: Tensor) -> None:
-    """Stage 2 for one layer: keep the prompt entries the buffered queries vote for; forget the rest."""
+def stage2_entries(config: CompressionConfig, keys: Tensor, values: Tensor, recent_queries: Tensor,
+                   prompt_mask: Tensor, pseudo_valid: Tensor) -> CompressedKV:
+    """Stage 2 on one layer's full prompt ``keys``/``values``: the entries the buffered queries vote for."""
     method = config.method_impl
-    keys, values = layer.prompt_keys, layer.prompt_values
     batch, kv_heads, n, _ = keys.shape
     valid = prompt_mask.bool()
     # The buffer's first rows are the last window_size prompt queries (zeros before a short prompt).
@@ -91,10 +91,16 @@ def rescore_layer(config: CompressionConfig, layer: CompressedLayer, prompt_mask
     voter_valid = torch.cat([padded[:, padded.shape[1] - method.window_size :], pseudo_valid], dim=1)
     n_kept = config.kept_length(n)
     if n_kept >= n:
-        compressed = CompressedKV(keys, values, *prefill_entries(batch, kv_heads, n, keys.device))
-    else:
-        scores = method.lookahead_scores(keys, valid, layer.recent_queries, voter_valid)
-        compressed = keep_dense(keys, values, select_uniform(scores, valid, n_kept))
+        return CompressedKV(keys, values, *prefill_entries(batch, kv_heads, n, keys.device))
+    scores = method.lookahead_scores(keys, valid, recent_queries, voter_valid)
+    return keep_dense(keys, values, select_uniform(scores, valid, n_kept))
+
+
+def rescore_layer(config: CompressionConfig, layer: CompressedLayer, prompt_mask: Tensor, pseudo_valid: Tensor) -> None:
+    """Stage 2 for one layer: keep the prompt entries the buffered queries vote for; forget the rest."""
+    keys = layer.prompt_keys
+    batch, kv_heads, n, _ = keys.shape
+    compressed = stage2_entries(config, keys, layer.prompt_values, layer.recent_queries, prompt_mask, pseudo_valid)
     no_queries = layer.recent_queries.new_empty(batch, 0, 0, layer.recent_queries.shape[-1])
     layer.set_compressed(compressed, logical_length=n, kv_heads=kv_heads, recent_queries=no_queries)
     layer.prompt_keys = layer.prompt_values = None
@@ -156,4 +162,4 @@ def lookahead_generate(
     return greedy_tokens(step, first_token, attention_mask, max_new_tokens)
 
 
-__all__ = ["decode_step", "greedy_tokens", "lookahead_generate", "lookahead_stage", "rollout"]
+__all__ = ["decode_step", "greedy_tokens", "lookahead_generate", "lookahead_stage", "rollout", "stage2_entries"]

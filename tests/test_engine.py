@@ -14,7 +14,7 @@ import torch
 from conftest import compiled_greedy_steps, random_prompt, tiny_model
 from safetensors import safe_open
 
-from kvc_compile import list_methods, reference_generate
+from kvc_compile import list_methods, lookahead_generate, reference_generate
 from kvc_compile.cli.build import main as build_cli
 from kvc_compile.cli.run import main as run_cli
 from kvc_compile.config import CompressionConfig
@@ -27,7 +27,9 @@ from kvc_compile.models import preset_config
 STEPS = 8
 WINDOWED = {"snapkv", "pyramidkv", "lava", "obcache"}
 SNAPKV_SCORED = {"adakv", "chunkkv"}  # wrap a scorer, SnapKV by default
-NOT_IN_ENGINES = {"laq"}  # refused with a message (test_unsupported_methods_are_refused)
+# LAQ decodes through lookahead_generate on the compiled path: test_laq_engine_keeps_the_compiled_tokens.
+NOT_IN_ENGINES = {"laq"}
+LAQ = {"method": "laq", "compression_ratio": 0.5, "window_size": 4, "stage1_options": {"window_size": 8}}
 MORPHKV = {"method": "morphkv", "budget": 20, "window_size": 4}  # a constant cache of 20 entries per KV head
 PERIODIC_SNAPKV = {"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4, "target_size": 16}
 
@@ -83,6 +85,27 @@ def engine_and_compiled_tokens(engine_dir, options: dict, length: int = 40, step
     compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
                                          {**options, "inner_backend": "eager"}, ids, mask, steps)
     return engine_tokens, compiled.tolist()
+
+
+def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
+    """Prefill (stage 1), rollout, stage 2 and decoding as programs; EOS inside the rollout masked."""
+    result = quiet_build(tiny_model("llama", attn_implementation="kvc"), LAQ, tmp_path / "engine", target="exported")
+    lookahead = result.manifest.lookahead
+    assert lookahead["steps"] == CompressionConfig.from_options(LAQ).method_impl.lookahead
+    assert [entry["max_length"] for entry in lookahead["stage2"]] == [e.max_length for e in result.manifest.prefill]
+    engine = Engine.load(tmp_path / "engine")
+    ids, mask, prompts = padded_batch()
+    model = tiny_model("llama", attn_implementation="kvc")
+    model.compile(backend="kvc", options={**LAQ, "inner_backend": "eager"}, dynamic=True)
+    compiled = lookahead_generate(model, ids, LAQ, STEPS, mask).tolist()
+    assert engine.generate(prompts, STEPS, stop_on_eos=False).tokens == compiled
+    # Row 0's third token as EOS: the row stops there and, where the rollout (which starts from the
+    # same first token) emits it, the row's later pseudo queries do not vote, as in the compiled path.
+    eos = compiled[0][2]
+    engine.manifest.eos_token_ids = [eos]
+    compiled = lookahead_generate(model, ids, LAQ, STEPS, mask, eos_token_id=eos).tolist()
+    assert engine.generate(prompts, STEPS).tokens == [row[: row.index(eos) + 1] if eos in row else row
+                                                      for row in compiled]
 
 
 # MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one. Periodic
@@ -162,7 +185,7 @@ def test_prompt_ranges_split_where_the_kept_length_changes_form():
 
 
 @pytest.mark.parametrize("options, target, message", [
-    ({"method": "laq", "budget": 16}, "exported", "Lookahead"),
+    (LAQ, "onnx", "Lookahead Q-Cache.*--target aoti"),
     (MORPHKV, "onnx", "compresses while decoding.*--target aoti"),
     ({**PERIODIC_SNAPKV, "budget": 40}, "exported", "keeps up to 40 entries.*at most 19"),
 ])

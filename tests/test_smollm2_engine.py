@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import compiled_greedy_steps
+from rich.console import Console
 
 from kvc_compile import reference_generate
+from kvc_compile.cli.run import _Streamer
 from kvc_compile.cli.run import main as run_cli
-from kvc_compile.engine import Engine, build
+from kvc_compile.engine import build
 
 pytestmark = pytest.mark.smollm2
 
@@ -35,36 +40,49 @@ def engine(smollm2, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def loaded(engine):
-    return Engine.load(engine)  # loading SmolLM2's programs takes a while: once per module
-
-
 def chat(tokenizer, question: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
 
 
-def test_engine_tokens_equal_compiled_and_reference(smollm2, loaded):
+def until_eos(row: list[int], eos: int) -> list[int]:
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+def test_kvc_run_tokens_equal_compiled_and_reference(smollm2, engine, capsys):
+    """One kvc-run call (loading SmolLM2's programs takes a while) on a padded batch of two prompts."""
     model, tokenizer = smollm2
-    prompts = [chat(tokenizer, question) for question in QUESTIONS]
+    argv = [str(engine), "--chat", "--max-new-tokens", str(NEW_TOKENS), "--json"]
+    for question in QUESTIONS:
+        argv += ["--prompt", question]
+    assert run_cli(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer([chat(tokenizer, question) for question in QUESTIONS], return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert (mask == 0).any() and ids.shape[1] > 64  # a padded batch, longer than SnapKV's window
-    engine_tokens = loaded.generate(prompts, NEW_TOKENS, stop_on_eos=False).tokens
+    assert [row["prompt_tokens"] for row in rows] == mask.sum(-1).tolist()
     compiled, *_ = compiled_greedy_steps(model, {**OPTIONS, "inner_backend": "eager"}, ids, mask, NEW_TOKENS)
-    assert engine_tokens == compiled.tolist()
-    assert engine_tokens == reference_generate(model, ids, OPTIONS, NEW_TOKENS, mask).tolist()
-    alone = loaded.generate([prompts[1]], NEW_TOKENS, stop_on_eos=False).tokens
-    assert alone[0] == reference_generate(model, ids[1:, -int(mask[1].sum()):], OPTIONS, NEW_TOKENS).tolist()[0]
+    reference = reference_generate(model, ids, OPTIONS, NEW_TOKENS, mask)
+    eos = tokenizer.eos_token_id
+    # kvc-run stops a row at EOS; the compiled and reference rows run on to NEW_TOKENS.
+    assert [row["tokens"] for row in rows] == [until_eos(r, eos) for r in compiled.tolist()]
+    assert compiled.tolist() == reference.tolist()
+    assert [row["text"] for row in rows] == tokenizer.batch_decode([row["tokens"] for row in rows],
+                                                                   skip_special_tokens=True)
 
 
-def test_kvc_run_prints_the_engine_text(smollm2, engine, loaded, tmp_path, capsys):
+def test_kvc_run_streams_one_prompt_as_its_tokens_arrive(smollm2):
+    """The streaming printer kvc-run uses for a single prompt: whole characters, EOS not printed."""
     _, tokenizer = smollm2
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text(QUESTIONS[0])
-    assert run_cli([str(engine), "--prompt-file", str(prompt), "--chat", "--max-new-tokens", str(NEW_TOKENS)]) == 0
-    printed = capsys.readouterr().out.strip()
-    tokens = loaded.generate([chat(tokenizer, QUESTIONS[0])], NEW_TOKENS).tokens[0]
-    assert printed == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    tokens = tokenizer("Café, naïve — déjà vu.")["input_ids"] + [tokenizer.eos_token_id]
+    console = Console(record=True, width=200)
+    engine = SimpleNamespace(tokenizer=tokenizer, manifest=SimpleNamespace(eos_token_ids=[tokenizer.eos_token_id]))
+    stream = _Streamer(engine, console)
+    printed = []
+    for step, token in enumerate(tokens):
+        stream(step, torch.tensor([token]))
+        printed.append(console.export_text(clear=False))
+    assert printed[-1] == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert printed[-1] == printed[-2]  # EOS adds nothing
+    assert len(set(printed)) > 3  # text arrived piece by piece

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON list instead of text: per prompt its token count, tokens and text")
     args = parser.parse_args(argv)
     console = Console()
     errors = Console(stderr=True)
@@ -50,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                             add_generation_prompt=True) for p in prompts]
         batch = prompts or ids
-        stream = _Streamer(engine, console) if len(batch) == 1 and engine.tokenizer is not None else None
+        streams = len(batch) == 1 and engine.tokenizer is not None and not args.json
+        stream = _Streamer(engine, console) if streams else None
         result = engine.generate(batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed, on_token=stream)
     except (EngineError, ValueError) as error:
         errors.print(f"[red]kvc-run: {error}[/red]")
         return 2
-    if stream is not None:
+    if args.json:
+        texts = result.texts or [None] * len(result.tokens)
+        rows = [{"prompt_tokens": n, "tokens": tokens, "text": text}
+                for n, tokens, text in zip(result.prompt_lengths, result.tokens, texts, strict=True)]
+        print(json.dumps(rows))
+    elif stream is not None:
         console.print()
     else:
         for i, row in enumerate(result.texts or result.tokens):

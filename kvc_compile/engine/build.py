@@ -21,7 +21,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch import Tensor
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
 from kvc_compile.engine.manifest import FORMAT_VERSION, EngineError, Manifest, ProgramEntry
-from kvc_compile.engine.programs import DecodeProgram, PrefillProgram, StateLayout
+from kvc_compile.engine.programs import DecodeProgram, LookaheadStage2Program, PrefillProgram, StateLayout
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.passes import PassManager
 
@@ -67,22 +67,18 @@ def check_output_dir(out: Path, force: bool) -> None:
             from error
 
 
-def check_supported(config: CompressionConfig) -> None:
-    method = config.method_impl
-    if method is not None and method.lookahead_queries:
-        raise EngineError(
-            f"{config.method}: engines do not run Lookahead Q-Cache's rollout and second stage yet; use "
-            f"kvc_compile.lookahead_generate on a torch.compile'd model, or build the engine with its stage-1 "
-            f"method (e.g. --method snapkv)"
-        )
-
-
 def check_target_supports(config: CompressionConfig, target: str) -> None:
-    if target == "onnx" and config.decode_target is not None:
+    if target != "onnx":
+        return
+    method = config.method_impl
+    if config.decode_target is not None:
         raise EngineError(
             f"{config.method} compresses while decoding (MorphKV, decoding_interval/target_size), which the ONNX "
             f"target does not export yet; build it with --target aoti (or exported)"
         )
+    if method is not None and method.lookahead_queries:
+        raise EngineError(f"{config.method}: the ONNX target does not export Lookahead Q-Cache's rollout and second "
+                          f"stage yet; build it with --target aoti (or exported)")
 
 
 class _Stages:
@@ -182,6 +178,67 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
     token = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long, device=device)
     mask = torch.ones(EXAMPLE_BATCH, 1, 1, max(capacity), dtype=torch.bool, device=device)
     return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)
+
+
+def _decode_shapes(example: tuple) -> tuple:
+    batch = _batch_dim()
+    return ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
+
+
+def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: list[list[int]], out: Path,
+                     target: str, weights: SharedWeights | None, stages: _Stages) -> tuple[dict, list[list[int]]]:
+    """LAQ's programs besides prefill and decode: the rollout, a window-layout decode step over the
+    stage-1 cache that only appends (the kvc pass shifts each pseudo token's query into the buffer),
+    and stage 2 per prompt range. Returns the manifest's ``lookahead`` entry and, per range, the
+    entries stage 2 keeps per layer."""
+    parameter = next(model.parameters())
+    steps = config.method_impl.lookahead
+    window = StateLayout(packed=False, lowrank=False, window=True)
+    stage1_slots = [max(lengths) for lengths in zip(*stage1_lengths, strict=True)]
+    capacity = [max(stage1_slots) + steps] * len(stage1_slots)
+    example = _decode_example(model, window, capacity, parameter.dtype, parameter.device, config.recent_queries)
+    with stages.stage(f"export rollout ({steps} pseudo tokens)"):
+        rollout, _ = _export_rewritten(DecodeProgram(model, window, stage1_slots), example, _decode_shapes(example),
+                                       config, decode_eviction=False)
+    with stages.stage(f"compile rollout ({target})"):
+        rollout_file = _save_program(rollout, out / "rollout", target, weights)
+    stage2, kept = [], []
+    for low, high in ranges:
+        name = f"stage2_{low}_{high}"
+        with stages.stage(f"export and compile {name}"):
+            exported = _export_stage2(model, config, (low, high))
+            outputs = exported.module()(*_stage2_example(model, config, high))
+            kept.append([outputs[i].shape[2] for i in range(0, len(outputs), 3)])
+            stage2.append(asdict(ProgramEntry(_save_program(exported, out / name, target, weights), low, high)))
+    return {"steps": steps, "capacity": capacity[0], "rollout": rollout_file, "stage2": stage2}, kept
+
+
+def _stage2_example(model, config: CompressionConfig, length: int) -> tuple:
+    cfg = model.config
+    parameter = next(model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+
+    def states(heads: int, count: int) -> Tensor:
+        return torch.randn(EXAMPLE_BATCH, heads, count, head_dim, generator=generator).to(parameter)
+
+    _, mask = _example_prompt(length, cfg.vocab_size, parameter.device)
+    pseudo_valid = torch.ones(EXAMPLE_BATCH, config.method_impl.lookahead, dtype=torch.bool, device=parameter.device)
+    state = []
+    for _ in range(cfg.num_hidden_layers):
+        state += [states(cfg.num_key_value_heads, length), states(cfg.num_key_value_heads, length),
+                  states(cfg.num_attention_heads, config.recent_queries)]
+    return (mask, pseudo_valid, *state)
+
+
+def _export_stage2(model, config: CompressionConfig, lengths: tuple[int, int]):
+    low, high = lengths
+    example = _stage2_example(model, config, max(low, min(high, (low + high) // 2, low + 64)))
+    batch = _batch_dim()
+    length = low if low == high else torch.export.Dim.DYNAMIC(min=low, max=high)
+    per_layer = ({0: batch, 2: length}, {0: batch, 2: length}, {0: batch})
+    shapes = ({0: batch, 1: length}, {0: batch}, per_layer * model.config.num_hidden_layers)
+    return torch.export.export(LookaheadStage2Program(config), example, dynamic_shapes=shapes, strict=False)
 
 
 def _decode_capacity(config: CompressionConfig, layout: StateLayout, prompt_slots: list[int], max_new_tokens: int,
@@ -286,7 +343,6 @@ def build(
     if target == "onnx":
         _require_onnx()
     config = CompressionConfig.from_options(options)
-    check_supported(config)
     check_target_supports(config, target)
     for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -306,7 +362,8 @@ def build(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     n_layers = model.config.num_hidden_layers
-    stages = _Stages(console, total=2 * len(ranges) + (4 if layout.window else 2), enabled=progress)
+    extra_stages = 2 if layout.window else 2 + len(ranges) if layout.lookahead else 0
+    stages = _Stages(console, total=2 * len(ranges) + 2 + extra_stages, enabled=progress)
     prefill_entries: list[ProgramEntry] = []
     weights = SharedWeights() if target == "aoti" else None
     lengths_per_range: list[list[int]] = []
@@ -320,12 +377,17 @@ def build(
             with stages.stage(f"compile {name} ({target})"):
                 file = _save_program(exported, out / name, target, weights)
             prefill_entries.append(ProgramEntry(file, low, high))
+        lookahead = None
+        if layout.lookahead:
+            # Decoding starts from stage 2's cache, in the plain slot layout.
+            lookahead, lengths_per_range = _build_lookahead(model, config, ranges, lengths_per_range, out, target,
+                                                            weights, stages)
+            layout = StateLayout(packed=False, lowrank=False)
         prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
         capacity = _decode_capacity(config, layout, prompt_slots, max_new_tokens, model.config.num_key_value_heads)
         program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
         example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries)
-        batch = _batch_dim()
-        shapes = ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
+        shapes = _decode_shapes(example)
         with stages.stage("export decode (fixed capacity)"):
             if layout.window:
                 decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)
@@ -364,6 +426,7 @@ def build(
         decode=ProgramEntry(decode_file, 1, max(capacity)),
         decode_evict=decode_evict,
         decode_target=config.decode_target,
+        lookahead=lookahead,
         eos_token_ids=eos_ids(model, tokenizer),
         pad_token_id=pad_id(model, tokenizer),
         versions=library_versions(),

@@ -17,6 +17,10 @@ from typing import Any
 # 2: AOTInductor packages without constants, beside one weights file; 3: compression while decoding
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+# Per-layer state of the window layout (compression while decoding, LAQ's rollout) and of LAQ's
+# prefill (the stage-1 cache, the full prompt entries, the buffer of recent queries).
+WINDOW_STATE = ("keys", "values", "positions", "recent_queries")
+LOOKAHEAD_PREFILL_STATE = ("keys", "values", "positions", "prompt_keys", "prompt_values", "recent_queries")
 
 
 class EngineError(RuntimeError):
@@ -57,13 +61,26 @@ class Manifest:
     # entries per KV head they bring a layer back to.
     decode_evict: ProgramEntry | None = None
     decode_target: int | None = None
+    # LAQ: {"steps": pseudo tokens, "capacity": rollout slots, "rollout": file, "stage2": [ProgramEntry
+    # fields per prompt range]}
+    lookahead: dict[str, Any] | None = None
     # AOTInductor: {"file": weights file, "programs": {program file: {constant name: key in the file}}}
     weights: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
 
     @property
+    def stage2(self) -> list[ProgramEntry]:
+        return [ProgramEntry(**entry) for entry in self.lookahead["stage2"]] if self.lookahead is not None else []
+
+    @property
     def programs(self) -> list[ProgramEntry]:
-        return [*self.prefill, self.decode, *([self.decode_evict] if self.decode_evict is not None else [])]
+        """Every program file: prefill, decode, then those of decode-time eviction or LAQ."""
+        programs = [*self.prefill, self.decode]
+        if self.decode_evict is not None:
+            programs.append(self.decode_evict)
+        if self.lookahead is not None:
+            programs += [ProgramEntry(self.lookahead["rollout"]), *self.stage2]
+        return programs
 
     def write(self, folder: Path) -> None:
         self.files = {str(path.relative_to(folder)): sha256(path) for path in sorted(folder.rglob("*"))
@@ -119,4 +136,5 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "EngineError", "Manifest", "ProgramEntry", "sha256"]
+__all__ = ["FORMAT_VERSION", "LOOKAHEAD_PREFILL_STATE", "MANIFEST", "WINDOW_STATE",
+           "EngineError", "Manifest", "ProgramEntry", "sha256"]

@@ -33,13 +33,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvc_compile.cache import CachedKeys, CompressedCache
 from kvc_compile.config import CompressionConfig
+from kvc_compile.engine.manifest import LOOKAHEAD_PREFILL_STATE, WINDOW_STATE
 from kvc_compile.lookahead import prompt_position_ids
 from kvc_compile.methods.base import INDEX_DTYPE
-from kvc_compile.ops.decode import append_positions_at, push_query
+from kvc_compile.ops.decode import append_positions_at, lookahead_stage2, push_query
 from kvc_compile.ops.lowrank import FACTOR_NAMES, lowrank_project
 
 LOWRANK_STATE = (*FACTOR_NAMES, "output_fold")
-WINDOW_STATE = ("keys", "values", "positions", "recent_queries")
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,14 @@ class StateLayout:
     packed: bool
     lowrank: bool
     window: bool = False  # compression while decoding (see the module docstring)
+    lookahead: bool = False  # LAQ: the prefill also returns the full prompt and the query buffer
 
     @classmethod
     def of(cls, config: CompressionConfig) -> StateLayout:
         method = config.method_impl
         return cls(packed=method is not None and method.layout == "packed", lowrank=config.lowrank is not None,
-                   window=config.decode_target is not None)
+                   window=config.decode_target is not None,
+                   lookahead=method is not None and method.lookahead_queries > 0 and config.decode_target is None)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -77,6 +79,8 @@ class StateLayout:
     @property
     def prefill_names(self) -> tuple[str, ...]:
         """What the prefill program returns per layer: the state, and the kept entries' positions."""
+        if self.lookahead:
+            return LOOKAHEAD_PREFILL_STATE
         return prefill_state_names(self.state_names)
 
 
@@ -222,4 +226,22 @@ class DecodeProgram(nn.Module):
         return out.logits[:, -1]
 
 
-__all__ = ["DecodeProgram", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout", "WindowLayer"]
+class LookaheadStage2Program(nn.Module):
+    """LAQ's second stage: each layer's full prompt re-scored by its buffered queries (``stage2_entries``).
+
+    ``(prompt_mask [b, n], pseudo_valid [b, lookahead], *per layer (prompt_keys, prompt_values,
+    recent_queries)) -> per layer (keys, values, positions)`` of the cache decoding starts from."""
+
+    def __init__(self, config: CompressionConfig) -> None:
+        super().__init__()
+        self.spec = config.to_spec()
+
+    def forward(self, prompt_mask: Tensor, pseudo_valid: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        outputs: list[Tensor] = []
+        for i in range(0, len(state), 3):
+            outputs += lookahead_stage2(*state[i:i + 3], prompt_mask, pseudo_valid, self.spec)
+        return tuple(outputs)
+
+
+__all__ = ["DecodeProgram", "LookaheadStage2Program", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout",
+           "WindowLayer"]

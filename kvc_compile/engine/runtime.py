@@ -15,6 +15,10 @@ layer holds, as the compiled path does, and calls the evicting program when the 
 ``target_size + decoding_interval``. Eviction keeps real entries before padding, and kept entries
 stay in cache order, so after it the mask marks each row's last ``min(real entries, target_size)``
 slots, computed on the device.
+
+LAQ engines roll out their pseudo tokens with a window-layout program over the stage-1 cache (a
+fixed number of greedy steps; a row's queries after an EOS do not vote), run stage 2 on the full
+prompt entries, and decode from its cache with the plain decode program.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from torch import Tensor
 
 import kvc_compile.cache.attention  # noqa: F401  (registers the kvc ops the programs call)
 import kvc_compile.ops  # noqa: F401
-from kvc_compile.engine.manifest import EngineError, Manifest
+from kvc_compile.engine.manifest import (
+    LOOKAHEAD_PREFILL_STATE,
+    WINDOW_STATE,
+    EngineError,
+    Manifest,
+    ProgramEntry,
+)
 
 TokenCallback = Callable[[int, Tensor], None]  # (step, tokens [batch]) after each generated token
 
@@ -90,12 +100,12 @@ def _check_onnx_runnable(folder: Path, manifest: Manifest) -> None:
 class Engine:
     """A built engine: prefill programs by prompt length, one decode program, the tokenizer."""
 
-    def __init__(self, folder: Path, manifest: Manifest, prefill: list, decode, tokenizer, decode_evict=None) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, programs: dict[str, Callable], tokenizer) -> None:
         self.folder = folder
         self.manifest = manifest
-        self._prefill = prefill
-        self._decode = decode
-        self._decode_evict = decode_evict
+        self._programs = programs  # by file name
+        self._decode = programs[manifest.decode.file]
+        self._decode_evict = programs[manifest.decode_evict.file] if manifest.decode_evict is not None else None
         self.tokenizer = tokenizer
 
     @classmethod
@@ -111,15 +121,12 @@ class Engine:
         if manifest.target == "onnx":
             _check_onnx_runnable(folder, manifest)
         try:
-            prefill = [_load_program(folder / entry.file, manifest.target) for entry in manifest.prefill]
+            steps = {manifest.decode.file} | ({manifest.decode_evict.file} if manifest.decode_evict else set())
             n_state = len(manifest.state_names) * len(manifest.prompt_slots)
-            decode = _load_program(folder / manifest.decode.file, manifest.target, n_state)
-            decode_evict = None
-            if manifest.decode_evict is not None:
-                decode_evict = _load_program(folder / manifest.decode_evict.file, manifest.target, n_state)
-            programs = [*prefill, decode, *([decode_evict] if decode_evict is not None else [])]
-            weights = _load_shared_weights(folder, manifest, {entry.file: program for entry, program in
-                                                              zip(manifest.programs, programs, strict=True)})
+            programs = {entry.file: _load_program(folder / entry.file, manifest.target,
+                                                  n_state if entry.file in steps else None)
+                        for entry in manifest.programs}
+            weights = _load_shared_weights(folder, manifest, programs)
         except Exception as error:  # a package from another torch build fails in many ways
             raise EngineError(f"engine {folder} could not be loaded ({type(error).__name__}: {error}); it was built "
                               f"with {manifest.versions}: rebuild it with this machine's libraries") from error
@@ -128,7 +135,7 @@ class Engine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder / manifest.tokenizer)
-        engine = cls(folder, manifest, prefill, decode, tokenizer, decode_evict)
+        engine = cls(folder, manifest, programs, tokenizer)
         engine._weights = weights  # the programs read these tensors: they live as long as the engine
         return engine
 
@@ -197,9 +204,15 @@ class Engine:
         started = time.perf_counter()
         with torch.no_grad():
             outputs = self._prefill_program(length)(ids, mask)
-            logits = outputs[0]
-            steps = (_WindowSteps if manifest.decode_evict is not None else _SlotSteps)(self, outputs[1:], mask)
-            cache_bytes = sum(tensor.nbytes for tensor in outputs[1:])
+            logits, state = outputs[0], outputs[1:]
+            if manifest.lookahead is not None:
+                state = self._lookahead(state, mask, logits.argmax(-1), eos)
+            if manifest.decode_evict is not None:
+                steps = _WindowSteps(self, state, mask, manifest.capacity[0], self._decode, self._decode_evict,
+                                     manifest.decode_target)
+            else:
+                steps = _SlotSteps(self, state, mask)
+            cache_bytes = sum(tensor.nbytes for tensor in state)
             token = pick(logits)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -228,11 +241,29 @@ class Engine:
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True) if self.tokenizer is not None else None
         return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist(), cache_bytes)
 
-    def _prefill_program(self, length: int):
-        for entry, program in zip(self.manifest.prefill, self._prefill, strict=True):
+    def _prefill_program(self, length: int, entries: Sequence[ProgramEntry] | None = None):
+        for entry in entries or self.manifest.prefill:
             if entry.min_length <= length <= entry.max_length:
-                return program
+                return self._programs[entry.file]
         raise EngineError(f"no prefill program of this engine takes {length}-token prompts")
+
+    def _lookahead(self, state: Sequence[Tensor], prompt_mask: Tensor, first_token: Tensor, eos: Tensor) -> list:
+        """LAQ: roll out the pseudo tokens on the stage-1 cache, then stage 2; returns the cache to decode from."""
+        lookahead = self.manifest.lookahead
+        layers = [state[i:i + len(LOOKAHEAD_PREFILL_STATE)] for i in range(0, len(state), len(LOOKAHEAD_PREFILL_STATE))]
+        stage1 = [tensor for layer in layers for tensor in (*layer[:3], layer[5])]  # the window layout
+        rollout = _WindowSteps(self, stage1, prompt_mask, lookahead["capacity"], self._programs[lookahead["rollout"]])
+        mask, token, alive, voting = prompt_mask, first_token, ~torch.isin(first_token, eos), []
+        for step in range(lookahead["steps"]):
+            voting.append(alive)  # a token's query votes unless an EOS came before it
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            token = rollout(token[:, None], mask.cumsum(-1)[:, -1:] - 1, step).argmax(-1)
+            alive = alive & ~torch.isin(token, eos)
+        queries = rollout.buffers[len(WINDOW_STATE) - 1::len(WINDOW_STATE)]
+        stage2_inputs = [tensor for layer, buffer in zip(layers, queries, strict=True)
+                         for tensor in (*layer[3:5], buffer)]
+        stage2 = self._prefill_program(prompt_mask.shape[1], self.manifest.stage2)
+        return list(stage2(prompt_mask, torch.stack(voting, dim=1), *stage2_inputs))
 
 
 class _SlotSteps:
@@ -271,12 +302,12 @@ class _WindowSteps:
 
     ENTRY_FILL = {"keys": 0, "values": 0, "positions": -1}
 
-    def __init__(self, engine: Engine, state: Sequence[Tensor], prompt_mask: Tensor) -> None:
-        self.engine = engine
-        manifest = engine.manifest
-        self.capacity, self.target = manifest.capacity[0], manifest.decode_target
+    def __init__(self, engine: Engine, state: Sequence[Tensor], prompt_mask: Tensor, capacity: int, append: Callable,
+                 evict: Callable | None = None, target: int | None = None) -> None:
+        self.engine, self.append, self.evict, self.target = engine, append, evict, target
+        self.capacity = capacity
         self.prompt_length = prompt_mask.shape[1]
-        self.names = manifest.state_names * len(manifest.capacity)
+        self.names = WINDOW_STATE * (len(state) // len(WINDOW_STATE))
         self.buffers = [self._at_end(name, tensor) for name, tensor in zip(self.names, state, strict=True)]
         self.entries = state[0].shape[2]  # per KV head, padding included: what the compiled path counts
         self.slot_mask = torch.zeros(prompt_mask.shape[0], self.capacity, dtype=torch.bool, device=prompt_mask.device)
@@ -292,9 +323,9 @@ class _WindowSteps:
     def __call__(self, token: Tensor, position_ids: Tensor, step: int) -> Tensor:
         engine = self.engine
         # The compiled path evicts when a step brings a layer to target_size + decoding_interval.
-        evict = self.entries + 1 >= self.capacity
+        evict = self.evict is not None and self.entries + 1 >= self.capacity
         self.slot_mask = torch.cat([self.slot_mask[:, 1:], self.slot_mask.new_ones(len(token), 1)], dim=-1)
-        program = engine._decode_evict if evict else engine._decode
+        program = self.evict if evict else self.append
         position = torch.tensor([self.prompt_length + step], device=engine.device)
         logits, *state = program(token, position_ids, self.slot_mask[:, None, None, :], position, *self.buffers)
         self.buffers = [self._at_end(name, tensor) for name, tensor in zip(self.names, state, strict=True)]

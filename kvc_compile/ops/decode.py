@@ -69,6 +69,29 @@ def _(positions):
     return torch.empty_like(positions)
 
 
+@torch.library.custom_op("kvc::lookahead_stage2", mutates_args=())
+def lookahead_stage2(
+    keys: Tensor, values: Tensor, recent_queries: Tensor, prompt_mask: Tensor, pseudo_valid: Tensor, spec: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LAQ's stage 2 on one layer as an op (``kvc_compile.lookahead.stage2_entries``): kept keys,
+    values and positions. An engine's stage-2 program calls it, so the kept count stays a formula
+    of the prompt length instead of a traced constant."""
+    from kvc_compile.lookahead import stage2_entries  # the lookahead loop imports the cache, which imports this
+
+    config = CompressionConfig.from_spec(spec)
+    kept = stage2_entries(config, keys, values, recent_queries, prompt_mask, pseudo_valid)
+    return kept.keys.clone(), kept.values.clone(), kept.positions.to(INDEX_DTYPE).clone()
+
+
+@lookahead_stage2.register_fake
+def _(keys, values, recent_queries, prompt_mask, pseudo_valid, spec):
+    batch, kv_heads, n, _ = keys.shape
+    kept = torch.sym_min(CompressionConfig.from_spec(spec).kept_length(n), n)
+    return (keys.new_empty(batch, kv_heads, kept, keys.shape[-1]),
+            values.new_empty(batch, kv_heads, kept, values.shape[-1]),
+            keys.new_empty(batch, kv_heads, kept, dtype=INDEX_DTYPE))
+
+
 @torch.library.custom_op("kvc::push_query", mutates_args=())
 def push_query(buffer: Tensor, key_states: Tensor) -> Tensor:
     """A decode step's buffer of recent queries, unchanged (the pass rewires it to ``shift_in``)."""
