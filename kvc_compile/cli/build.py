@@ -88,15 +88,17 @@ def report(console: Console, result) -> None:
     full = manifest.max_context * model["kv_heads"] * model["layers"] * per_entry
     kept = sum(manifest.budgets["at_max_context"]) * per_entry * (1 if manifest.packed else model["kv_heads"])
     console.print(f"[green]built[/green] {result.out} in {result.seconds:.0f} s ({result.nbytes / 2**20:.1f} MiB): "
-                  + ", ".join(entry.file for entry in [*manifest.prefill, manifest.decode]))
+                  + ", ".join(entry.file for entry in manifest.programs))
     budget = manifest.budgets["at_max_context"]
     shown = f"{budget[0]}" if len(set(budget)) == 1 else f"{min(budget)}-{max(budget)}"
     unit = "entries per layer (all KV heads)" if manifest.packed else "entries per KV head per layer"
     console.print(f"cache budget at {manifest.max_context} prompt tokens: {shown} {unit}; "
                   f"{full / 2**20:.1f} MiB -> {kept / 2**20:.1f} MiB, "
                   f"{(full - kept) / manifest.max_context:.0f} bytes saved per prompt token")
-    console.print(f"decode capacity per layer: {max(manifest.capacity)} slots; run it with: kvc-run {result.out} "
-                  f"--prompt 'Hello'")
+    evicts = (f" (compressed back to {manifest.decode_target} while decoding)"
+              if manifest.decode_target is not None else "")
+    console.print(f"decode capacity per layer: {max(manifest.capacity)} slots{evicts}; run it with: kvc-run "
+                  f"{result.out} --prompt 'Hello'")
 
 
 if __name__ == "__main__":
