@@ -115,17 +115,30 @@ def _layer_state(layer, name: str) -> Tensor:
     return value
 
 
-class SlotLayer(DynamicLayer):
+class FixedCapacityLayer(DynamicLayer):
+    """A cache layer over buffers of fixed capacity: attention and masks always span all of it."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
+class SlotLayer(FixedCapacityLayer):
     """A cache layer over fixed-capacity buffers: decoding writes the new entries to a slot."""
 
     def __init__(self, layout: StateLayout, state: dict[str, Tensor], slot: Tensor, kv_heads: int) -> None:
-        super().__init__()
+        super().__init__(state["keys"], state["values"])
         self.layout = layout
         self.state = state
         self.slot = slot
         self.kv_heads = kv_heads
-        self.keys, self.values = state["keys"], state["values"]
-        self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         state = self.state
@@ -151,25 +164,17 @@ class SlotLayer(DynamicLayer):
             return CachedKeys(self.keys, state.get("heads"), **factors), self.values
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.keys.shape[-2]
 
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.keys.shape[-2], 0
-
-
-class WindowLayer(DynamicLayer):
+class WindowLayer(FixedCapacityLayer):
     """A window-layout cache layer (see the module docstring): a step drops the first slot, empty
     whenever the runtime calls it, and appends the new entry. It calls the markers
     ``CompressedLayer`` calls while decoding, so the kvc pass shifts the query buffer and can evict
     as in the compiled path."""
 
     def __init__(self, state: dict[str, Tensor], position: Tensor) -> None:
-        super().__init__()
+        super().__init__(state["keys"], state["values"])
         self.state = state
         self.position = position
-        self.keys, self.values = state["keys"], state["values"]
-        self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         state = self.state
@@ -179,15 +184,9 @@ class WindowLayer(DynamicLayer):
         self.values = state["values"] = torch.cat([self.values[:, :, 1:], value_states], dim=-2)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
-        return self.keys.shape[-2]
-
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.keys.shape[-2], 0
-
 
 class SlotCache(Cache):
-    def __init__(self, layers: list[DynamicLayer]) -> None:
+    def __init__(self, layers: list[FixedCapacityLayer]) -> None:
         super().__init__(layers=layers)
 
 

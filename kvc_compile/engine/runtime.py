@@ -242,6 +242,7 @@ class Engine:
         return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist(), cache_bytes)
 
     def _prefill_program(self, length: int, entries: Sequence[ProgramEntry] | None = None):
+        """The program of ``entries`` (default: the prefill programs) that takes ``length``-token prompts."""
         for entry in entries or self.manifest.prefill:
             if entry.min_length <= length <= entry.max_length:
                 return self._programs[entry.file]
