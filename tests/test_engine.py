@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import onnx
 import pytest
 import torch
 from conftest import compiled_greedy_steps, random_prompt, tiny_model
@@ -23,6 +24,7 @@ from kvc_compile.engine.build import _prefill_ranges
 from kvc_compile.engine.manifest import MANIFEST
 from kvc_compile.engine.runtime import _SlotSteps
 from kvc_compile.models import preset_config
+from kvc_compile.plugins.onnx import plugin_nodes
 
 STEPS = 8
 WINDOWED = {"snapkv", "pyramidkv", "lava", "obcache"}
@@ -88,11 +90,15 @@ def engine_and_compiled_tokens(engine_dir, options: dict, length: int = 40, step
 
 
 def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
-    """Prefill (stage 1), rollout, stage 2 and decoding as programs; EOS inside the rollout masked."""
-    result = quiet_build(tiny_model("llama", attn_implementation="kvc"), LAQ, tmp_path / "engine", target="exported")
+    """Prefill (stage 1), rollout, stage 2 and decoding as programs, here as ONNX graphs run by ONNX
+    Runtime; EOS inside the rollout masked."""
+    result = quiet_build(tiny_model("llama", attn_implementation="kvc"), LAQ, tmp_path / "engine", target="onnx")
     lookahead = result.manifest.lookahead
     assert lookahead["steps"] == CompressionConfig.from_options(LAQ).method_impl.lookahead
     assert [entry["max_length"] for entry in lookahead["stage2"]] == [e.max_length for e in result.manifest.prefill]
+    stage2 = onnx.load(str(tmp_path / "engine" / lookahead["stage2"][-1]["file"]))
+    assert [node.op_type for node in plugin_nodes(stage2)] == ["KvcLookaheadStage2"] * 2  # one per layer
+    assert not plugin_nodes(onnx.load(str(tmp_path / "engine" / lookahead["rollout"])))
     engine = Engine.load(tmp_path / "engine")
     ids, mask, prompts = padded_batch()
     model = tiny_model("llama", attn_implementation="kvc")
@@ -108,24 +114,31 @@ def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
                                                       for row in compiled]
 
 
-# MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one. Periodic
-# SnapKV on a 40-token prompt: prefill keeps 16, every fourth step evicts back to 16.
-@pytest.mark.parametrize("options, length", [(MORPHKV, 12), (PERIODIC_SNAPKV, 40)], ids=["morphkv", "periodic"])
-def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, tmp_path):
+# MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one (as ONNX
+# graphs in ONNX Runtime). Periodic SnapKV on a 40-token prompt: prefill keeps 16, every fourth
+# step evicts back to 16.
+@pytest.mark.parametrize("options, length, target", [(MORPHKV, 12, "onnx"), (PERIODIC_SNAPKV, 40, "exported")],
+                         ids=["morphkv", "periodic"])
+def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, target, tmp_path):
     result = quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine",
-                         target="exported", max_new_tokens=64)
+                         target=target, max_new_tokens=64)
     manifest = result.manifest
     config = CompressionConfig.from_options(options)
     assert manifest.capacity == [config.decode_threshold] * 2 and manifest.decode_target == config.decode_target
     engine_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options, length, 24)
     assert engine_tokens == compiled_tokens
     # One program appends and one evicts, over the same fixed shapes: eviction is only in the second.
+    appending, evicting = (tmp_path / "engine" / entry.file for entry in (manifest.decode, manifest.decode_evict))
+    if target == "onnx":  # the buffer shifts are standard nodes; the eviction is a plugin node per layer
+        assert not plugin_nodes(onnx.load(str(appending)))
+        assert [node.op_type for node in plugin_nodes(onnx.load(str(evicting)))] == ["KvcCompressDecode"] * 2
+        return
     kvc_ops = {}
-    for entry in (manifest.decode, manifest.decode_evict):
-        graph = torch.export.load(str(tmp_path / "engine" / entry.file)).graph
-        kvc_ops[entry.file] = {str(node.target) for node in graph.nodes if str(node.target).startswith("kvc.")}
-    assert "kvc.compress_decode.default" not in kvc_ops[manifest.decode.file]
-    assert {"kvc.compress_decode.default", "kvc.shift_in.default"} <= kvc_ops[manifest.decode_evict.file]
+    for path in (appending, evicting):
+        graph = torch.export.load(str(path)).graph
+        kvc_ops[path] = {str(node.target) for node in graph.nodes if str(node.target).startswith("kvc.")}
+    assert "kvc.compress_decode.default" not in kvc_ops[appending]
+    assert {"kvc.compress_decode.default", "kvc.shift_in.default"} <= kvc_ops[evicting]
 
 
 def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_in_place(tmp_path):
@@ -185,8 +198,6 @@ def test_prompt_ranges_split_where_the_kept_length_changes_form():
 
 
 @pytest.mark.parametrize("options, target, message", [
-    (LAQ, "onnx", "Lookahead Q-Cache.*--target aoti"),
-    (MORPHKV, "onnx", "compresses while decoding.*--target aoti"),
     ({**PERIODIC_SNAPKV, "budget": 40}, "exported", "keeps up to 40 entries.*at most 19"),
 ])
 def test_unsupported_methods_are_refused(options, target, message, tmp_path):

@@ -65,10 +65,10 @@ def test_an_onnx_engine_of_another_dtype_is_refused_with_the_fix(tmp_path):
 
 
 def test_ops_without_a_plugin_node_are_named(tmp_path):
-    class RecentQueries(torch.nn.Module):
-        def forward(self, query):
-            return torch.ops.kvc.last_queries(query, 4)
+    class PushQuery(torch.nn.Module):  # a marker the kvc pass rewrites: never left in a built program
+        def forward(self, buffer, key_states):
+            return torch.ops.kvc.push_query(buffer, key_states)
 
-    exported = torch.export.export(RecentQueries(), (torch.randn(1, 2, 8, 4),))
-    with pytest.raises(OnnxExportError, match="kvc.last_queries.default"):
+    exported = torch.export.export(PushQuery(), (torch.randn(1, 2, 8, 4), torch.randn(1, 1, 1, 4)))
+    with pytest.raises(OnnxExportError, match="kvc.push_query.default"):
         export_onnx(exported, tmp_path / "program.onnx")

@@ -67,20 +67,6 @@ def check_output_dir(out: Path, force: bool) -> None:
             from error
 
 
-def check_target_supports(config: CompressionConfig, target: str) -> None:
-    if target != "onnx":
-        return
-    method = config.method_impl
-    if config.decode_target is not None:
-        raise EngineError(
-            f"{config.method} compresses while decoding (MorphKV, decoding_interval/target_size), which the ONNX "
-            f"target does not export yet; build it with --target aoti (or exported)"
-        )
-    if method is not None and method.lookahead_queries:
-        raise EngineError(f"{config.method}: the ONNX target does not export Lookahead Q-Cache's rollout and second "
-                          f"stage yet; build it with --target aoti (or exported)")
-
-
 class _Stages:
     """A progress bar over the build's stages; each stage shows its elapsed time."""
 
@@ -343,7 +329,6 @@ def build(
     if target == "onnx":
         _require_onnx()
     config = CompressionConfig.from_options(options)
-    check_target_supports(config, target)
     for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EngineError(f"{name} must be a positive integer, got {value!r}")

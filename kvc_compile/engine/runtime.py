@@ -60,17 +60,33 @@ PREFILL_ARGS = ("input_ids", "attention_mask")
 DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "step")
 
 
-def _load_program(path: Path, target: str, n_state: int | None = None):
-    """A program file as a callable; ``n_state`` (decode programs): the number of state buffers."""
+def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_ARGS, state_from: int | None = None):
+    """A program file as a callable. ONNX programs name their inputs (``arg_names``, in call order); with
+    ``state_from`` the arguments from that index on are buffers the program writes in place."""
     if target == "onnx":
         from kvc_compile.plugins.onnx.runtime import OnnxProgram
 
-        if n_state is None:
-            return OnnxProgram(path, PREFILL_ARGS)
-        return OnnxProgram(path, DECODE_ARGS + tuple(f"state_{i}" for i in range(n_state)), state_from=len(DECODE_ARGS))
+        return OnnxProgram(path, arg_names, state_from=state_from)
     if target == "aoti":
         return torch._inductor.aoti_load_package(str(path))
     return torch.export.load(str(path)).module()
+
+
+def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """Per program file: its arguments' names and where in-place buffers start (None: none are; the
+    program returns its state, as window-layout steps and every prefill and stage-2 program do)."""
+    state = tuple(f"state_{i}" for i in range(len(manifest.state_names) * len(manifest.prompt_slots)))
+    in_place = tuple(manifest.state_names) != WINDOW_STATE
+    signatures = {entry.file: (PREFILL_ARGS, None) for entry in manifest.prefill}
+    signatures[manifest.decode.file] = (DECODE_ARGS + state, len(DECODE_ARGS) if in_place else None)
+    if manifest.decode_evict is not None:
+        signatures[manifest.decode_evict.file] = (DECODE_ARGS + state, None)
+    if manifest.lookahead is not None:
+        window = tuple(f"state_{i}" for i in range(len(WINDOW_STATE) * len(manifest.prompt_slots)))
+        signatures[manifest.lookahead["rollout"]] = (DECODE_ARGS + window, None)
+        stage2 = ("prompt_mask", "pseudo_valid") + tuple(f"state_{i}" for i in range(3 * len(manifest.prompt_slots)))
+        signatures.update({entry.file: (stage2, None) for entry in manifest.stage2})
+    return signatures
 
 
 def _load_shared_weights(folder: Path, manifest: Manifest, programs: dict) -> dict[str, Tensor]:
@@ -121,10 +137,8 @@ class Engine:
         if manifest.target == "onnx":
             _check_onnx_runnable(folder, manifest)
         try:
-            steps = {manifest.decode.file} | ({manifest.decode_evict.file} if manifest.decode_evict else set())
-            n_state = len(manifest.state_names) * len(manifest.prompt_slots)
-            programs = {entry.file: _load_program(folder / entry.file, manifest.target,
-                                                  n_state if entry.file in steps else None)
+            signatures = _program_signatures(manifest)
+            programs = {entry.file: _load_program(folder / entry.file, manifest.target, *signatures[entry.file])
                         for entry in manifest.programs}
             weights = _load_shared_weights(folder, manifest, programs)
         except Exception as error:  # a package from another torch build fails in many ways

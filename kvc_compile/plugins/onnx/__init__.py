@@ -9,6 +9,10 @@ pass ``onnx.checker``; ``kvc_compile.plugins.onnx.runtime`` runs them in ONNX Ru
 
 Absent optional tensors (no rotary tables for a method that does not need them, no mask) become
 empty tensors, so each plugin has a fixed number of inputs.
+
+The bookkeeping ops of compression while decoding (``shift_in``, ``last_queries``,
+``append_positions_at``) are plain tensor edits: they are decomposed into aten ops before export,
+so they become standard ONNX nodes (Concat, Slice, Pad, Range) that any runtime runs natively.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from pathlib import Path
 import onnx
 import onnxscript
 import torch
+import torch.nn.functional as F
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
+from torch import Tensor
 
 import kvc_compile.cache.attention  # noqa: F401  (registers kvc::packed_attention)
 import kvc_compile.ops  # noqa: F401  (registers the compression ops)
@@ -65,7 +71,8 @@ class Plugin:
         attributes += [OpSchema.Attribute(name, OpSchema.AttrType.STRING, "TensorRT plugin lookup")
                        for name in ("plugin_version", "plugin_namespace")]
         constraints = [("T", FLOATS, "model dtype"), ("B", ["tensor(bool)"], "attention mask"),
-                       ("I", ["tensor(int32)"], "positions / KV heads"), ("F", ["tensor(float)"], "scores")]
+                       ("I", ["tensor(int32)"], "positions / KV heads"), ("F", ["tensor(float)"], "scores"),
+                       ("M", ["tensor(int64)"], "prompt attention mask")]
         if self.variadic:
             constraints = [("V", [*FLOATS, "tensor(bool)", "tensor(int32)"], "any")]
         return OpSchema(self.name, PLUGIN_DOMAIN, 1, doc=self.doc, inputs=params, outputs=outputs,
@@ -86,6 +93,17 @@ PLUGINS = {
         "KvcCompressLayers", "kvc::compress_layers: budgets across layers; inputs are L scores, L keys, L values "
         "and the mask, outputs 4 tensors per layer (keys, values, positions, heads).",
         (("inputs", "V"),), (("outputs", "V"),), (("spec", OpSchema.AttrType.STRING),), variadic=True),
+    "compress_decode": Plugin(
+        "KvcCompressDecode", "kvc::compress_decode: bring one layer back to its target size while decoding, "
+        "scored with the buffer of recent queries.",
+        (("recent_queries", "T"), ("keys", "T"), ("values", "T"), ("positions", "I"), ("attn_mask", "B")),
+        (("kept_keys", "T"), ("kept_values", "T"), ("kept_positions", "I")), _LAYER_ATTRS),
+    "lookahead_stage2": Plugin(
+        "KvcLookaheadStage2", "kvc::lookahead_stage2: LAQ's second stage, one layer's full prompt re-scored by "
+        "its buffered prompt and pseudo-token queries.",
+        (("prompt_keys", "T"), ("prompt_values", "T"), ("recent_queries", "T"), ("prompt_mask", "M"),
+         ("pseudo_valid", "B")),
+        (("kept_keys", "T"), ("kept_values", "T"), ("kept_positions", "I")), (("spec", OpSchema.AttrType.STRING),)),
     "packed_attention": Plugin(
         "KvcPackedAttention", "kvc::packed_attention: decode attention over a packed (per-head budget) layer.",
         (("query", "T"), ("keys", "T"), ("values", "T"), ("heads", "I")), (("output", "T"),),
@@ -155,13 +173,47 @@ def _packed_attention(query, keys, values, heads, kv_heads: int, scaling: float)
                                            **_lookup())
 
 
+def _compress_decode(recent_queries, keys, values, positions, attn_mask, layer_idx: int, n_layers: int, spec: str):
+    return PLUGIN_OPSET.KvcCompressDecode(recent_queries, keys, values, positions, _mask_or_empty(attn_mask),
+                                          layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
+
+
+def _lookahead_stage2(keys, values, recent_queries, prompt_mask, pseudo_valid, spec: str):
+    return PLUGIN_OPSET.KvcLookaheadStage2(keys, values, recent_queries, prompt_mask, pseudo_valid, spec=spec,
+                                           **_lookup())
+
+
 def translation_table() -> dict:
     return {
         kvc.compress_kv.default: _compress_kv,
         kvc.score_kv.default: _score_kv,
         kvc.compress_layers.default: _compress_layers,
         kvc.packed_attention.default: _packed_attention,
+        kvc.compress_decode.default: _compress_decode,
+        kvc.lookahead_stage2.default: _lookahead_stage2,
     }
+
+
+# Branch-free aten forms of the bookkeeping ops, for shapes that are symbolic at export.
+def _shift_in(buffer: Tensor, query: Tensor) -> Tensor:
+    return torch.cat([buffer, query.to(buffer.dtype)], dim=2)[:, :, -buffer.shape[2]:]
+
+
+def _last_queries(query: Tensor, count: int) -> Tensor:
+    return F.pad(query, (0, 0, torch.sym_max(count - query.shape[2], 0), 0))[:, :, -count:]
+
+
+def _append_positions_at(positions: Tensor, key_states: Tensor, start: Tensor) -> Tensor:
+    batch, kv_heads, q_len, _ = key_states.shape
+    new = torch.arange(q_len, device=positions.device, dtype=positions.dtype) + start.to(positions.dtype)
+    return torch.cat([positions, new.expand(batch, kv_heads, q_len)], dim=-1)
+
+
+DECOMPOSED = {
+    kvc.shift_in.default: _shift_in,
+    kvc.last_queries.default: _last_queries,
+    kvc.append_positions_at.default: _append_positions_at,
+}
 
 
 class OnnxExportError(RuntimeError):
@@ -171,6 +223,8 @@ class OnnxExportError(RuntimeError):
 def export_onnx(exported: torch.export.ExportedProgram, path: Path) -> Path:
     """Write ``exported`` as an ONNX model at ``path`` and check it with ``onnx.checker``."""
     table = translation_table()
+    if any(node.target in DECOMPOSED for node in exported.graph.nodes):
+        exported = exported.run_decompositions(DECOMPOSED)
     remaining = {str(node.target) for node in exported.graph.nodes
                  if node.op == "call_function" and str(node.target).startswith("kvc.") and node.target not in table}
     if remaining:

@@ -53,6 +53,20 @@ def _packed_attention(query, keys, values, heads, kv_heads, scaling, **_lookup):
     return kvc.packed_attention(*map(_tensor, (query, keys, values, heads)), kv_heads, scaling).numpy()
 
 
+@onnx_op(op_type=PLUGINS["compress_decode"].name, inputs=[F32, F32, F32, I32, BOOL], outputs=[F32, F32, I32],
+         attrs=LAYER_ATTRS)
+def _compress_decode(recent_queries, keys, values, positions, mask, layer_idx, n_layers, spec, **_lookup):
+    return _arrays(kvc.compress_decode(*map(_tensor, (recent_queries, keys, values, positions, mask)), layer_idx,
+                                       n_layers, spec))
+
+
+@onnx_op(op_type=PLUGINS["lookahead_stage2"].name, inputs=[F32, F32, F32, I64, BOOL], outputs=[F32, F32, I32],
+         attrs={"spec": STR, **LOOKUP_ATTRS})
+def _lookahead_stage2(keys, values, recent_queries, prompt_mask, pseudo_valid, spec, **_lookup):
+    return _arrays(kvc.lookahead_stage2(*map(_tensor, (keys, values, recent_queries, prompt_mask, pseudo_valid)),
+                                        spec))
+
+
 _COMPRESS_LAYERS: dict[int, str] = {}
 
 
