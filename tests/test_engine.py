@@ -162,8 +162,17 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
     assert tokens == compiled.tolist()
     assert tokens == reference_generate(tiny_model("qwen3"), ids, options, STEPS, mask).tolist()
     # The same model as an ONNX engine, run by ONNX Runtime, keeps the AOTInductor engine's tokens.
-    quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "onnx", target="onnx")
+    onnx_engine = quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "onnx",
+                              target="onnx").manifest
     assert Engine.load(tmp_path / "onnx").generate(prompts, STEPS).tokens == tokens
+    # Its graphs keep their weights in one shared external-data file, each weight stored once.
+    shared = tmp_path / "onnx" / onnx_engine.weights["file"]
+    assert shared.stat().st_size < 1.2 * parameter_bytes
+    for entry in onnx_engine.programs:
+        graph = onnx.load(str(tmp_path / "onnx" / entry.file), load_external_data=False)
+        external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert "model.model.embed_tokens.weight" in external
+        assert all(len(t.raw_data) < 1024 for t in graph.graph.initializer if t.name not in external)
     # The decode program writes the new entries into the buffers it is given (nothing is returned).
     outputs = engine._prefill_program(ids.shape[1])(ids, mask)
     steps = _SlotSteps(engine, outputs[1:], mask)

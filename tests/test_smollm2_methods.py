@@ -11,12 +11,13 @@ from kvc_compile.eval.passkey import passkey_inputs
 
 pytestmark = pytest.mark.smollm2
 NEW_TOKENS = 6
-# A window scorer, pre-RoPE scorers (rotary tables from the graph), head-adaptive packed budgets,
-# budgets across layers (data-dependent sizes). PyramidKV's per-layer packed budgets run with
-# -m extended (every method is compiled against the reference on tiny configs by default).
+# A window scorer, a pre-RoPE scorer (rotary tables from the graph), and packed budgets that vary
+# across layers with data-dependent sizes (lava). Compactor (pre-RoPE too), AdaKV (head-adaptive
+# packed budgets) and PyramidKV (per-layer packed budgets) repeat those mechanisms and run with
+# -m extended; every method is compiled against the reference on tiny configs by default.
 # MorphKV and LAQ: tests/test_smollm2_decoding.py.
-MECHANISMS = ("snapkv", "expected_attention", "compactor", "adakv",
-              pytest.param("pyramidkv", marks=pytest.mark.extended), "lava")
+MECHANISMS = ("snapkv", "expected_attention", "lava",
+              *(pytest.param(method, marks=pytest.mark.extended) for method in ("compactor", "adakv", "pyramidkv")))
 
 
 @pytest.fixture(scope="module")

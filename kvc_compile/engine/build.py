@@ -284,11 +284,13 @@ class SharedWeights:
         return {"file": self.FILE, "programs": self.programs}
 
 
-def _save_program(exported, path: Path, target: str, weights: SharedWeights | None = None) -> str:
+def _save_program(exported, path: Path, target: str, weights=None) -> str:
+    """Write one program; ``weights`` gathers the constants of every program into one file
+    (``SharedWeights`` for AOTInductor, ``SharedOnnxWeights`` for ONNX)."""
     if target == "onnx":
         from kvc_compile.plugins.onnx import export_onnx
 
-        return export_onnx(exported, path.with_suffix(".onnx")).name
+        return export_onnx(exported, path.with_suffix(".onnx"), weights).name
     if target == "aoti":
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path.with_suffix(".pt2")),
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
@@ -351,6 +353,10 @@ def build(
     stages = _Stages(console, total=2 * len(ranges) + 2 + extra_stages, enabled=progress)
     prefill_entries: list[ProgramEntry] = []
     weights = SharedWeights() if target == "aoti" else None
+    if target == "onnx":
+        from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
+
+        weights = SharedOnnxWeights(out)
     lengths_per_range: list[list[int]] = []
     with stages.progress, torch.no_grad():
         for low, high in ranges:
@@ -387,7 +393,9 @@ def build(
             with stages.stage(f"compile decode_evict ({target})"):
                 decode_evict = ProgramEntry(_save_program(evicting, out / "decode_evict", target, weights),
                                             1, max(capacity))
-    shared_weights = weights.save(out) if weights is not None else None
+    shared_weights = weights.save(out) if target == "aoti" else None
+    if target == "onnx":
+        shared_weights = {"file": weights.path.name}  # the graphs name it as their external data
     tokenizer_dir = None
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")

@@ -60,13 +60,15 @@ PREFILL_ARGS = ("input_ids", "attention_mask")
 DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "step")
 
 
-def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_ARGS, state_from: int | None = None):
+def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_ARGS, state_from: int | None = None,
+                  onnx_weights=None):
     """A program file as a callable. ONNX programs name their inputs (``arg_names``, in call order); with
-    ``state_from`` the arguments from that index on are buffers the program writes in place."""
+    ``state_from`` the arguments from that index on are buffers the program writes in place, and
+    ``onnx_weights`` is the engine's shared weights file, read once for every program."""
     if target == "onnx":
         from kvc_compile.plugins.onnx.runtime import OnnxProgram
 
-        return OnnxProgram(path, arg_names, state_from=state_from)
+        return OnnxProgram(path, arg_names, state_from=state_from, weights=onnx_weights)
     if target == "aoti":
         return torch._inductor.aoti_load_package(str(path))
     return torch.export.load(str(path)).module()
@@ -91,7 +93,7 @@ def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], 
 
 def _load_shared_weights(folder: Path, manifest: Manifest, programs: dict) -> dict[str, Tensor]:
     """Hand each AOTInductor program its constants from the engine's one weights file."""
-    if manifest.weights is None:
+    if manifest.weights is None or manifest.target != "aoti":  # ONNX graphs read theirs as external data
         return {}
     from safetensors.torch import load_file
 
@@ -138,7 +140,13 @@ class Engine:
             _check_onnx_runnable(folder, manifest)
         try:
             signatures = _program_signatures(manifest)
-            programs = {entry.file: _load_program(folder / entry.file, manifest.target, *signatures[entry.file])
+            onnx_weights = None
+            if manifest.target == "onnx":
+                from kvc_compile.plugins.onnx.weights import SharedOnnxWeightsReader
+
+                onnx_weights = SharedOnnxWeightsReader(folder)
+            programs = {entry.file: _load_program(folder / entry.file, manifest.target, *signatures[entry.file],
+                                                  onnx_weights=onnx_weights)
                         for entry in manifest.programs}
             weights = _load_shared_weights(folder, manifest, programs)
         except Exception as error:  # a package from another torch build fails in many ways

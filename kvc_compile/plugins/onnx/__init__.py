@@ -32,6 +32,7 @@ from torch import Tensor
 
 import kvc_compile.cache.attention  # noqa: F401  (registers kvc::packed_attention)
 import kvc_compile.ops  # noqa: F401  (registers the compression ops)
+from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
 
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_NAMESPACE = "kvc"
@@ -220,8 +221,9 @@ class OnnxExportError(RuntimeError):
     pass
 
 
-def export_onnx(exported: torch.export.ExportedProgram, path: Path) -> Path:
-    """Write ``exported`` as an ONNX model at ``path`` and check it with ``onnx.checker``."""
+def export_onnx(exported: torch.export.ExportedProgram, path: Path, weights: SharedOnnxWeights | None = None) -> Path:
+    """Write ``exported`` as an ONNX model at ``path`` and check it with ``onnx.checker``; with
+    ``weights``, its initializers go to the file the engine's programs share."""
     table = translation_table()
     if any(node.target in DECOMPOSED for node in exported.graph.nodes):
         exported = exported.run_decompositions(DECOMPOSED)
@@ -235,6 +237,8 @@ def export_onnx(exported: torch.export.ExportedProgram, path: Path) -> Path:
                                     verbose=False, optimize=True)
     path = Path(path)
     program.save(str(path))
+    if weights is not None:
+        weights.externalize(path)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 

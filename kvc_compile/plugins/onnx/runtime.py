@@ -19,6 +19,7 @@ from onnxruntime_extensions import PyCustomOpDef, default_opset_domain, get_libr
 from torch import Tensor
 
 from kvc_compile.plugins.onnx import PLUGIN_DOMAIN, PLUGINS
+from kvc_compile.plugins.onnx.weights import SharedOnnxWeightsReader
 
 kvc = torch.ops.kvc
 F32, BOOL, I32, I64, STR = (PyCustomOpDef.dt_float, PyCustomOpDef.dt_bool, PyCustomOpDef.dt_int32,
@@ -108,10 +109,17 @@ class OnnxProgram:
     logits, and they are written back in place, as the in-place programs of the other targets do.
     """
 
-    def __init__(self, path: str | Path, arg_names: Sequence[str], state_from: int | None = None) -> None:
-        model = _for_python_ops(onnx.load(str(path)))  # registers any op it needs: before the library is
+    def __init__(self, path: str | Path, arg_names: Sequence[str], state_from: int | None = None,
+                 weights: SharedOnnxWeightsReader | None = None) -> None:
+        path = Path(path)
+        # Registers any op it needs: before the library is.
+        model = _for_python_ops(onnx.load(str(path), load_external_data=False))
         options = ort.SessionOptions()
         options.register_custom_ops_library(get_library_path())
+        # The weights every program of the engine shares, memory-mapped once (see weights.py).
+        names, values = (weights or SharedOnnxWeightsReader(path.parent)).initializers(model)
+        if names:
+            options.add_external_initializers(names, values)
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.arg_names = list(arg_names)
         self.inputs = [i.name for i in self.session.get_inputs()]
