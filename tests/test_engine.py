@@ -89,6 +89,38 @@ def engine_and_compiled_tokens(engine_dir, options: dict, length: int = 40, step
     return engine_tokens, compiled.tolist()
 
 
+LOWRANK = {"key_rank": 6, "value_rank": 4}
+
+
+# KQ-SVD alone (every token kept at rank 6/4), and after SnapKV's eviction as ONNX graphs (the
+# projections become MatMuls with the factors as constants).
+@pytest.mark.parametrize("options, target", [
+    ({"method": "kqsvd", **LOWRANK}, "exported"),
+    ({"method": "snapkv", "window_size": 8, "compression_ratio": 0.5, "kqsvd": LOWRANK}, "onnx"),
+], ids=["kqsvd", "snapkv+kqsvd-onnx"])
+def test_lowrank_engines_keep_the_compiled_tokens(options, target, tmp_path):
+    from kvc_compile.eval.lowrank import calibrate_lowrank
+
+    projections = tmp_path / "tiny-llama.safetensors"
+    calibrate_lowrank(tiny_model("llama"), [random_prompt(1, 96, seed=9)], rank=16).save(projections)
+    if options["method"] == "kqsvd":
+        options = {**options, "projections": str(projections)}
+    else:
+        options = {**options, "kqsvd": {**options["kqsvd"], "projections": str(projections)}}
+    result = quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine", target=target)
+    assert result.manifest.prefill[0].min_length == 2  # a one-token prompt would trace as a decode step
+    engine_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options)
+    assert engine_tokens == compiled_tokens
+    engine = Engine.load(tmp_path / "engine")
+    ids, mask, _ = padded_batch()
+    outputs = engine._prefill_program(ids.shape[1])(ids, mask)
+    per_layer = len(result.manifest.state_names) + 1
+    assert [outputs[1 + i].shape[-1] for i in range(2)] == [6, 4]  # keys and values at their ranks
+    assert outputs[1 + per_layer].shape[-1] == 6  # the second layer's keys too
+    # One-token prompts are padded on the left to the shortest program's length.
+    assert len(engine.generate([[5]], 3).tokens[0]) == 3
+
+
 def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
     """Prefill (stage 1), rollout, stage 2 and decoding as programs, here as ONNX graphs run by ONNX
     Runtime; EOS inside the rollout masked."""
@@ -312,3 +344,16 @@ def test_random_weight_presets_build_from_the_cli(tmp_path, capsys):
     assert run_cli([str(out), "--token-ids", "5 6 7 8", "--token-ids", "9 10", "--max-new-tokens", "3"]) == 0
     printed = capsys.readouterr().out
     assert "#0" in printed and "#1" in printed
+
+
+def test_build_options_take_numbers_json_and_strings():
+    from kvc_compile.cli.build import parse_option
+
+    assert parse_option("window_size=32") == ("window_size", 32)
+    assert parse_option("pooling=max") == ("pooling", "max")
+    assert parse_option('kqsvd={"projections": "p.safetensors", "key_rank": 16}') == (
+        "kqsvd", {"projections": "p.safetensors", "key_rank": 16})
+    with pytest.raises(EngineError, match="not valid JSON"):
+        parse_option("kqsvd={projections: p}")
+    with pytest.raises(EngineError, match="KEY=VALUE"):
+        parse_option("window_size")

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from kvc_compile.config import CompressionConfig
+from kvc_compile.config import LOWRANK_METHOD, CompressionConfig
 from kvc_compile.engine import TARGETS, EngineError, build
 from kvc_compile.engine.build import check_output_dir
 from kvc_compile.models import PRESETS, WEIGHTS, ModelNotFoundError, load_model
@@ -22,6 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_option(item: str) -> tuple[str, object]:
+    """KEY=VALUE: an int, a float, a JSON object or list (nested options), else a string."""
     key, sep, value = item.partition("=")
     if not sep:
         raise EngineError(f"--option {item!r} must look like KEY=VALUE, e.g. --option window_size=32")
@@ -30,6 +32,12 @@ def parse_option(item: str) -> tuple[str, object]:
             return key, cast(value)
         except ValueError:
             pass
+    if value.lstrip().startswith(("{", "[")):
+        try:
+            return key, json.loads(value)
+        except json.JSONDecodeError as error:
+            raise EngineError(f"--option {key}: {value!r} is not valid JSON ({error.msg}), e.g. "
+                              f"--option 'kqsvd={{\"projections\": \"smollm2.safetensors\"}}'") from error
     return key, value
 
 
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             options["compression_ratio"] = args.compression_ratio
         elif args.budget is not None:
             options["budget"] = args.budget
-        else:
+        elif args.method != LOWRANK_METHOD:  # kqsvd alone keeps every token
             options["compression_ratio"] = 0.5
         config = CompressionConfig.from_options(options)  # bad options fail before the model loads
         if not args.force:  # before a minutes-long model load; build checks again

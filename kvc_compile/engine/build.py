@@ -98,8 +98,11 @@ def _prefill_ranges(config: CompressionConfig, max_context: int) -> list[tuple[i
         raise EngineError(f"max_context ({max_context}) must exceed {config.method}'s observation window ({window} "
                           f"tokens), or no prompt would be compressed")
     first_plural = next((n for n in range(window + 1, max_context + 1) if config.kept_length(n) >= 2), max_context + 1)
-    ranges = [(1, window), (window + 1, first_plural - 1), (first_plural, max_context)]
-    return [(low, high) for low, high in ranges if low <= high]
+    # A one-token prompt traces as a decode step (no prefill attention for the pass to project), so
+    # low-rank engines take prompts from two tokens; the runtime pads a shorter batch on the left.
+    shortest = 2 if config.lowrank is not None else 1
+    ranges = [(shortest, window), (window + 1, first_plural - 1), (first_plural, max_context)]
+    return [(max(low, shortest), high) for low, high in ranges if max(low, shortest) <= high]
 
 
 def _example_prompt(length: int, vocab: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -139,24 +142,35 @@ def _export_prefill(model, config: CompressionConfig, layout: StateLayout, lengt
     return _export_rewritten(PrefillProgram(model, layout), example, shapes, config)
 
 
-def _entry_lengths(prefill, layout: StateLayout, n_layers: int, length: int, vocab: int, device) -> list[int]:
+def _probe_prefill(prefill, layout: StateLayout, n_layers: int, length: int, device) -> tuple[list[int], list[dict]]:
+    """Entries per KV head each layer keeps of a ``length``-token prompt, and each layer's constant
+    state (KQ-SVD factors, the same for every prompt), from one run of the rewritten prefill."""
     ids = torch.full((1, length), 3, dtype=torch.long, device=device)
     outputs = prefill(ids, torch.ones_like(ids))
     per_layer = len(layout.prefill_names)
-    return [outputs[1 + i * per_layer].shape[2] for i in range(n_layers)]
+    layers = [dict(zip(layout.prefill_names, outputs[1 + i * per_layer:1 + (i + 1) * per_layer], strict=True))
+              for i in range(n_layers)]
+    constants = [{name: layer[name] for name in layout.constant_names} for layer in layers]
+    return [layer["keys"].shape[2] for layer in layers], constants
 
 
 def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torch.dtype, device,
-                    recent_queries: int = 0) -> tuple:
+                    recent_queries: int = 0, constants: list[dict] | None = None) -> tuple:
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     state = []
-    for slots in capacity:
+    for layer, slots in enumerate(capacity):
         heads = 1 if layout.packed else kv_heads
-        state += [torch.zeros(EXAMPLE_BATCH, heads, slots, head_dim, dtype=dtype, device=device) for _ in range(2)]
+        # Low-rank entries are stored at their layer's ranks (the width of its down projections).
+        key_dim, value_dim = ((constants[layer]["key_down"].shape[-1], constants[layer]["value_down"].shape[-1])
+                              if layout.lowrank else (head_dim, head_dim))
+        state += [torch.zeros(EXAMPLE_BATCH, heads, slots, dim, dtype=dtype, device=device)
+                  for dim in (key_dim, value_dim)]
         if layout.packed:
             state.append(torch.full((EXAMPLE_BATCH, 1, slots), -1, dtype=torch.int32, device=device))
+        if layout.lowrank:
+            state += [constants[layer][name] for name in layout.constant_names]
         if layout.window:
             state.append(torch.full((EXAMPLE_BATCH, kv_heads, slots), -1, dtype=INDEX_DTYPE, device=device))
             state.append(torch.zeros(EXAMPLE_BATCH, cfg.num_attention_heads, recent_queries, head_dim, dtype=dtype,
@@ -166,9 +180,11 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
     return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)
 
 
-def _decode_shapes(example: tuple) -> tuple:
+def _decode_shapes(example: tuple, layout: StateLayout) -> tuple:
+    """Every state tensor has the batch first, except the constants (KQ-SVD factors)."""
     batch = _batch_dim()
-    return ({0: batch}, {0: batch}, {0: batch}, None, tuple({0: batch} for _ in example[4:]))
+    per_layer = tuple(None if name in layout.constant_names else {0: batch} for name in layout.state_names)
+    return ({0: batch}, {0: batch}, {0: batch}, None, per_layer * (len(example[4:]) // len(per_layer)))
 
 
 def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: list[list[int]], out: Path,
@@ -184,7 +200,8 @@ def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: l
     capacity = [max(stage1_slots) + steps] * len(stage1_slots)
     example = _decode_example(model, window, capacity, parameter.dtype, parameter.device, config.recent_queries)
     with stages.stage(f"export rollout ({steps} pseudo tokens)"):
-        rollout, _ = _export_rewritten(DecodeProgram(model, window, stage1_slots), example, _decode_shapes(example),
+        rollout, _ = _export_rewritten(DecodeProgram(model, window, stage1_slots), example,
+                                       _decode_shapes(example, window),
                                        config, decode_eviction=False)
     with stages.stage(f"compile rollout ({target})"):
         rollout_file = _save_program(rollout, out / "rollout", target, weights)
@@ -342,8 +359,6 @@ def build(
     check_output_dir(out, force)
     ranges = _prefill_ranges(config, max_context)
     layout = StateLayout.of(config)
-    if layout.lowrank:
-        raise EngineError("kqsvd (low-rank) engines are not supported yet; use torch.compile(backend='kvc')")
     model = model.eval()
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     device = next(model.parameters()).device
@@ -363,8 +378,8 @@ def build(
             name = f"prefill_{low}_{high}"
             with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
                 exported, rewritten = _export_prefill(model, config, layout, (low, high), device)
-                lengths_per_range.append(
-                    _entry_lengths(rewritten, layout, n_layers, high, model.config.vocab_size, device))
+                lengths, constants = _probe_prefill(rewritten, layout, n_layers, high, device)
+                lengths_per_range.append(lengths)
             with stages.stage(f"compile {name} ({target})"):
                 file = _save_program(exported, out / name, target, weights)
             prefill_entries.append(ProgramEntry(file, low, high))
@@ -377,8 +392,8 @@ def build(
         prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
         capacity = _decode_capacity(config, layout, prompt_slots, max_new_tokens, model.config.num_key_value_heads)
         program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
-        example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries)
-        shapes = _decode_shapes(example)
+        example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants)
+        shapes = _decode_shapes(example, layout)
         with stages.stage("export decode (fixed capacity)"):
             if layout.window:
                 decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)

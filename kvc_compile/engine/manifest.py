@@ -21,6 +21,9 @@ MANIFEST = "manifest.json"
 # prefill (the stage-1 cache, the full prompt entries, the buffer of recent queries).
 WINDOW_STATE = ("keys", "values", "positions", "recent_queries")
 LOOKAHEAD_PREFILL_STATE = ("keys", "values", "positions", "prompt_keys", "prompt_values", "recent_queries")
+# Per-layer state of KQ-SVD engines besides the entries: the calibrated factors and the output
+# projection folded with the value lift, the same for every prompt and step (no batch axis).
+LOWRANK_STATE = ("key_down", "key_up", "value_down", "value_up", "output_fold")
 
 
 class EngineError(RuntimeError):

@@ -33,13 +33,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvc_compile.cache import CachedKeys, CompressedCache
 from kvc_compile.config import CompressionConfig
-from kvc_compile.engine.manifest import LOOKAHEAD_PREFILL_STATE, WINDOW_STATE
+from kvc_compile.engine.manifest import LOOKAHEAD_PREFILL_STATE, LOWRANK_STATE, WINDOW_STATE
 from kvc_compile.lookahead import prompt_position_ids
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops.decode import append_positions_at, lookahead_stage2, push_query
 from kvc_compile.ops.lowrank import FACTOR_NAMES, lowrank_project
 
-LOWRANK_STATE = (*FACTOR_NAMES, "output_fold")
+assert LOWRANK_STATE[:len(FACTOR_NAMES)] == FACTOR_NAMES  # the prefill returns the factors in the op's order
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,11 @@ class StateLayout:
         if self.lowrank:
             names += LOWRANK_STATE
         return names
+
+    @property
+    def constant_names(self) -> tuple[str, ...]:
+        """The state tensors that are the same for every prompt and step (KQ-SVD factors): no batch axis."""
+        return LOWRANK_STATE if self.lowrank and not self.window else ()
 
     @property
     def entry_names(self) -> tuple[str, ...]:
@@ -220,8 +225,9 @@ class DecodeProgram(nn.Module):
                       for layer_state, prompt_slots in zip(layer_states, self.prompt_slots, strict=True)]
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=SlotCache(layers), use_cache=True)
-        if self.return_state:
-            return (out.logits[:, -1], *(layer.state[name] for layer in layers for name in names))
+        if self.return_state:  # the buffers a step changes (not the per-layer constants)
+            changed = [name for name in names if name not in self.layout.constant_names]
+            return (out.logits[:, -1], *(layer.state[name] for layer in layers for name in changed))
         return out.logits[:, -1]
 
 

@@ -37,6 +37,7 @@ import kvc_compile.cache.attention  # noqa: F401  (registers the kvc ops the pro
 import kvc_compile.ops  # noqa: F401
 from kvc_compile.engine.manifest import (
     LOOKAHEAD_PREFILL_STATE,
+    LOWRANK_STATE,
     WINDOW_STATE,
     EngineError,
     Manifest,
@@ -60,27 +61,31 @@ PREFILL_ARGS = ("input_ids", "attention_mask")
 DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "step")
 
 
-def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_ARGS, state_from: int | None = None,
-                  onnx_weights=None):
-    """A program file as a callable. ONNX programs name their inputs (``arg_names``, in call order); with
-    ``state_from`` the arguments from that index on are buffers the program writes in place, and
+def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_ARGS,
+                  written: Sequence[int] | None = None, onnx_weights=None):
+    """A program file as a callable. ONNX programs name their inputs (``arg_names``, in call order);
+    ``written`` lists the arguments that are buffers the program writes in place, and
     ``onnx_weights`` is the engine's shared weights file, read once for every program."""
     if target == "onnx":
         from kvc_compile.plugins.onnx.runtime import OnnxProgram
 
-        return OnnxProgram(path, arg_names, state_from=state_from, weights=onnx_weights)
+        return OnnxProgram(path, arg_names, written=written, weights=onnx_weights)
     if target == "aoti":
         return torch._inductor.aoti_load_package(str(path))
     return torch.export.load(str(path)).module()
 
 
-def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], int | None]]:
-    """Per program file: its arguments' names and where in-place buffers start (None: none are; the
-    program returns its state, as window-layout steps and every prefill and stage-2 program do)."""
-    state = tuple(f"state_{i}" for i in range(len(manifest.state_names) * len(manifest.prompt_slots)))
-    in_place = tuple(manifest.state_names) != WINDOW_STATE
+def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], list[int] | None]]:
+    """Per program file: its arguments' names, and which of them it writes in place (None: it
+    returns its state instead, as window-layout steps and every prefill and stage-2 program do).
+    In-place steps write every buffer but the per-layer constants (KQ-SVD factors)."""
+    names = manifest.state_names * len(manifest.prompt_slots)
+    state = tuple(f"state_{i}" for i in range(len(names)))
+    written = None
+    if tuple(manifest.state_names) != WINDOW_STATE:
+        written = [len(DECODE_ARGS) + i for i, name in enumerate(names) if name not in LOWRANK_STATE]
     signatures = {entry.file: (PREFILL_ARGS, None) for entry in manifest.prefill}
-    signatures[manifest.decode.file] = (DECODE_ARGS + state, len(DECODE_ARGS) if in_place else None)
+    signatures[manifest.decode.file] = (DECODE_ARGS + state, written)
     if manifest.decode_evict is not None:
         signatures[manifest.decode_evict.file] = (DECODE_ARGS + state, None)
     if manifest.lookahead is not None:
@@ -211,6 +216,11 @@ class Engine:
             raise EngineError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
                               f"{top_p}, {top_k}")
         ids, mask = self.encode(prompts)
+        shortest = manifest.prefill[0].min_length  # low-rank engines: 2 (see build._prefill_ranges)
+        if ids.shape[1] < shortest:
+            padding = shortest - ids.shape[1]
+            ids = F.pad(ids, (padding, 0), value=manifest.pad_token_id)
+            mask = F.pad(mask, (padding, 0))
         batch, length = ids.shape
         if length > manifest.max_context:
             raise EngineError(f"a prompt has {length} tokens, more than this engine's max context of "
@@ -302,6 +312,9 @@ class _SlotSteps:
             tensors = state[layer * per_layer: (layer + 1) * per_layer - 1]
             kept.append(tensors[0].shape[2])
             for name, tensor in zip(names, tensors, strict=True):
+                if name in LOWRANK_STATE:  # per-layer constants: handed to every step as they are
+                    self.buffers.append(tensor)
+                    continue
                 buffer = torch.full((*tensor.shape[:2], capacity, *tensor.shape[3:]), -1 if name == "heads" else 0,
                                     dtype=tensor.dtype, device=tensor.device)
                 buffer[:, :, : tensor.shape[2]] = tensor

@@ -11,8 +11,9 @@ Absent optional tensors (no rotary tables for a method that does not need them, 
 empty tensors, so each plugin has a fixed number of inputs.
 
 The bookkeeping ops of compression while decoding (``shift_in``, ``last_queries``,
-``append_positions_at``) are plain tensor edits: they are decomposed into aten ops before export,
-so they become standard ONNX nodes (Concat, Slice, Pad, Range) that any runtime runs natively.
+``append_positions_at``) are plain tensor edits, and KQ-SVD's projections are matrix products
+with calibrated factors: they are decomposed into aten ops before export, so they become standard
+ONNX nodes (Concat, Slice, Pad, Range, MatMul, constants) that any runtime runs natively.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from torch import Tensor
 
 import kvc_compile.cache.attention  # noqa: F401  (registers kvc::packed_attention)
 import kvc_compile.ops  # noqa: F401  (registers the compression ops)
+from kvc_compile.config import CompressionConfig
+from kvc_compile.methods.base import prefill_entries
+from kvc_compile.methods.kqsvd import project_entries
+from kvc_compile.ops.lowrank import FACTOR_NAMES, fold_heads, lowrank_lift_reference
 from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
 
 PLUGIN_DOMAIN = "trt.plugins"
@@ -184,8 +189,17 @@ def _lookahead_stage2(keys, values, recent_queries, prompt_mask, pseudo_valid, s
                                            **_lookup())
 
 
+def _calibrated_factors(like, spec: str, layer_idx: int):
+    """KQ-SVD factors as constants of the graph, read from the projections file at export."""
+    projections = CompressionConfig.from_spec(spec).projections
+    return tuple(op.Constant(value=onnx.numpy_helper.from_array(
+        getattr(projections, name)[layer_idx].to(torch.float32).numpy(), name=f"{name}_{layer_idx}"))
+        for name in FACTOR_NAMES)
+
+
 def translation_table() -> dict:
     return {
+        kvc.calibrated_factors.default: _calibrated_factors,
         kvc.compress_kv.default: _compress_kv,
         kvc.score_kv.default: _score_kv,
         kvc.compress_layers.default: _compress_layers,
@@ -210,10 +224,20 @@ def _append_positions_at(positions: Tensor, key_states: Tensor, start: Tensor) -
     return torch.cat([positions, new.expand(batch, kv_heads, q_len)], dim=-1)
 
 
+def _prefill_entries(key_states: Tensor) -> tuple[Tensor, Tensor]:
+    batch, kv_heads, n, _ = key_states.shape
+    return prefill_entries(batch, kv_heads, n, key_states.device)
+
+
 DECOMPOSED = {
+    kvc.prefill_entries.default: _prefill_entries,  # an uncompressed prompt's positions and heads
     kvc.shift_in.default: _shift_in,
     kvc.last_queries.default: _last_queries,
     kvc.append_positions_at.default: _append_positions_at,
+    # KQ-SVD: the projections are matrix products (the factors are constants: ``_calibrated_factors``).
+    kvc.lowrank_project.default: project_entries,
+    kvc.lowrank_lift.default: lowrank_lift_reference,
+    kvc.fold_output_projection.default: fold_heads,
 }
 
 

@@ -104,12 +104,12 @@ def _for_python_ops(model: onnx.ModelProto) -> onnx.ModelProto:
 class OnnxProgram:
     """An ONNX engine program called like the other targets' programs, with torch tensors.
 
-    ``arg_names`` name the positional arguments as the graph's inputs. With ``state_from``, the
-    arguments from that index on are cache buffers: the graph returns them updated after the
-    logits, and they are written back in place, as the in-place programs of the other targets do.
+    ``arg_names`` name the positional arguments as the graph's inputs. ``written`` lists the
+    arguments that are cache buffers: the graph returns them updated after the logits, in this
+    order, and they are written back in place, as the in-place programs of the other targets do.
     """
 
-    def __init__(self, path: str | Path, arg_names: Sequence[str], state_from: int | None = None,
+    def __init__(self, path: str | Path, arg_names: Sequence[str], written: Sequence[int] | None = None,
                  weights: SharedOnnxWeightsReader | None = None) -> None:
         path = Path(path)
         # Registers any op it needs: before the library is.
@@ -123,16 +123,16 @@ class OnnxProgram:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.arg_names = list(arg_names)
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.state_from = state_from
+        self.written = written
 
     def __call__(self, *args: Tensor):
         given = dict(zip(self.arg_names, args, strict=True))
         outputs = self.session.run(None, {name: given[name].cpu().numpy() for name in self.inputs})
         outputs = [torch.from_numpy(array) for array in outputs]
-        if self.state_from is None:
+        if self.written is None:
             return tuple(outputs)
-        for buffer, updated in zip(args[self.state_from:], outputs[1:], strict=True):
-            buffer.copy_(updated)
+        for index, updated in zip(self.written, outputs[1:], strict=True):
+            args[index].copy_(updated)
         return outputs[0]
 
 
