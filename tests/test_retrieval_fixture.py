@@ -1,0 +1,78 @@
+"""The trained retrieval fixture: near-perfect with the full cache, chance when the queried pair is
+evicted, and the compiled path answers as the reference does."""
+
+import pytest
+import torch
+
+from kvc_compile import CompressedCache
+from kvc_compile.eval.retrieval import PAIRS, VALUES, load_fixture, retrieval_accuracy, retrieval_batch
+from kvc_compile.methods.base import CompressedKV
+
+SAMPLES = 256
+
+
+@pytest.fixture(scope="module")
+def fixture_model():
+    return load_fixture()
+
+
+def test_full_cache_retrieves_almost_always(fixture_model):
+    assert retrieval_accuracy(fixture_model, samples=SAMPLES) >= 0.95
+
+
+@torch.no_grad()
+def answers_after_eviction(model, context, query, keep):
+    """Prefill ``context``, keep only the positions ``keep`` [batch, k] in every layer, then ask."""
+    cache = CompressedCache()
+    model(context, past_key_values=cache, use_cache=True)
+    n = context.shape[1]
+    for layer in cache.layers:
+        index = keep[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        heads = torch.arange(layer.keys.shape[1], dtype=torch.int32)[None, :, None].expand(len(keep), -1, keep.shape[1])
+        positions = keep[:, None, :].expand_as(heads).to(torch.int32)
+        kept = CompressedKV(layer.keys.gather(2, index), layer.values.gather(2, index), positions, heads.clone())
+        layer.set_compressed(kept, logical_length=n, kv_heads=layer.keys.shape[1])
+    position = torch.full((len(context), 1), n)
+    out = model(query, past_key_values=cache, position_ids=position, cache_position=position[0], use_cache=True)
+    return out.logits[:, -1].argmax(-1)
+
+
+def test_evicting_the_queried_pair_drops_to_chance(fixture_model):
+    context, query, answer = retrieval_batch(SAMPLES, torch.Generator().manual_seed(7))
+    # Which pair is asked: the key token equal to the query (positions 1 + 2i).
+    asked = (context[:, 1 : 1 + 2 * PAIRS : 2] == query).float().argmax(-1)
+    everything = torch.arange(context.shape[1]).expand(SAMPLES, -1)
+    drop_asked = torch.stack([
+        everything[row][(everything[row] != 1 + 2 * asked[row]) & (everything[row] != 2 + 2 * asked[row])]
+        for row in range(SAMPLES)
+    ])
+    other = (asked + 1) % PAIRS
+    drop_other = torch.stack([
+        everything[row][(everything[row] != 1 + 2 * other[row]) & (everything[row] != 2 + 2 * other[row])]
+        for row in range(SAMPLES)
+    ])
+    kept_other = (answers_after_eviction(fixture_model, context, query, drop_other) == answer).float().mean()
+    kept_asked = (answers_after_eviction(fixture_model, context, query, drop_asked) == answer).float().mean()
+    assert kept_other >= 0.9  # evicting another pair does not matter
+    assert kept_asked <= 3 / len(VALUES)  # chance is 1 / 30
+
+
+def test_compiled_fixture_answers_like_the_reference(fixture_model):
+    from kvc_compile import reference_prefill
+
+    context, query, _ = retrieval_batch(32, torch.Generator().manual_seed(3))
+    options = {"method": "snapkv", "compression_ratio": 0.5, "window_size": 4, "inner_backend": "eager"}
+    n = context.shape[1]
+    position = torch.full((32, 1), n)
+    with torch.no_grad():
+        reference = reference_prefill(fixture_model, context, options)
+        expected = fixture_model(query, past_key_values=reference.cache, position_ids=position,
+                                 cache_position=position[0], use_cache=True).logits[:, -1].argmax(-1)
+        compiled = torch.compile(fixture_model, backend="kvc", options=options, dynamic=True)
+        cache = CompressedCache()
+        compiled(context, past_key_values=cache, use_cache=True)
+        got = compiled(query, past_key_values=cache, position_ids=position, cache_position=position[0],
+                       use_cache=True).logits[:, -1].argmax(-1)
+    for layer, positions in zip(cache.layers, reference.kept_indices, strict=True):
+        assert torch.equal(layer.positions[..., : positions.shape[-1]], positions)  # then the query's entry
+    assert torch.equal(got, expected)
