@@ -76,3 +76,31 @@ def test_compiled_fixture_answers_like_the_reference(fixture_model):
     for layer, positions in zip(cache.layers, reference.kept_indices, strict=True):
         assert torch.equal(layer.positions[..., : positions.shape[-1]], positions)  # then the query's entry
     assert torch.equal(got, expected)
+
+
+def test_fixture_leaderboard_cells(fixture_model, tmp_path):
+    """kvc-eval's second model: the full cache answers every sample; keeping 1 token in 8 by key
+    norm (the question comes after compression) loses almost every asked pair."""
+    from kvc_compile.eval.leaderboard import run_grid, summarize
+    from kvc_compile.eval.retrieval import FIXTURE_OPTIONS, FIXTURE_TASK, FixtureTasks
+
+    cells = run_grid(fixture_model, FixtureTasks(), tmp_path, ["knorm"], [0.875], [FIXTURE_TASK], 16,
+                     path="reference", extra_options=FIXTURE_OPTIONS)
+    scores = {(r.method, r.ratio): r.mean for r in summarize(tmp_path, cells, "fixture")}
+    assert scores[("full cache", 0.0)] == 1.0
+    assert scores[("knorm", 0.875)] <= 0.25
+
+
+def test_a_model_without_the_kvc_pass_is_not_scored_as_compressed(fixture_model):
+    from kvc_compile.eval.leaderboard import answer_ids
+
+    context, query, _ = retrieval_batch(1, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="kvc pass did not run"):  # compiled path, but not compiled
+        answer_ids(fixture_model, context, query, {"method": "knorm", "compression_ratio": 0.5}, 1)
+
+
+def test_the_fixture_refuses_query_aware_scoring(tmp_path):
+    from kvc_compile.cli.eval import main
+
+    with pytest.raises(SystemExit, match="drop --query-aware"):
+        main(["--model", "retrieval-fixture", "--query-aware", "--out", str(tmp_path)])

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -32,6 +33,7 @@ from kvc_compile.reference import attention_implementation, reference_prefill
 FULL_CACHE = "full cache"
 NEW_TOKENS = {"niah_multivalue": 48, "niah_multiquery": 48, "variable_tracking": 32}
 PATHS = ("compiled", "reference")
+SKIPPED = "skipped.json"  # configurations that cannot run on these samples, and why
 
 
 @dataclass(frozen=True)
@@ -68,29 +70,61 @@ def answer(
     for the full cache), then the question is fed on that cache and the answer decoded."""
     compressed, appended = sample.prompt_parts(query_aware)
     context_ids = tokenizer(compressed, return_tensors="pt").input_ids
-    full_ids = torch.cat([context_ids, tokenizer(appended, return_tensors="pt", add_special_tokens=False).input_ids],
-                         dim=1) if appended else context_ids
-    max_new = NEW_TOKENS.get(sample.task, 12)
+    appended_ids = tokenizer(appended, return_tensors="pt", add_special_tokens=False).input_ids if appended else None
+    tokens = answer_ids(model, context_ids, appended_ids, options, NEW_TOKENS.get(sample.task, 12), path,
+                        tokenizer.eos_token_id)
+    return tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def answer_ids(
+    model: PreTrainedModel,
+    context_ids: Tensor,
+    appended_ids: Tensor | None,
+    options: dict | None,
+    max_new_tokens: int,
+    path: str = "compiled",
+    eos_token_id: int | None = None,
+) -> Tensor:
+    """Greedy tokens [batch, max_new_tokens] after ``context_ids`` (prefilled, and compressed with
+    ``options``; None for the full cache) and then ``appended_ids`` fed on that cache."""
+    full_ids = torch.cat([context_ids, appended_ids], dim=1) if appended_ids is not None else context_ids
     if options is None:
-        out = model.generate(full_ids, max_new_tokens=max_new, do_sample=False)
+        out = model.generate(full_ids, max_new_tokens=max_new_tokens, do_sample=False)
     else:
         config = CompressionConfig.from_options(options)
         lookahead = config.evicts and config.method_impl.lookahead_queries > 0
         if path == "compiled":  # the caller compiled the model with these options
             cache = CompressedCache()
-            out = model(context_ids, past_key_values=cache, use_cache=True)
+            first = model(context_ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            _check_compressed(config, cache, context_ids.shape[1])
             if lookahead:  # LAQ: roll out pseudo tokens after the context, then re-score it
-                first = out.logits[:, -1].argmax(dim=-1, keepdim=True)
                 mask = torch.ones_like(context_ids)
-                lookahead_stage(config, decode_step(model, cache), cache, first, mask, tokenizer.eos_token_id)
+                lookahead_stage(config, decode_step(model, cache), cache, first, mask, eos_token_id)
         elif lookahead:
             raise ValueError("laq's rollout runs on the compiled path only in kvc-eval; use --path compiled")
         else:
-            cache = reference_prefill(model, context_ids, options).cache
-        # generate() feeds only what the cache has not seen: the question, then the answer.
+            prefill = reference_prefill(model, context_ids, options)
+            cache, first = prefill.cache, prefill.logits[:, -1].argmax(-1, keepdim=True)
+        if appended_ids is None:  # query-aware: the prefill's last logits give the first answer token
+            full_ids, max_new_tokens = torch.cat([full_ids, first], dim=1), max_new_tokens - 1
+            if max_new_tokens == 0:
+                return first
+        # generate() feeds only what the cache has not seen: the question (or the first answer
+        # token), then the answer.
         with attention_implementation(model, ATTENTION_IMPLEMENTATION):
-            out = model.generate(full_ids, past_key_values=cache, max_new_tokens=max_new, do_sample=False)
-    return tokenizer.decode(out[0, full_ids.shape[1] :], skip_special_tokens=True)
+            out = model.generate(full_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+        if appended_ids is None:
+            return out[:, context_ids.shape[1]:]
+    return out[:, full_ids.shape[1]:]
+
+
+def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int) -> None:
+    """Fail, rather than score the full cache, when the model ran without the kvc pass (e.g. Dynamo
+    fell back to eager after its recompile limit)."""
+    if config.evicts and config.kept_length(n) < n and all(layer.positions.shape[-1] >= n for layer in cache.layers):
+        raise RuntimeError(f"the model was compiled with {config.method} but its prefill kept all {n} tokens: the "
+                           f"kvc pass did not run (was torch._dynamo reset after the previous configuration?)")
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -133,12 +167,19 @@ def run_grid(
     cells_dir.mkdir(parents=True, exist_ok=True)
     # Samples are not part of it: records are per seed, so a larger --samples extends the cells.
     _check_settings(out / "settings.json", {**source.settings, "query_aware": query_aware, "path": path})
-    configs = [(FULL_CACHE, 0.0)] + [(m, r) for m in methods for r in ratios]
+    configs, skipped = [(FULL_CACHE, 0.0, None)], {}
+    for method, ratio in ((m, r) for m in methods for r in ratios):
+        options = method_options(method, ratio, (extra_options or {}).get(method), source.context_tokens)
+        try:
+            CompressionConfig.from_options(options)
+        except ValueError as error:  # e.g. a constant-size cache smaller than its window at this ratio
+            skipped[f"{method} {ratio:g}"] = str(error)
+            tqdm.write(f"kvc-eval: skipping {method} at ratio {ratio:g}: {error}")
+            continue
+        configs.append((method, ratio, options))
+    (out / SKIPPED).write_text(json.dumps(skipped, indent=1))
     cells = []
-    for method, ratio in tqdm(configs, desc="configurations"):
-        options = None if method == FULL_CACHE else method_options(
-            method, ratio, (extra_options or {}).get(method), source.context_tokens
-        )
+    for method, ratio, options in tqdm(configs, desc="configurations"):
         todo = [Cell(method, ratio, task) for task in tasks]
         cells += todo
         done = {cell: len(_read_records(cells_dir / cell.filename)) for cell in todo}
@@ -154,7 +195,10 @@ def run_grid(
                         records.write(json.dumps(record) + "\n")
                         records.flush()
         finally:
-            model._compiled_call_impl = None  # back to eager for the next configuration
+            # Back to eager, and a fresh Dynamo cache: past its recompile limit Dynamo would run the
+            # next configurations eagerly, without compression.
+            model._compiled_call_impl = None
+            torch._dynamo.reset()
     return cells
 
 
@@ -198,7 +242,10 @@ def summarize(out: Path, cells: Sequence[Cell], title: str) -> list[CellResult]:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["method"])
         writer.writeheader()
         writer.writerows(rows)
-    (out / "leaderboard.md").write_text(markdown_table(results, title))
+    skipped_path = out / SKIPPED
+    skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else {}
+    notes = "".join(f"\n- not run: {config}: {reason}" for config, reason in skipped.items())
+    (out / "leaderboard.md").write_text(markdown_table(results, title) + notes + ("\n" if notes else ""))
     plot(results, out / "leaderboard.png", title)
     return results
 

@@ -139,6 +139,50 @@ def retrieval_accuracy(model: PreTrainedModel, samples: int = 512, seed: int = 1
     return (logits.argmax(-1) == answer).float().mean().item()
 
 
+FIXTURE_MODEL = "retrieval-fixture"  # kvc-eval's name for it
+FIXTURE_TASK = "kv_retrieval"
+# The fixture's prompts are 18-19 tokens, shorter than most methods' default observation windows,
+# sinks and chunks (which would keep every token): these options scale them to the fixture.
+_SNAPKV_LIKE = {"window_size": 1, "kernel_size": 3}
+FIXTURE_OPTIONS: dict[str, dict] = {
+    "snapkv": _SNAPKV_LIKE, "pyramidkv": _SNAPKV_LIKE, "lava": _SNAPKV_LIKE, "obcache": _SNAPKV_LIKE,
+    "adakv": {"scorer_options": _SNAPKV_LIKE},
+    "chunkkv": {"scorer_options": _SNAPKV_LIKE, "chunk_length": 2},
+    "laq": {**_SNAPKV_LIKE, "stage1_options": _SNAPKV_LIKE},
+    "morphkv": {"window_size": 2},
+    "curdkv": {"num_sinks": 1, "local_window_size": 2},
+    "adacurdkv": {"num_sinks": 1, "local_window_size": 2},
+    "compactor": {"protected_first": 1, "protected_last": 1},
+    "expected_attention": {"n_sink": 1},
+    "streamingllm": {"n_sink": 1},
+}
+
+
+class FixtureTasks:
+    """kvc-eval's samples for the fixture: one task, ``kv_retrieval`` (``BOS k1 v1 ... k8 v8 SEP``,
+    then the asked key), scored 1 when the next token is the asked key's value. Seeded like the text
+    tasks: sample ``s`` is ``retrieval_batch`` drawn from seed ``s``."""
+
+    tasks = (FIXTURE_TASK,)
+    context_tokens = 2 + 2 * PAIRS
+
+    def __init__(self) -> None:
+        self.settings = {"model": FIXTURE_MODEL, "pairs": PAIRS, "options": FIXTURE_OPTIONS}
+
+    def record(self, model: PreTrainedModel, task: str, seed: int, options: dict | None, query_aware: bool,
+               path: str) -> dict:
+        from kvc_compile.eval.leaderboard import answer_ids
+
+        if task not in self.tasks:
+            raise ValueError(f"the retrieval fixture has one task, {FIXTURE_TASK}; got {task!r}")
+        context, query, answer = retrieval_batch(1, torch.Generator().manual_seed(seed))
+        if query_aware:  # the asked key is compressed with the pairs
+            context, query = torch.cat([context, query], dim=1), None
+        prediction = int(answer_ids(model, context, query, options, 1, path)[0, 0])
+        return {"seed": seed, "prediction": prediction, "answers": [int(answer)],
+                "score": float(prediction == int(answer))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="train the retrieval-specialist fixture")
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
