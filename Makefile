@@ -22,7 +22,8 @@ demo: install
 
 test: install
 	$(PY) -m ruff check kvc_compile tests examples benchmarks
-	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+	# One worker per core, a test file per worker (a module's compiled model stays with its tests).
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check kvc_compile tests examples benchmarks

@@ -12,6 +12,9 @@ import torch
 # is defined: the switch is read when a kernel is decorated).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# With pytest-xdist's workers (make test runs one per core) each takes its share of the cores.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,

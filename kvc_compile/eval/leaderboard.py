@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def answer_ids(
         if path == "compiled":  # the caller compiled the model with these options
             cache = CompressedCache()
             first = model(context_ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-            _check_compressed(config, cache, context_ids.shape[1])
+            _check_compressed(config, cache, context_ids.shape[1], model.config.num_key_value_heads)
             if lookahead:  # LAQ: roll out pseudo tokens after the context, then re-score it
                 mask = torch.ones_like(context_ids)
                 lookahead_stage(config, decode_step(model, cache), cache, first, mask, eos_token_id)
@@ -119,10 +120,11 @@ def answer_ids(
     return out[:, full_ids.shape[1]:]
 
 
-def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int) -> None:
+def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int, kv_heads: int) -> None:
     """Fail, rather than score the full cache, when the model ran without the kvc pass (e.g. Dynamo
     fell back to eager after its recompile limit)."""
-    if config.evicts and config.kept_length(n) < n and all(layer.positions.shape[-1] >= n for layer in cache.layers):
+    uncompressed = all(int((layer.heads >= 0).sum()) >= layer.keys.shape[0] * kv_heads * n for layer in cache.layers)
+    if config.evicts and config.kept_length(n) < n and uncompressed:
         raise RuntimeError(f"the model was compiled with {config.method} but its prefill kept all {n} tokens: the "
                            f"kvc pass did not run (was torch._dynamo reset after the previous configuration?)")
 
@@ -275,19 +277,21 @@ def plot(results: Sequence[CellResult], path: Path, title: str) -> None:
     averages: dict[str, dict[float, list[float]]] = {}
     for r in results:
         averages.setdefault(r.method, {}).setdefault(r.ratio, []).append(r.mean)
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, per_ratio in averages.items():
+    figure, axes = plt.subplots(figsize=(9, 5))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
+    for index, (method, per_ratio) in enumerate(averages.items()):
         if method == FULL_CACHE:
             full = sum(per_ratio[0.0]) / len(per_ratio[0.0])
             axes.axhline(full, linestyle="--", color="black", label=FULL_CACHE)
             continue
         ratios = sorted(per_ratio)
-        axes.plot(ratios, [sum(per_ratio[x]) / len(per_ratio[x]) for x in ratios], marker="o", label=method)
+        axes.plot(ratios, [sum(per_ratio[x]) / len(per_ratio[x]) for x in ratios], label=method,
+                  color=colors[index % len(colors)], marker=markers[index % len(markers)])
     axes.set_xlabel("compression ratio (fraction of tokens removed)")
     axes.set_ylabel("average score")
     axes.set_ylim(0, 1.02)
-    axes.set_title(title)
-    axes.legend(fontsize="small", ncol=2)
+    axes.set_title(textwrap.fill(title, 80), fontsize=9)
+    axes.legend(fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")  # beside the lines, not on them
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
