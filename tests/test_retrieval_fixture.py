@@ -104,3 +104,13 @@ def test_the_fixture_refuses_query_aware_scoring(tmp_path):
 
     with pytest.raises(SystemExit, match="drop --query-aware"):
         main(["--model", "retrieval-fixture", "--query-aware", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("options", [{"method": "morphkv", "budget": 12, "window_size": 2},
+                                     {"method": "laq", "compression_ratio": 0.5, "window_size": 2}])
+def test_the_reference_path_refuses_what_only_the_compiled_path_runs(fixture_model, options):
+    from kvc_compile.eval.leaderboard import answer_ids
+
+    context, query, _ = retrieval_batch(1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="use --path compiled"):  # a reference cache would never evict
+        answer_ids(fixture_model, context, query, options, 1, path="reference")

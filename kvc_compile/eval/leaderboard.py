@@ -102,8 +102,9 @@ def answer_ids(
             if lookahead:  # LAQ: roll out pseudo tokens after the context, then re-score it
                 mask = torch.ones_like(context_ids)
                 lookahead_stage(config, decode_step(model, cache), cache, first, mask, eos_token_id)
-        elif lookahead:
-            raise ValueError("laq's rollout runs on the compiled path only in kvc-eval; use --path compiled")
+        elif lookahead or config.decode_target is not None:
+            raise ValueError(f"{config.method}: LAQ's rollout and compression while decoding run on the compiled "
+                             f"path only in kvc-eval; use --path compiled")
         else:
             prefill = reference_prefill(model, context_ids, options)
             cache, first = prefill.cache, prefill.logits[:, -1].argmax(-1, keepdim=True)
