@@ -112,6 +112,10 @@ def _example_prompt(length: int, vocab: int, device: torch.device) -> tuple[Tens
     return ids, mask
 
 
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def _batch_dim() -> torch.export.Dim:
     """The dynamic batch dimension. Its upper bound is not ``max_batch`` (the runtime enforces that):
     a bound below the example batch, or a Dim with min == max, cannot be exported."""
@@ -158,7 +162,7 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
                     recent_queries: int = 0, constants: list[dict] | None = None) -> tuple:
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     state = []
     for layer, slots in enumerate(capacity):
         heads = 1 if layout.packed else kv_heads
@@ -219,7 +223,7 @@ def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: l
 def _stage2_example(model, config: CompressionConfig, length: int) -> tuple:
     cfg = model.config
     parameter = next(model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     generator = torch.Generator().manual_seed(0)
 
     def states(heads: int, count: int) -> Tensor:
@@ -448,7 +452,7 @@ def build(
 
 def model_summary(model, name: str | None, dtype: torch.dtype) -> dict[str, Any]:
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     return {
         "name": name or getattr(cfg, "_name_or_path", "") or cfg.model_type,
         "architecture": (cfg.architectures or [type(model).__name__])[0],

@@ -79,19 +79,22 @@ def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], 
     """Per program file: its arguments' names, and which of them it writes in place (None: it
     returns its state instead, as window-layout steps and every prefill and stage-2 program do).
     In-place steps write every buffer but the per-layer constants (KQ-SVD factors)."""
-    names = manifest.state_names * len(manifest.prompt_slots)
-    state = tuple(f"state_{i}" for i in range(len(names)))
+    layers = len(manifest.prompt_slots)
+
+    def state(per_layer: int) -> tuple[str, ...]:
+        return tuple(f"state_{i}" for i in range(per_layer * layers))
+
+    names = manifest.state_names * layers
     written = None
     if tuple(manifest.state_names) != WINDOW_STATE:
         written = [len(DECODE_ARGS) + i for i, name in enumerate(names) if name not in LOWRANK_STATE]
     signatures = {entry.file: (PREFILL_ARGS, None) for entry in manifest.prefill}
-    signatures[manifest.decode.file] = (DECODE_ARGS + state, written)
+    signatures[manifest.decode.file] = (DECODE_ARGS + state(len(manifest.state_names)), written)
     if manifest.decode_evict is not None:
-        signatures[manifest.decode_evict.file] = (DECODE_ARGS + state, None)
+        signatures[manifest.decode_evict.file] = (DECODE_ARGS + state(len(manifest.state_names)), None)
     if manifest.lookahead is not None:
-        window = tuple(f"state_{i}" for i in range(len(WINDOW_STATE) * len(manifest.prompt_slots)))
-        signatures[manifest.lookahead["rollout"]] = (DECODE_ARGS + window, None)
-        stage2 = ("prompt_mask", "pseudo_valid") + tuple(f"state_{i}" for i in range(3 * len(manifest.prompt_slots)))
+        signatures[manifest.lookahead["rollout"]] = (DECODE_ARGS + state(len(WINDOW_STATE)), None)
+        stage2 = ("prompt_mask", "pseudo_valid") + state(3)  # prompt keys, prompt values, queries
         signatures.update({entry.file: (stage2, None) for entry in manifest.stage2})
     return signatures
 
@@ -350,10 +353,11 @@ class _WindowSteps:
         self.slot_mask[:, self.capacity - self.entries:] = prompt_mask[:, self.prompt_length - self.entries:].bool()
 
     def _at_end(self, name: str, tensor: Tensor) -> Tensor:
-        """An entry tensor padded in front to the capacity (empty slots first); other state as it is."""
-        if name not in self.ENTRY_FILL:
-            return tensor
+        """An entry tensor padded in front to the capacity (empty slots first); other state as it is.
+        Only an evicting step shortens the entries: appending steps' buffers pass through uncopied."""
         pad = self.capacity - tensor.shape[2]
+        if name not in self.ENTRY_FILL or pad == 0:
+            return tensor
         return F.pad(tensor, (0, 0, pad, 0) if tensor.dim() == 4 else (pad, 0), value=self.ENTRY_FILL[name])
 
     def __call__(self, token: Tensor, position_ids: Tensor, step: int) -> Tensor:

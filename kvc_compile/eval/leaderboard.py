@@ -124,8 +124,10 @@ def answer_ids(
 def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int, kv_heads: int) -> None:
     """Fail, rather than score the full cache, when the model ran without the kvc pass (e.g. Dynamo
     fell back to eager after its recompile limit)."""
-    uncompressed = all(int((layer.heads >= 0).sum()) >= layer.keys.shape[0] * kv_heads * n for layer in cache.layers)
-    if config.evicts and config.kept_length(n) < n and uncompressed:
+    if not config.evicts or config.kept_length(n) >= n:
+        return
+    # Stops at the first layer that holds fewer entries than the prompt has (a compressed layer).
+    if all(int((layer.heads >= 0).sum()) >= layer.keys.shape[0] * kv_heads * n for layer in cache.layers):
         raise RuntimeError(f"the model was compiled with {config.method} but its prefill kept all {n} tokens: the "
                            f"kvc pass did not run (was torch._dynamo reset after the previous configuration?)")
 

@@ -37,13 +37,19 @@ def fixture_config() -> LlamaConfig:
     )
 
 
-def retrieval_batch(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """(context [batch, 2 + 2 * PAIRS], query [batch, 1], answer [batch]): ``BOS k1 v1 ... SEP`` then ``q``."""
+def _key_value_context(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``BOS k1 v1 ... k8 v8 SEP`` [batch, 2 + 2 * PAIRS] with distinct keys per row, and the keys
+    and values [batch, PAIRS]."""
     keys = torch.stack([torch.randperm(len(KEYS), generator=generator)[:PAIRS] for _ in range(batch)]) + KEYS.start
     values = torch.randint(VALUES.start, VALUES.stop, (batch, PAIRS), generator=generator)
-    asked = torch.randint(0, PAIRS, (batch,), generator=generator)
     pairs = torch.stack([keys, values], dim=-1).reshape(batch, 2 * PAIRS)
-    context = torch.cat([torch.full((batch, 1), BOS), pairs, torch.full((batch, 1), SEP)], dim=1)
+    return torch.cat([torch.full((batch, 1), BOS), pairs, torch.full((batch, 1), SEP)], dim=1), keys, values
+
+
+def retrieval_batch(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(context [batch, 2 + 2 * PAIRS], query [batch, 1], answer [batch]): ``BOS k1 v1 ... SEP`` then ``q``."""
+    context, keys, values = _key_value_context(batch, generator)
+    asked = torch.randint(0, PAIRS, (batch,), generator=generator)
     rows = torch.arange(batch)
     return context, keys[rows, asked][:, None], values[rows, asked]
 
@@ -75,13 +81,11 @@ def _training_batches(batch: int, generator: torch.Generator) -> list[tuple[Tens
     loss on every answer: denser signal, as in multi-query associative recall) of 8 pairs; evaluation
     asks one key, right after ``SEP``."""
     half = batch // 2
-    keys = torch.stack([torch.randperm(len(KEYS), generator=generator)[:PAIRS] for _ in range(half)]) + KEYS.start
-    values = torch.randint(VALUES.start, VALUES.stop, (half, PAIRS), generator=generator)
+    context, keys, values = _key_value_context(half, generator)
     asked = torch.randint(0, PAIRS, (half, QUERIES), generator=generator)
     rows = torch.arange(half)[:, None]
     queries = torch.stack([keys[rows, asked], values[rows, asked]], dim=-1).reshape(half, 2 * QUERIES)
-    pairs = torch.stack([keys, values], dim=-1).reshape(half, 2 * PAIRS)
-    ids = torch.cat([torch.full((half, 1), BOS), pairs, torch.full((half, 1), SEP), queries], dim=1)
+    ids = torch.cat([context, queries], dim=1)
     labels = torch.full_like(ids, -100)
     labels[:, 2 * PAIRS + 3 :: 2] = ids[:, 2 * PAIRS + 3 :: 2]  # the answers
     return [(ids, labels), _copy_batch(batch - half, ids.shape[1], generator)]

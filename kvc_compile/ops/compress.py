@@ -178,6 +178,11 @@ def _(scores, keys, values, attn_mask, spec: str):
 @torch.library.custom_op("kvc::prefill_entries", mutates_args=())
 def prefill_entries(key_states: Tensor) -> tuple[Tensor, Tensor]:
     """Positions and KV heads of freshly cached prompt entries: two [batch, kv_heads, n] tensors."""
+    return prefill_entries_aten(key_states)
+
+
+def prefill_entries_aten(key_states: Tensor) -> tuple[Tensor, Tensor]:
+    """``kvc::prefill_entries`` in aten ops (ONNX export decomposes the op into it)."""
     batch, kv_heads, n, _ = key_states.shape
     return dense_entries(batch, kv_heads, n, key_states.device)
 

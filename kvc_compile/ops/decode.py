@@ -106,11 +106,15 @@ def _(buffer, key_states):
 @torch.library.custom_op("kvc::last_queries", mutates_args=())
 def last_queries(query: Tensor, count: int) -> Tensor:
     """The last ``count`` queries [batch, q_heads, count, d]; zeros stand in front for a shorter prompt."""
-    n = query.shape[2]
-    if n >= count:
-        # Contiguous, as ``shift_in`` returns it: decode graphs are guarded on the buffer's strides.
-        return query[:, :, n - count :].clone(memory_format=torch.contiguous_format)
-    return F.pad(query, (0, 0, count - n, 0)).contiguous()
+    # Contiguous, as ``shift_in`` returns it: decode graphs are guarded on the buffer's strides.
+    return last_queries_aten(query, count).clone(memory_format=torch.contiguous_format)
+
+
+def last_queries_aten(query: Tensor, count: int) -> Tensor:
+    """``kvc::last_queries`` in aten ops, branch-free for symbolic lengths (ONNX export decomposes
+    the op into it)."""
+    padded = F.pad(query, (0, 0, torch.sym_max(count - query.shape[2], 0), 0))
+    return padded[:, :, padded.shape[2] - count:]
 
 
 @last_queries.register_fake
@@ -121,9 +125,13 @@ def _(query, count):
 @torch.library.custom_op("kvc::shift_in", mutates_args=())
 def shift_in(buffer: Tensor, query: Tensor) -> Tensor:
     """The buffer [batch, q_heads, W, d] with ``query``'s tokens appended and as many oldest dropped."""
-    window = buffer.shape[2]
-    shifted = torch.cat([buffer, query.to(buffer.dtype)], dim=2)[:, :, -window:]
-    return shifted.clone(memory_format=torch.contiguous_format)
+    return shift_in_aten(buffer, query).clone(memory_format=torch.contiguous_format)
+
+
+def shift_in_aten(buffer: Tensor, query: Tensor) -> Tensor:
+    """``kvc::shift_in`` in aten ops (ONNX export decomposes the op into it)."""
+    shifted = torch.cat([buffer, query.to(buffer.dtype)], dim=2)
+    return shifted[:, :, shifted.shape[2] - buffer.shape[2]:]
 
 
 @shift_in.register_fake
@@ -158,6 +166,11 @@ def _(positions, key_states, start):
 def append_positions_at(positions: Tensor, key_states: Tensor, start: Tensor) -> Tensor:
     """``append_positions`` for dense layers with the first new position given as a tensor ([1]):
     an engine's decode program takes it as an input, where the compiled path bakes in an int."""
+    return append_positions_at_aten(positions, key_states, start)
+
+
+def append_positions_at_aten(positions: Tensor, key_states: Tensor, start: Tensor) -> Tensor:
+    """``kvc::append_positions_at`` in aten ops (ONNX export decomposes the op into it)."""
     batch, kv_heads, q_len, _ = key_states.shape
     new = torch.arange(q_len, device=positions.device, dtype=positions.dtype) + start.to(positions.dtype)
     return torch.cat([positions, new.expand(batch, kv_heads, q_len)], dim=-1)

@@ -77,11 +77,11 @@ def lowrank_lift(out: Tensor, value_up: Tensor, output_fold: Tensor) -> Tensor:
     """Rank-R_v attention outputs [batch, q, q_heads, R_v] lifted back to head_dim by their KV head's
     ``B_v^T``. ``output_fold`` (``fold_heads`` of o_proj, or empty) is not read here: it travels with
     the op so that the kvc pass can replace ``o_proj(lift(out))`` by ``out @ output_fold^T``."""
-    return lowrank_lift_reference(out, value_up, output_fold)
+    return lowrank_lift_aten(out, value_up, output_fold)
 
 
-def lowrank_lift_reference(out: Tensor, value_up: Tensor, output_fold: Tensor) -> Tensor:
-    """``kvc::lowrank_lift`` in aten ops."""
+def lowrank_lift_aten(out: Tensor, value_up: Tensor, output_fold: Tensor) -> Tensor:
+    """``kvc::lowrank_lift`` in aten ops (ONNX export decomposes the op into it)."""
     batch, q_len, q_heads, rank = out.shape
     kv_heads = value_up.shape[0]
     grouped = out.reshape(batch, q_len, kv_heads, q_heads // kv_heads, rank)

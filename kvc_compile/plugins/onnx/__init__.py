@@ -26,17 +26,16 @@ from pathlib import Path
 import onnx
 import onnxscript
 import torch
-import torch.nn.functional as F
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
-from torch import Tensor
 
 import kvc_compile.cache.attention  # noqa: F401  (registers kvc::packed_attention)
 import kvc_compile.ops  # noqa: F401  (registers the compression ops)
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
-from kvc_compile.ops.lowrank import FACTOR_NAMES, fold_heads, lowrank_lift_reference
+from kvc_compile.ops.compress import prefill_entries_aten
+from kvc_compile.ops.decode import append_positions_at_aten, last_queries_aten, shift_in_aten
+from kvc_compile.ops.lowrank import FACTOR_NAMES, fold_heads, lowrank_lift_aten
 from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
 
 PLUGIN_DOMAIN = "trt.plugins"
@@ -209,34 +208,15 @@ def translation_table() -> dict:
     }
 
 
-# Branch-free aten forms of the bookkeeping ops, for shapes that are symbolic at export.
-def _shift_in(buffer: Tensor, query: Tensor) -> Tensor:
-    return torch.cat([buffer, query.to(buffer.dtype)], dim=2)[:, :, -buffer.shape[2]:]
-
-
-def _last_queries(query: Tensor, count: int) -> Tensor:
-    return F.pad(query, (0, 0, torch.sym_max(count - query.shape[2], 0), 0))[:, :, -count:]
-
-
-def _append_positions_at(positions: Tensor, key_states: Tensor, start: Tensor) -> Tensor:
-    batch, kv_heads, q_len, _ = key_states.shape
-    new = torch.arange(q_len, device=positions.device, dtype=positions.dtype) + start.to(positions.dtype)
-    return torch.cat([positions, new.expand(batch, kv_heads, q_len)], dim=-1)
-
-
-def _prefill_entries(key_states: Tensor) -> tuple[Tensor, Tensor]:
-    batch, kv_heads, n, _ = key_states.shape
-    return prefill_entries(batch, kv_heads, n, key_states.device)
-
-
+# Ops that are plain tensor edits or matrix products, exported as their aten forms.
 DECOMPOSED = {
-    kvc.prefill_entries.default: _prefill_entries,  # an uncompressed prompt's positions and heads
-    kvc.shift_in.default: _shift_in,
-    kvc.last_queries.default: _last_queries,
-    kvc.append_positions_at.default: _append_positions_at,
+    kvc.prefill_entries.default: prefill_entries_aten,  # an uncompressed prompt's positions and heads
+    kvc.shift_in.default: shift_in_aten,
+    kvc.last_queries.default: last_queries_aten,
+    kvc.append_positions_at.default: append_positions_at_aten,
     # KQ-SVD: the projections are matrix products (the factors are constants: ``_calibrated_factors``).
     kvc.lowrank_project.default: project_entries,
-    kvc.lowrank_lift.default: lowrank_lift_reference,
+    kvc.lowrank_lift.default: lowrank_lift_aten,
     kvc.fold_output_projection.default: fold_heads,
 }
 
