@@ -22,7 +22,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvc_compile.cache import CompressedCache
+from kvc_compile.cache import CompressedCache, CompressedLayer
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
@@ -112,6 +112,85 @@ def project_layer(compressed: CompressedKV, projections, layer_idx: int, kv_head
     return projected, factors
 
 
+@dataclass
+class CapturedPrefill:
+    """One eager prefill of the unmodified model: what every layer's attention saw, and the logits."""
+
+    sites: list[tuple]  # per layer: (query, keys, values, mask, cos, sin, layer_idx, n_layers)
+    logits: Tensor  # [batch, n, vocab]
+
+
+@torch.no_grad()
+def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> CapturedPrefill:
+    """Run the prompt eagerly, recording each layer's post-RoPE queries, keys, values and mask.
+
+    Compression never changes the prefill's hidden states (each layer attends to its full prompt
+    before its cache is compressed), so one capture serves every configuration of a prompt.
+    """
+    position_ids = prompt_position_ids(input_ids, attention_mask)
+    with capture_prefill_attention(model) as captured:
+        # .forward, not __call__: a model compiled in place must still run eagerly here.
+        out = model.forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=CompressedCache(),
+            use_cache=True,
+        )
+    layers = sorted(captured)
+    sites = []
+    for layer_idx in layers:
+        query, keys, values, mask = captured[layer_idx]
+        cos, sin = _rotary_tables(model, values, position_ids)
+        sites.append((query, keys, values, mask, cos, sin, layer_idx, len(layers)))
+    return CapturedPrefill(sites, out.logits)
+
+
+@torch.no_grad()
+def compress_prefill(
+    model: PreTrainedModel, prefill: CapturedPrefill, config: CompressionConfig | dict[str, Any] | None
+) -> ReferencePrefill:
+    """A fresh cache holding ``prefill``'s layers compressed by the reference method (None: every
+    entry). The captured tensors are only read, so one capture serves many configurations."""
+    config = None if config is None else _as_config(config)
+    sites = prefill.sites
+    evicts = config is not None and config.evicts
+    lowrank = config is not None and config.lowrank is not None
+    if not evicts:
+        compressed_layers = [uncompressed(site[1], site[2]) for site in sites]
+    elif config.method_impl.budgets_across_layers:
+        scores = [score_site(config, *site) for site in sites]
+        keys, values = [site[1] for site in sites], [site[2] for site in sites]
+        compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0][3])
+    else:
+        compressed_layers = [compress_site(config, *site) for site in sites]
+    if lowrank:
+        config.projections.check_model(model, config.lowrank["projections"])
+    # Decode-time scorers and LAQ's second stage vote with the prompt's last queries.
+    recent = None
+    if config is not None and config.recent_queries:
+        recent = [last_queries(site[0], config.recent_queries) for site in sites]
+    keeps_prompt = evicts and config.method_impl.lookahead_queries > 0
+    cache = CompressedCache()
+    kept_indices, kept_heads = [], []
+    for position, (site, compressed) in enumerate(zip(sites, compressed_layers, strict=True)):
+        keys, layer_idx = site[1], site[6]
+        factors = None
+        if lowrank:
+            compressed, factors = project_layer(compressed, config.projections, layer_idx, keys.shape[1])
+        layer = CompressedLayer()
+        layer.set_compressed(
+            compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors,
+            recent_queries=None if recent is None else recent[position],
+        )
+        if keeps_prompt:  # LAQ's stage 2 re-scores the full prompt
+            layer.prompt_keys, layer.prompt_values = keys, site[2]
+        cache.layers.append(layer)
+        kept_indices.append(compressed.positions)
+        kept_heads.append(compressed.heads)
+    return ReferencePrefill(cache, kept_indices, kept_heads, prefill.logits)
+
+
 @torch.no_grad()
 def reference_prefill(
     model: PreTrainedModel,
@@ -121,52 +200,7 @@ def reference_prefill(
 ) -> ReferencePrefill:
     """Run the prompt eagerly and compress every layer's cache with the reference method."""
     config = _as_config(config)
-    cache = CompressedCache()
-    position_ids = prompt_position_ids(input_ids, attention_mask)
-    with capture_prefill_attention(model) as captured:
-        # .forward, not __call__: a model compiled in place must still run eagerly here.
-        out = model.forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-    layers = sorted(captured)
-    sites = []
-    for layer_idx in layers:
-        query, keys, values, mask = captured[layer_idx]
-        cos, sin = _rotary_tables(model, values, position_ids)
-        sites.append((query, keys, values, mask, cos, sin, layer_idx, len(layers)))
-    if not config.evicts:
-        compressed_layers = [uncompressed(site[1], site[2]) for site in sites]
-    elif config.method_impl.budgets_across_layers:
-        scores = [score_site(config, *site) for site in sites]
-        keys, values = [site[1] for site in sites], [site[2] for site in sites]
-        compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0][3])
-    else:
-        compressed_layers = [compress_site(config, *site) for site in sites]
-    if config.lowrank is not None:
-        config.projections.check_model(model, config.lowrank["projections"])
-    # Decode-time scorers and LAQ's second stage vote with the prompt's last queries.
-    recent = [last_queries(site[0], config.recent_queries) for site in sites] if config.recent_queries else None
-    keeps_prompt = config.evicts and config.method_impl.lookahead_queries > 0
-    kept_indices, kept_heads = [], []
-    for position, (layer_idx, site, compressed) in enumerate(zip(layers, sites, compressed_layers, strict=True)):
-        keys = site[1]
-        factors = None
-        if config.lowrank is not None:
-            compressed, factors = project_layer(compressed, config.projections, layer_idx, keys.shape[1])
-        layer = cache.layers[layer_idx]
-        layer.set_compressed(
-            compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors,
-            recent_queries=None if recent is None else recent[position],
-        )
-        if keeps_prompt:  # LAQ's stage 2 re-scores the full prompt
-            layer.prompt_keys, layer.prompt_values = keys, site[2]
-        kept_indices.append(compressed.positions)
-        kept_heads.append(compressed.heads)
-    return ReferencePrefill(cache, kept_indices, kept_heads, out.logits)
+    return compress_prefill(model, capture_prefill(model, input_ids, attention_mask), config)
 
 
 @dataclass
@@ -244,4 +278,13 @@ class RecordingStep:
         return logits
 
 
-__all__ = ["ReferenceGeneration", "ReferencePrefill", "reference_decode", "reference_generate", "reference_prefill"]
+__all__ = [
+    "CapturedPrefill",
+    "ReferenceGeneration",
+    "ReferencePrefill",
+    "capture_prefill",
+    "compress_prefill",
+    "reference_decode",
+    "reference_generate",
+    "reference_prefill",
+]

@@ -177,14 +177,30 @@ class FixtureTasks:
                path: str) -> dict:
         from kvc_compile.eval.leaderboard import answer_ids
 
+        context, query, answer = self._sample(task, seed, query_aware)
+        prediction = int(answer_ids(model, context, query, options, 1, path)[0, 0])
+        return _record(seed, prediction, int(answer))
+
+    def records(self, model: PreTrainedModel, task: str, seed: int, configs: list[dict | None],
+                query_aware: bool) -> list[dict]:
+        """One record per configuration for one sample, all from one prefill (the shared-prefill path)."""
+        from kvc_compile.eval.shared_prefill import answer_configs
+
+        context, query, answer = self._sample(task, seed, query_aware)
+        answers = answer_configs(model, context, query, configs, 1)
+        return [_record(seed, int(tokens[0, 0]), answer) for tokens in answers]
+
+    def _sample(self, task: str, seed: int, query_aware: bool) -> tuple[Tensor, Tensor | None, int]:
         if task not in self.tasks:
             raise ValueError(f"the retrieval fixture has one task, {FIXTURE_TASK}; got {task!r}")
         context, query, answer = retrieval_batch(1, torch.Generator().manual_seed(seed))
         if query_aware:  # the asked key is compressed with the pairs
             context, query = torch.cat([context, query], dim=1), None
-        prediction = int(answer_ids(model, context, query, options, 1, path)[0, 0])
-        return {"seed": seed, "prediction": prediction, "answers": [int(answer)],
-                "score": float(prediction == int(answer))}
+        return context, query, int(answer)
+
+
+def _record(seed: int, prediction: int, answer: int) -> dict:
+    return {"seed": seed, "prediction": prediction, "answers": [answer], "score": float(prediction == answer)}
 
 
 def main(argv: list[str] | None = None) -> int:
