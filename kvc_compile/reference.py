@@ -28,7 +28,7 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
 from kvc_compile.methods.base import CompressedKV, prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
-from kvc_compile.ops.compress import compress_scored_layers, compress_site, score_site
+from kvc_compile.ops.compress import compress_scored_layers, compress_site, raw_site_scores, score_site
 from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
@@ -148,10 +148,14 @@ def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
 
 @torch.no_grad()
 def compress_prefill(
-    model: PreTrainedModel, prefill: CapturedPrefill, config: CompressionConfig | dict[str, Any] | None
+    model: PreTrainedModel,
+    prefill: CapturedPrefill,
+    config: CompressionConfig | dict[str, Any] | None,
+    scores: list[Tensor] | None = None,
 ) -> ReferencePrefill:
     """A fresh cache holding ``prefill``'s layers compressed by the reference method (None: every
-    entry). The captured tensors are only read, so one capture serves many configurations."""
+    entry). The captured tensors are only read, so one capture serves many configurations.
+    ``scores``: every layer's ``prefill_scores`` for this method, when already computed."""
     config = None if config is None else _as_config(config)
     sites = prefill.sites
     evicts = config is not None and config.evicts
@@ -159,11 +163,14 @@ def compress_prefill(
     if not evicts:
         compressed_layers = [uncompressed(site[1], site[2]) for site in sites]
     elif config.method_impl.budgets_across_layers:
-        scores = [score_site(config, *site) for site in sites]
+        scores = scores if scores is not None else prefill_scores(config, prefill)
         keys, values = [site[1] for site in sites], [site[2] for site in sites]
         compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0][3])
     else:
-        compressed_layers = [compress_site(config, *site) for site in sites]
+        layer_scores = scores if scores is not None else [None] * len(sites)
+        compressed_layers = [
+            compress_site(config, *site, scores=layer) for site, layer in zip(sites, layer_scores, strict=True)
+        ]
     if lowrank:
         config.projections.check_model(model, config.lowrank["projections"])
     # Decode-time scorers and LAQ's second stage vote with the prompt's last queries.
@@ -189,6 +196,13 @@ def compress_prefill(
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
     return ReferencePrefill(cache, kept_indices, kept_heads, prefill.logits)
+
+
+def prefill_scores(config: CompressionConfig, prefill: CapturedPrefill) -> list[Tensor | None]:
+    """Every layer's scores as ``compress_prefill`` computes them; they do not depend on the ratio."""
+    if config.method_impl.budgets_across_layers:
+        return [score_site(config, *site) for site in prefill.sites]
+    return [raw_site_scores(config, *site) for site in prefill.sites]
 
 
 @torch.no_grad()
@@ -284,6 +298,7 @@ __all__ = [
     "ReferencePrefill",
     "capture_prefill",
     "compress_prefill",
+    "prefill_scores",
     "reference_decode",
     "reference_generate",
     "reference_prefill",

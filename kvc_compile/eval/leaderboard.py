@@ -230,11 +230,12 @@ def run_grid(
 def _run_shared_prefill(model, source, cells_dir: Path, configs: list[tuple], tasks: Sequence[str], samples: int,
                         query_aware: bool) -> list[Cell]:
     """The grid sample by sample: each sample is prefilled once and every configuration still missing
-    it is answered from that prefill. Cells are appended in seed order, so resuming works as above."""
+    it is answered from that prefill. Seeds advance together across tasks, so a stopped run leaves
+    every task with about as many samples; each cell is appended in seed order and resumes as above."""
     cells = [Cell(method, ratio, task) for method, ratio, _ in configs for task in tasks]
     done = {cell: len(_read_records(cells_dir / cell.filename)) for cell in cells}
-    for task in tasks:
-        for seed in tqdm(range(min(done[Cell(m, r, task)] for m, r, _ in configs), samples), desc=task):
+    for seed in tqdm(range(min(done.values()), samples), desc="samples per cell"):
+        for task in tasks:
             todo = [(Cell(m, r, task), options) for m, r, options in configs if done[Cell(m, r, task)] == seed]
             if not todo:
                 continue

@@ -16,7 +16,9 @@ instead of 69 prefills and decodes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,10 @@ from kvc_compile.reference import (
     capture_prefill,
     capture_prefill_attention,
     compress_prefill,
+    prefill_scores,
 )
 
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention_forward at each call
 Step = Callable[[Tensor, Tensor], Tensor]  # (ids [batch, q], mask [batch, length]) -> last logits [batch, vocab]
 
 
@@ -84,6 +88,38 @@ def greedy_answers(
         ends = (row == eos_token_id).nonzero() if eos_token_id is not None else row.new_empty(0, 1)
         answers.append(row[: int(ends[0, 0]) + 1 if len(ends) else len(row)].unsqueeze(0))
     return answers
+
+
+class ReservedLayer(CompressedLayer):
+    """A dense layer with room reserved for ``extra`` more tokens per head: decoding writes each new
+    entry in place instead of concatenating the whole cache again. On a CPU, re-allocating a batch of
+    caches at every step costs more than the step's attention. Same entries, same results."""
+
+    @classmethod
+    def reserving(cls, layer: CompressedLayer, extra: int) -> ReservedLayer:
+        if layer.packed or layer.lowrank:
+            raise ValueError("only dense, full-rank layers reserve room for decoding in place")
+        reserved = cls()
+        reserved.__dict__.update(layer.__dict__)
+        batch, heads, length, _ = layer.keys.shape
+        reserved.key_room = torch.cat([layer.keys, layer.keys.new_empty(batch, heads, extra, layer.keys.shape[-1])], 2)
+        reserved.value_room = torch.cat(
+            [layer.values, layer.values.new_empty(batch, heads, extra, layer.values.shape[-1])], 2
+        )
+        reserved.keys, reserved.values = reserved.key_room[:, :, :length], reserved.value_room[:, :, :length]
+        return reserved
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        self._record_decoded(key_states)
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        if end > self.key_room.shape[2]:
+            raise RuntimeError(f"the reserved cache holds {self.key_room.shape[2]} entries per head; decoding "
+                               f"asked for {end}: reserve more room")
+        self.key_room[:, :, start:end] = key_states
+        self.value_room[:, :, start:end] = value_states
+        self.keys, self.values = self.key_room[:, :, :end], self.value_room[:, :, :end]
+        self.logical_length += key_states.shape[2]
+        return self.keys, self.values
 
 
 def _pad_entries(tensor: Tensor, length: int, value: int) -> Tensor:
@@ -147,8 +183,10 @@ def answer_configs(
         key = _group_key(config)
         groups.setdefault(key if key is not None else ("alone", index), []).append(index)
     answers: list[Tensor | None] = [None] * len(configs)
+    scored: dict[str, list] = {}  # a method's scores, computed once for all its ratios
     for indices in groups.values():
-        caches = [compress_prefill(model, prefill, parsed[i]).cache for i in indices]
+        caches = [compress_prefill(model, prefill, parsed[i], _scores(scored, prefill, parsed[i])).cache
+                  for i in indices]
         for batch in _stackable_batches(caches):
             rows = [indices[i] for i in batch]
             config = parsed[rows[0]]
@@ -162,6 +200,15 @@ def answer_configs(
             del cache
         del caches
     return answers
+
+
+def _scores(scored: dict[str, list], prefill: CapturedPrefill, config: CompressionConfig | None) -> list | None:
+    if config is None or not config.evicts:
+        return None
+    key = repr(config.method_impl)  # the method with all its options, not the ratio
+    if key not in scored:
+        scored[key] = prefill_scores(config, prefill)
+    return scored[key]
 
 
 def _stackable_batches(caches: Sequence[CompressedCache]) -> list[list[int]]:
@@ -187,6 +234,30 @@ def _decode(
     mask = torch.ones(batch, n, dtype=torch.long, device=prefill.logits.device)
     first = prefill.logits[:, -1].argmax(dim=-1, keepdim=True)
     step = chunk_step(model, cache)
+    with _grouped_query_sdpa(cache.layers[0].keys.device):
+        return _decode_steps(model, config, cache, step, first, mask, appended_ids, max_new_tokens, eos_token_id)
+
+
+@contextmanager
+def _grouped_query_sdpa(device: torch.device):
+    """Let transformers' SDPA attention read each KV head once for its query group instead of copying
+    it per query head. On the CPU the outputs are bitwise the same, and a batch of caches is not
+    copied three times per layer."""
+    if device.type != "cpu":
+        yield
+        return
+    saved = os.environ.get(FORCE_GQA)
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[FORCE_GQA]
+        else:
+            os.environ[FORCE_GQA] = saved
+
+
+def _decode_steps(model, config, cache, step, first, mask, appended_ids, max_new_tokens, eos_token_id):
     if config is not None and config.recent_queries:
         # Decode-time compression and LAQ's rollout: capture every step's queries, as reference_decode.
         with capture_prefill_attention(model, decode=True) as captured:
@@ -196,6 +267,9 @@ def _decode(
                 recording = step
             return greedy_answers(recording, mask, appended_ids, first, max_new_tokens, eos_token_id)
     packed = any(layer.packed or layer.lowrank for layer in cache.layers)
+    if not packed:
+        extra = (appended_ids.shape[1] if appended_ids is not None else 0) + max_new_tokens
+        cache.layers[:] = [ReservedLayer.reserving(layer, extra) for layer in cache.layers]
     with attention_implementation(model, ATTENTION_IMPLEMENTATION if packed else model.config._attn_implementation):
         return greedy_answers(step, mask, appended_ids, first, max_new_tokens, eos_token_id)
 

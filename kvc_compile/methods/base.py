@@ -275,8 +275,10 @@ def prefill_entries(batch: int, kv_heads: int, n: int, device: torch.device) -> 
     return positions, heads
 
 
-def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
+def compress_layer(method: Method, n_kept, inputs: ScoreInputs, scores: Tensor | None = None) -> CompressedKV:
     """Score, select and gather one layer. ``n_kept``: tokens per KV head on average over the model.
+    ``scores``: the layer's ``method.score(inputs)`` when already computed (scores never depend on
+    ``n_kept``, so one scoring serves every compression ratio).
 
     The outputs are fresh tensors (never views of the inputs), as a custom op's outputs must be.
     """
@@ -287,7 +289,7 @@ def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
         if n_kept >= n:
             positions, heads = prefill_entries(batch, kv_heads, n, keys.device)
             return CompressedKV(keys.clone(), values.clone(), positions, heads)
-        scores = method.score(inputs)
+        scores = method.score(inputs) if scores is None else scores
         if inputs.select_kernel is None or type(method).select is not Method.select:
             return keep_dense(keys, values, method.select(scores, valid, n_kept))
         # Uniform selection on the GPU: a radix select and a compaction kernel that gathers as it goes.
@@ -297,7 +299,7 @@ def compress_layer(method: Method, n_kept, inputs: ScoreInputs) -> CompressedKV:
     if n_kept >= n:
         flat = torch.arange(kv_heads * n, device=keys.device).expand(batch, kv_heads * n)
     else:
-        flat = method.select(method.score(inputs), valid, n_kept)
+        flat = method.select(method.score(inputs) if scores is None else scores, valid, n_kept)
     return pack_entries(keys, values, flat, valid)
 
 

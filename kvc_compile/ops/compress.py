@@ -75,10 +75,20 @@ def site_inputs(
     return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin, **score_kernels(keys))
 
 
-def compress_site(config: CompressionConfig, *site: Tensor | int | None) -> CompressedKV:
-    """What ``kvc::compress_kv`` computes (arguments as ``site_inputs``); the eager reference calls it."""
+def compress_site(config: CompressionConfig, *site: Tensor | int | None, scores: Tensor | None = None) -> CompressedKV:
+    """What ``kvc::compress_kv`` computes (arguments as ``site_inputs``); the eager reference calls it.
+    ``scores``: the method's raw scores of this site, when already computed (``raw_site_scores``)."""
     inputs = site_inputs(config, *site)
-    return compress_layer(config.method_impl, config.kept_length(inputs.keys.shape[2]), inputs)
+    return compress_layer(config.method_impl, config.kept_length(inputs.keys.shape[2]), inputs, scores)
+
+
+def raw_site_scores(config: CompressionConfig, *site: Tensor | int | None) -> Tensor | None:
+    """The method's scores of one site as ``compress_site`` computes them (dtype kept); None for a
+    prompt too short to score, which ``compress_site`` keeps whole."""
+    inputs = site_inputs(config, *site)
+    if inputs.keys.shape[2] <= config.method_impl.min_uncompressed_length:
+        return None
+    return config.method_impl.score(inputs)
 
 
 def score_site(config: CompressionConfig, *site: Tensor | int | None) -> Tensor:
