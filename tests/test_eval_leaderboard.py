@@ -80,3 +80,24 @@ def test_cli_rejects_unknown_methods_and_tasks(tmp_path):
     with pytest.raises(SystemExit, match="unknown tasks qa"):
         main(["--tasks", "qa", "--out", str(tmp_path)])
     assert torch.is_grad_enabled()  # nothing left switched off
+
+
+def test_shared_prefill_grid_records_what_the_reference_grid_does_and_resumes(model, tokenizer, tmp_path,
+                                                                                monkeypatch):
+    grid = dict(GRID, methods=["snapkv", "knorm"], tasks=["passkey", "niah_single"])
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path / "reference", path="reference", **grid)
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path / "shared", path="shared-prefill", **grid)
+    files = sorted((tmp_path / "reference" / "cells").glob("*.jsonl"))
+    assert len(files) == 6
+    for file in files:
+        assert (tmp_path / "shared" / "cells" / file.name).read_text() == file.read_text()
+    # Interrupt one cell after its first sample: a rerun answers only that configuration's seed 1.
+    cell = tmp_path / "shared" / "cells" / "knorm__0.5__niah_single.jsonl"
+    cell.write_text(cell.read_text().splitlines()[0] + "\n")
+    calls, original = [], TextTasks.records
+    monkeypatch.setattr(TextTasks, "records", lambda self, model, task, seed, configs, query_aware:
+                        calls.append((task, seed, [c["method"] for c in configs]))
+                        or original(self, model, task, seed, configs, query_aware))
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path / "shared", path="shared-prefill", **grid)
+    assert calls == [("niah_single", 1, ["knorm"])]
+    assert cell.read_text() == (tmp_path / "reference" / "cells" / cell.name).read_text()

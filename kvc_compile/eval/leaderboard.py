@@ -108,8 +108,8 @@ def answer_ids(
                 mask = torch.ones_like(context_ids)
                 lookahead_stage(config, decode_step(model, cache), cache, first, mask, eos_token_id)
         elif lookahead or config.decode_target is not None:
-            raise ValueError(f"{config.method}: LAQ's rollout and compression while decoding run on the compiled "
-                             f"path only in kvc-eval; use --path compiled")
+            raise ValueError(f"{config.method}: LAQ's rollout and compression while decoding do not run on the "
+                             f"reference path in kvc-eval; use --path compiled (or {SHARED_PREFILL})")
         else:
             prefill = reference_prefill(model, context_ids, options)
             cache, first = prefill.cache, prefill.logits[:, -1].argmax(-1, keepdim=True)
