@@ -297,7 +297,10 @@ def summarize(out: Path, cells: Sequence[Cell], title: str) -> list[CellResult]:
 
 def markdown_table(results: Sequence[CellResult], title: str) -> str:
     tasks = sorted({r.task for r in results})
-    lines = [f"# {title}", "", "Mean string-match score (95 % confidence interval) per task, then the average.", "",
+    counts = sorted({r.samples for r in results}) or [0]
+    samples = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    lines = [f"# {title}", "", f"Mean string-match score (95 % confidence interval) per task, then the average; "
+             f"{samples} samples per cell.", "",
              "| method | ratio | " + " | ".join(tasks) + " | average |", "|---|---|" + "---|" * (len(tasks) + 1)]
     by_config: dict[tuple[str, float], dict[str, CellResult]] = {}
     for r in results:
