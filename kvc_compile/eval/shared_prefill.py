@@ -10,8 +10,8 @@ packed caches (padded with head -1 slots, which no head attends to). Configurati
 cache while decoding (MorphKV, periodic compression) or roll out pseudo tokens (LAQ) decode alone,
 with each step's queries captured as ``reference_decode`` does.
 
-A grid of 17 methods x 4 ratios then costs one prefill and about 16 batched decodes per sample,
-instead of 69 prefills and decodes.
+A grid of 17 methods x 4 ratios then costs one prefill and 17 decodes per sample (the full cache,
+and per ratio a dense batch, a packed batch, LAQ and MorphKV) instead of 69 prefills and decodes.
 """
 
 from __future__ import annotations
