@@ -1,7 +1,7 @@
 """Long generations on SmolLM2-135M: how closely constant-size caches follow the full cache.
 
 For each prompt, 200 greedy tokens with the full cache, then with MorphKV and with periodic SnapKV
-at the same cache size; reported per cache: the token-level match rate against the full cache
+and Expected Attention at the same cache size; reported per cache: the token-level match rate against the full cache
 (same token at the same step) and the step of the first difference. Uses the eager reference
 path, whose tokens the tests pin equal to the compiled path's.
 
@@ -36,6 +36,11 @@ def configs(budget: int) -> dict[str, dict]:
         f"morphkv (budget {budget}, w32, max)": {"method": "morphkv", "budget": budget, "fusion": "max"},
         f"snapkv every step (target {budget})": {**snapkv, "decoding_interval": 1, "target_size": budget},
         f"snapkv every 16 steps (target {budget})": {**snapkv, "decoding_interval": 16, "target_size": budget},
+        # Its statistics come from the newest 64 queries while decoding (the target must exceed the window).
+        f"expected_attention every 16 steps (target {budget})": {
+            "method": "expected_attention", "budget": budget, "decoding_window": 64, "decoding_interval": 16,
+            "target_size": budget,
+        },
     }
 
 

@@ -123,21 +123,21 @@ class CompressionConfig:
             problem = "its second stage runs once, after the lookahead rollout"
         elif method.layout != "dense":
             problem = "it gives heads or layers different budgets (packed layout)"
-        elif method.needs_rotary:
-            problem = "it reads pre-RoPE keys, and decode graphs carry only the current token's rotary angle"
-        elif method.queries_read is None:
+        elif method.decoding_queries is None:
             problem = "it reads every query of the sequence, and decoding keeps only a window of recent ones"
         elif self.lowrank is not None:
             problem = "decode-time eviction of low-rank (kqsvd) entries is not supported"
         if problem is not None:
             raise ValueError(
                 f"{self.method} cannot compress while decoding: {problem}. Methods that can: snapkv, tova, "
-                f"obcache, knorm, streamingllm, random, curdkv, chunkkv, morphkv"
+                f"obcache, knorm, streamingllm, random, curdkv, chunkkv, expected_attention, morphkv"
             )
-        if self.decode_target <= method.queries_read:
+        window = method.decoding_queries
+        if self.decode_target <= window:
+            what = "which is always kept" if method.queries_read is not None else "which it scores from"
             raise ValueError(
                 f"target_size ({self.decode_target}) must exceed {self.method}'s window of recent tokens "
-                f"({method.queries_read}), which is always kept"
+                f"({window}), {what}"
             )
 
     @property
@@ -164,7 +164,7 @@ class CompressionConfig:
             return 0
         if self.decode_target is None:
             return self.method_impl.lookahead_queries
-        return max(self.method_impl.queries_read, 1)
+        return max(self.method_impl.decoding_queries, 1)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> CompressionConfig:

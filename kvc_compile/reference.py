@@ -258,7 +258,7 @@ def reference_decode(
         # Decode-time compression and LAQ's rollout: each step's queries are captured and shifted
         # into every layer's buffer, and layers grown past the threshold are evicted.
         with capture_prefill_attention(model, decode=True) as captured:
-            step = RecordingStep(config, decode_step(model.forward, cache), cache, captured)
+            step = RecordingStep(config, decode_step(model.forward, cache), cache, captured, model)
             if config.method_impl.lookahead_queries:
                 lookahead_stage(config, step, cache, first_token, attention_mask, eos_token_id)
                 step = decode_step(model.forward, cache)
@@ -274,8 +274,9 @@ class RecordingStep:
     """A reference decoding step that, after the forward, shifts each layer's captured query into its
     buffer and, with decode-time compression, evicts layers grown to ``target_size + decoding_interval``."""
 
-    def __init__(self, config: CompressionConfig, step, cache: CompressedCache, captured: dict) -> None:
-        self.config, self.step, self.cache, self.captured = config, step, cache, captured
+    def __init__(self, config: CompressionConfig, step, cache: CompressedCache, captured: dict,
+                 model: PreTrainedModel) -> None:
+        self.config, self.step, self.cache, self.captured, self.model = config, step, cache, captured, model
 
     def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
         logits = self.step(token, mask)
@@ -287,9 +288,19 @@ class RecordingStep:
             if threshold is not None and layer.physical_length >= threshold:
                 layer.keys, layer.values, layer.positions = compress_decode_site(
                     self.config, layer.recent_queries, layer.keys, layer.values, layer.positions, layer_mask,
-                    layer_idx, n_layers,
+                    layer_idx, n_layers, self._rotary(layer.values, token, mask),
                 )
         return logits
+
+    def _rotary(self, values: Tensor, token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The step's rotary tables and the model's inverse frequencies, for scorers of pre-RoPE
+        queries (what the kvc pass hands ``kvc::compress_decode_rotary``)."""
+        rotary = getattr(self.model.base_model, "rotary_emb", None)
+        if not self.config.method_impl.needs_rotary or rotary is None:
+            return None
+        position_ids = mask.long().cumsum(-1)[:, -token.shape[1]:] - 1
+        cos, sin = _rotary_tables(self.model, values, position_ids)
+        return cos, sin, rotary.inv_freq
 
 
 __all__ = [

@@ -9,7 +9,9 @@ from conftest import compiled_greedy_steps, random_prompt, tiny_model
 from torch._dynamo.utils import counters
 
 from kvc_compile import CompressionConfig
-from kvc_compile.methods.base import PROTECTED, ScoreInputs
+from kvc_compile.engine import EngineError, build
+from kvc_compile.methods.base import PROTECTED, ScoreInputs, rotary_tables_before, rotate_half
+from kvc_compile.methods.expected_attention import ExpectedAttention, mean_future_rotation, rotation_matrix
 from kvc_compile.methods.morphkv import MorphKV, morph_scores
 from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
 from kvc_compile.reference import reference_decode
@@ -94,7 +96,9 @@ def test_query_buffer_keeps_the_newest_queries():
         ({"method": "snapkv", "compression_ratio": 0.5, "decoding_interval": 8}, "needs both decoding_interval"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 0, "target_size": 64}, "positive integer"),
         ({"method": "h2o", "budget": 64, "decoding_interval": 8, "target_size": 64}, "reads every query"),
-        ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 64}, "pre-RoPE"),
+        ({"method": "compactor", "budget": 64, "decoding_interval": 8, "target_size": 64}, "reads every query"),
+        ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 256},
+         r"must exceed expected_attention's window of recent tokens \(256\), which it scores from"),
         ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "packed layout"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "morphkv", "budget": 32, "window_size": 32}, "must exceed"),
@@ -145,3 +149,77 @@ def test_periodic_snapkv_compresses_every_interval_back_to_the_target():
         assert torch.equal(layer.positions, reference_layer.positions)
     # 20 prompt entries + 1 reach 16 + 3: compressed to 16, then 17, 18, 16, 17, 18, 16, ...
     assert [step[0] for step in lengths] == [16, 17, 18] * 4
+
+
+def test_rotary_tables_counted_back_match_the_models_rotary_embedding():
+    model = tiny_model("llama")
+    rotary = model.model.rotary_emb
+    like = torch.zeros(2, 1)
+    # Two rows at different positions (left padding shifts a row's positions), anchored on their last token.
+    positions = torch.tensor([[30, 31, 32, 33, 34, 35], [20, 21, 22, 23, 24, 25]])
+    cos, sin = rotary(like, positions)
+    anchor_cos, anchor_sin = rotary(like, positions[:, -2:])  # a step of two tokens: its last one anchors
+    back_cos, back_sin = rotary_tables_before(anchor_cos[:, None], anchor_sin[:, None], rotary.inv_freq, 6)
+    torch.testing.assert_close(back_cos, cos[:, None], atol=1e-5, rtol=0)
+    torch.testing.assert_close(back_sin, sin[:, None], atol=1e-5, rtol=0)
+    # A YaRN-like attention scaling m multiplies every table: it carries over to every row.
+    scaled_cos, _ = rotary_tables_before(1.5 * anchor_cos[:, None], 1.5 * anchor_sin[:, None], rotary.inv_freq, 6)
+    torch.testing.assert_close(scaled_cos, 1.5 * cos[:, None], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="inverse frequencies"):
+        rotary_tables_before(anchor_cos[:, None], anchor_sin[:, None], rotary.inv_freq[:-1], 6)
+
+
+def test_decode_time_expected_attention_takes_its_statistics_from_the_recent_queries():
+    """Recent queries that are one pre-RoPE query rotated to their positions have mean that query and
+    no spread; the queries in front of the buffer (zeros) and the sinks' rows are left out."""
+    model = tiny_model("llama")
+    rotary = model.model.rotary_emb
+    torch.manual_seed(3)
+    head_dim, m, window = 16, 12, 4
+    pre_rope = torch.randn(1, 4, 1, head_dim)
+    positions = torch.arange(40 - window, 40)[None]
+    cos, sin = (t[:, None] for t in rotary(torch.zeros(1, 1), positions))
+    buffer = pre_rope * cos + rotate_half(pre_rope) * sin  # post-RoPE, as the cache buffers them
+    keys = torch.randn(1, 2, m, head_dim)
+    valid = torch.ones(1, m, dtype=torch.bool)
+    method = ExpectedAttention(decoding_window=window)
+    tables = rotary_tables_before(cos[:, :, -1:], sin[:, :, -1:], rotary.inv_freq, m)
+    queries = torch.nn.functional.pad(buffer, (0, 0, m - window, 0))
+    inputs = ScoreInputs(queries, keys, keys, valid, 0, query_valid=torch.arange(m)[None] >= m - window,
+                         cos=tables[0], sin=tables[1])
+    mean, cov = method.query_statistics(inputs)
+    rotation = rotation_matrix(mean_future_rotation(*tables, valid, method.n_future_positions))
+    torch.testing.assert_close(mean, torch.einsum("ij,bhj->bhi", rotation[0], pre_rope[:, :, 0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cov, torch.zeros_like(cov), atol=1e-4, rtol=0)
+    # The op builds the same inputs from the step's tables and the inverse frequencies.
+    config = CompressionConfig.from_options({"method": "expected_attention", "budget": 8, "decoding_window": window,
+                                             "decoding_interval": 4, "target_size": 8})
+    kept = compress_decode_site(config, buffer, keys, keys, torch.arange(m, dtype=torch.int32).expand(1, 2, m), None,
+                                0, 1, (cos, sin, rotary.inv_freq))
+    expected = method.select(method.score(inputs), valid, 8)
+    assert torch.equal(kept[2], expected.to(torch.int32))
+    with pytest.raises(ValueError, match="rotary tables"):
+        compress_decode_site(config, buffer, keys, keys, kept[2], None, 0, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_periodic_expected_attention_keeps_the_references_tokens(arch):
+    model = tiny_model(arch, attn_implementation="kvc")
+    ids, mask = padded_batch()
+    opts = {
+        "method": "expected_attention", "compression_ratio": 0.5, "decoding_window": 6, "n_future_positions": 16,
+        "decoding_interval": 3, "target_size": 16, "inner_backend": "eager",
+    }
+    reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
+    tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
+    assert torch.equal(tokens, reference.tokens[:, :12])
+    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
+        assert torch.equal(layer.positions, reference_layer.positions)
+    assert [step[0] for step in lengths] == [16, 17, 18] * 4
+
+
+def test_engines_refuse_periodic_expected_attention_with_the_alternative(tmp_path):
+    opts = {"method": "expected_attention", "budget": 8, "decoding_window": 4, "decoding_interval": 4,
+            "target_size": 8}
+    with pytest.raises(EngineError, match="torch.compile"):
+        build(tiny_model("llama"), opts, tmp_path / "engine", target="exported")

@@ -261,7 +261,7 @@ def _decode_steps(model, config, cache, step, first, mask, appended_ids, max_new
     if config is not None and config.recent_queries:
         # Decode-time compression and LAQ's rollout: capture every step's queries, as reference_decode.
         with capture_prefill_attention(model, decode=True) as captured:
-            recording = RecordingStep(config, step, cache, captured)
+            recording = RecordingStep(config, step, cache, captured, model)
             if config.method_impl.lookahead_queries:
                 lookahead_stage(config, recording, cache, first, mask, eos_token_id)
                 recording = step

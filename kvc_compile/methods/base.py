@@ -69,6 +69,9 @@ class ScoreInputs:
     select_kernel: Callable | None = None
     # ``output_saliency(queries, keys, values, valid, window, variant)``: OBCache's fused GPU scoring.
     saliency_kernel: Callable | None = None
+    # [batch, n] bool: the rows of ``queries`` that hold real queries, when not those of ``valid``.
+    # Decode-time compression sets it: only the newest rows hold the buffer of recent queries.
+    query_valid: Tensor | None = None
 
     def window_votes(self, window: int) -> Tensor:
         """Attention of the last ``window`` queries over every key, summed over them: [batch, q_heads, n] fp32."""
@@ -143,6 +146,13 @@ class Method(ABC):
         return None
 
     @property
+    def decoding_queries(self) -> int | None:
+        """How many recent queries decode-time compression keeps for ``score`` (None: it cannot
+        compress while decoding). Methods that read a window of recent queries read the same window;
+        a method that reads every query may instead score from a window while decoding."""
+        return self.queries_read
+
+    @property
     def lookahead_queries(self) -> int:
         """Queries per layer a lookahead method (LAQ) keeps for its second stage (0: not one)."""
         return 0
@@ -168,6 +178,27 @@ class Method(ABC):
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def rotary_tables_before(cos: Tensor, sin: Tensor, inv_freq: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Rotary tables [batch, 1, count, d] (fp32) of the ``count`` positions ending at a token's.
+
+    ``cos``/``sin`` [batch, 1, q, d] are the tables the newest ``q`` tokens were rotated with (their
+    last column is the anchor) and ``inv_freq`` [d/2] the rotary frequencies ``theta_i``. Row ``j``
+    holds position ``p - (count - 1 - j)``: as complex numbers ``c_p = m exp(i p theta_i)``, step
+    ``k`` back is ``c_p exp(-i k theta_i)``. Anchoring on the tables the model computed keeps each
+    row's own positions (left padding shifts them per row) and the attention scaling ``m``.
+    """
+    half = cos.shape[-1] // 2
+    if inv_freq.numel() != half:
+        raise ValueError(f"rotary tables of {cos.shape[-1]} dims need {half} inverse frequencies, got "
+                         f"{inv_freq.numel()}: only full-width rotate_half RoPE (Llama, Mistral, Qwen) is supported")
+    anchor = torch.complex(cos[:, :, -1:, :half].double(), sin[:, :, -1:, :half].double())
+    steps_back = torch.arange(count - 1, -1, -1, device=cos.device, dtype=torch.float64)
+    phases = -steps_back[:, None] * inv_freq.to(cos.device, torch.float64)
+    table = anchor * torch.polar(torch.ones_like(phases), phases)  # [batch, 1, count, d/2]
+    table = torch.cat([table, table], dim=-1)
+    return table.real.float(), table.imag.float()
 
 
 def gqa_mean(per_query_head: Tensor, kv_heads: int) -> Tensor:

@@ -25,6 +25,11 @@ tables hold ``m cos(p theta_i)`` and ``m sin(p theta_i)`` (``m``: the attention 
 schemes, 1 for most models). As complex numbers ``c_p = m exp(i p theta_i)``, the one-step rotation
 ``exp(i theta_i)`` is ``c_p / c_{p-1}`` at the last two real positions, and the mean future rotation
 is ``c_last * mean_{t=1..T} exp(i t theta_i)``: it carries ``m`` once, as the real future queries will.
+
+While decoding (``decoding_interval``/``target_size``), the statistics come from the queries of the
+``decoding_window`` most recent tokens (kvpress's ``DecodingPress`` scores from a buffer of the last
+256 hidden states), un-rotated with tables counted back from the newest token's, and the future
+rotation starts at the newest token.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class ExpectedAttention(Method):
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+    decoding_window: int = 256
 
     def __post_init__(self) -> None:
         if self.n_future_positions < 1:
@@ -93,11 +99,21 @@ class ExpectedAttention(Method):
             raise ValueError(f"{self.name}: n_sink must be an integer >= 0, got {self.n_sink}")
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise ValueError(f"{self.name}: epsilon must be a finite number >= 0, got {self.epsilon}")
+        if self.decoding_window < 2:
+            raise ValueError(f"{self.name}: decoding_window must be an integer >= 2 (recent queries the statistics "
+                             f"come from while decoding), got {self.decoding_window}")
+
+    @property
+    def decoding_queries(self) -> int:
+        return self.decoding_window
 
     def query_statistics(self, inputs: ScoreInputs) -> tuple[Tensor, Tensor | None]:
         """Mean [batch, q_heads, d] and covariance [batch, q_heads, d, d] of the future queries (fp32)."""
         pre_rope = inputs.unrotate(inputs.queries, self.name)
-        used = inputs.valid & (positions_from_first_valid(inputs.valid) >= self.n_sink)
+        if inputs.query_valid is None:
+            used = inputs.valid & (positions_from_first_valid(inputs.valid) >= self.n_sink)
+        else:  # while decoding: the recent tokens' queries, long past the sinks
+            used = inputs.query_valid
         weight = used[:, None, :, None].float()
         count = used.sum(dim=-1).clamp(min=1)[:, None, None].float()  # an empty row gives mean 0, not NaN
         mean = (pre_rope * weight).sum(dim=2) / count

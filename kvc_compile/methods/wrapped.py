@@ -47,5 +47,9 @@ class ScorerWrapper(Method):
     def queries_read(self) -> int | None:
         return self.inner.queries_read
 
+    @property
+    def decoding_queries(self) -> int | None:
+        return self.inner.decoding_queries
+
     def score(self, inputs: ScoreInputs) -> Tensor:
         return self.inner.score(inputs)

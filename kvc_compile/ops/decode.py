@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import INDEX_DTYPE, ScoreInputs, gather_kept
+from kvc_compile.methods.base import INDEX_DTYPE, ScoreInputs, gather_kept, rotary_tables_before
 from kvc_compile.ops.compress import valid_keys_from_mask
 from kvc_compile.ops.kernels import score_kernels
 
@@ -190,21 +190,44 @@ def compress_decode_site(
     attn_mask: Tensor | None,
     layer_idx: int,
     n_layers: int,
+    rotary: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bring a dense layer of ``m`` entries back to ``config.decode_target`` per KV head.
 
     The scorer sees the buffer of recent queries as the queries of the layer's newest entries
-    (the window it reads is always kept, so they line up), earlier queries as zeros it never
-    reads (``Method.queries_read``). Returns kept keys, values and positions, in cache order.
+    (a window it reads is always kept, so they line up), earlier queries as zeros it never reads
+    (``Method.queries_read``; ``ScoreInputs.query_valid`` marks the buffer's rows). Scorers of
+    pre-RoPE queries also get ``rotary``: the newest tokens' cos/sin tables and the inverse
+    frequencies, from which the tables of the buffer's positions are counted back. Returns kept
+    keys, values and positions, in cache order.
     """
     batch, _, m, _ = keys.shape
     window = buffer.shape[2]
     queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
     valid = valid_keys_from_mask(attn_mask, batch, m, keys.device)
+    query_valid = valid & (torch.arange(m, device=keys.device) >= m - window)
     method = config.method_impl
-    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, **score_kernels(keys))
+    tables = {}
+    if method.needs_rotary:
+        if rotary is None:
+            raise ValueError(f"{config.method} un-rotates the recent queries while decoding and needs the rotary "
+                             f"tables of the newest tokens and the inverse frequencies")
+        tables = dict(zip(("cos", "sin"), rotary_tables_before(*rotary, m), strict=True))
+    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, query_valid=query_valid, **tables,
+                         **score_kernels(keys))
     kept = method.select(method.score(inputs), valid, config.decode_target)
     return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)
+
+
+def _decoded_layer(keys: Tensor, values: Tensor, positions: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty tensors of a layer compressed back to its decode-time target (the ops' fake)."""
+    batch, kv_heads, _, _ = keys.shape
+    target = CompressionConfig.from_spec(spec).decode_target
+    return (
+        keys.new_empty(batch, kv_heads, target, keys.shape[-1]),
+        values.new_empty(batch, kv_heads, target, values.shape[-1]),
+        positions.new_empty(batch, kv_heads, target),
+    )
 
 
 @torch.library.custom_op("kvc::compress_decode", mutates_args=())
@@ -225,10 +248,30 @@ def compress_decode(
 
 @compress_decode.register_fake
 def _(buffer, keys, values, positions, attn_mask, layer_idx, n_layers, spec):
-    batch, kv_heads, _, _ = keys.shape
-    target = CompressionConfig.from_spec(spec).decode_target
-    return (
-        keys.new_empty(batch, kv_heads, target, keys.shape[-1]),
-        values.new_empty(batch, kv_heads, target, values.shape[-1]),
-        positions.new_empty(batch, kv_heads, target),
-    )
+    return _decoded_layer(keys, values, positions, spec)
+
+
+@torch.library.custom_op("kvc::compress_decode_rotary", mutates_args=())
+def compress_decode_rotary(
+    buffer: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    attn_mask: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    inv_freq: Tensor,
+    layer_idx: int,
+    n_layers: int,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``compress_decode`` for scorers of pre-RoPE queries: ``cos``/``sin`` are the rotary tables of
+    the step's tokens and ``inv_freq`` the model's rotary frequencies (see ``compress_decode_site``)."""
+    config = CompressionConfig.from_spec(spec)
+    return compress_decode_site(config, buffer, keys, values, positions, attn_mask, layer_idx, n_layers,
+                                rotary=(cos, sin, inv_freq))
+
+
+@compress_decode_rotary.register_fake
+def _(buffer, keys, values, positions, attn_mask, cos, sin, inv_freq, layer_idx, n_layers, spec):
+    return _decoded_layer(keys, values, positions, spec)

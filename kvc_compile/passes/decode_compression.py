@@ -28,7 +28,10 @@ After::
     kept = kvc.compress_decode(buffer, keys, values, positions, mask, layer_idx, n_layers, spec)
     return (..., kept[0], kept[1], kept[2], ...)
 
-As at prefill, the step's own attention reads every entry; the cache keeps ``target_size``. With
+As at prefill, the step's own attention reads every entry; the cache keeps ``target_size``.
+Scorers of pre-RoPE queries (Expected Attention) get ``kvc.compress_decode_rotary`` instead, which
+also takes the step's rotary tables and the model's ``inv_freq`` (a graph input): the tables of the
+buffered queries' positions are counted back from the newest token's. With
 MorphKV (``decoding_interval`` 1) every step's cache has the same shape, so one compiled graph
 serves every token.
 """
@@ -41,7 +44,13 @@ from torch import fx
 import kvc_compile.ops.decode  # noqa: F401  (registers the decode ops)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import AttentionSite
-from kvc_compile.passes.prefill_compression import CacheLayoutError, getitems, new_key_states, propagate_meta
+from kvc_compile.passes.prefill_compression import (
+    CacheLayoutError,
+    getitems,
+    new_key_states,
+    propagate_meta,
+    rotary_tables,
+)
 
 kvc = torch.ops.kvc
 
@@ -116,13 +125,14 @@ class CompressDecodeCache:
                     f"positions and recent queries: generate with past_key_values=kvc_compile.CompressedCache() "
                     f"and a single new token per step"
                 )
-            args = (
-                buffer, site.cached_keys, site.cached_values, positions, site.mask, site.layer_idx, len(decode_sites),
-                self.spec,
-            )
+            op, layer = kvc.compress_decode.default, (site.layer_idx, len(decode_sites), self.spec)
+            entries = (buffer, site.cached_keys, site.cached_values, positions, site.mask)
+            if self.config.method_impl.needs_rotary:
+                op, entries = kvc.compress_decode_rotary.default, (*entries, *self.rotary_inputs(graph, site))
+            args = (*entries, *layer)
             with graph.inserting_after(site.attention):
-                node = graph.call_function(kvc.compress_decode.default, args)
-            propagate_meta(node, kvc.compress_decode.default, args)
+                node = graph.call_function(op, args)
+            propagate_meta(node, op, args)
             keys, values, kept_positions = getitems(graph, node, range(3))
             output = graph.output_node()
             output.replace_input_with(site.cached_keys, keys)
@@ -130,3 +140,18 @@ class CompressDecodeCache:
             output.replace_input_with(positions, kept_positions)
             site.stored_keys, site.stored_values = keys, values
         return len(decode_sites)
+
+    def rotary_inputs(self, graph: fx.Graph, site: AttentionSite) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """The step's rotary tables (as applied to its keys) and the model's inverse frequencies
+        (``rotary_emb.inv_freq``, a graph input): a scorer of pre-RoPE queries counts the tables of
+        the recent queries' positions back from them."""
+        cos, sin = rotary_tables(new_key_states(site.cached_keys))
+        inv_freq = next((node for node in graph.nodes if node.op in ("placeholder", "get_attr")
+                         and "inv_freq" in str(node.target)), None)
+        if cos is None or inv_freq is None:
+            raise CacheLayoutError(
+                f"kvc: {self.config.method} un-rotates recent queries while decoding, but no rotary embedding "
+                f"(transformers' rotate_half RoPE and its inv_freq buffer) was found in the decode graph; "
+                f"it supports Llama, Mistral, Qwen2 and Qwen3"
+            )
+        return cos, sin, inv_freq
