@@ -135,13 +135,20 @@ def test_compiled_morphkv_keeps_a_constant_cache_and_the_references_tokens(arch)
     assert cache.layers[0].positions[:, :, -5:].tolist() == [[list(range(59, 64))] * 2] * 2
 
 
-def test_periodic_snapkv_compresses_every_interval_back_to_the_target():
-    model = tiny_model("llama", attn_implementation="kvc")
+PERIODIC = {
+    "snapkv": {"method": "snapkv", "window_size": 4},
+    # Not a window scorer: its statistics come from the newest 6 queries, un-rotated.
+    "expected_attention": {"method": "expected_attention", "decoding_window": 6, "n_future_positions": 16},
+}
+
+
+@pytest.mark.parametrize(("method", "arch"), [("snapkv", "llama"), ("expected_attention", "llama"),
+                                              ("expected_attention", "qwen3")])
+def test_periodic_compression_goes_back_to_the_target_with_the_references_tokens(method, arch):
+    model = tiny_model(arch, attn_implementation="kvc")
     ids, mask = padded_batch()
-    opts = {
-        "method": "snapkv", "compression_ratio": 0.5, "window_size": 4, "decoding_interval": 3, "target_size": 16,
-        "inner_backend": "eager",
-    }
+    opts = {**PERIODIC[method], "compression_ratio": 0.5, "decoding_interval": 3, "target_size": 16,
+            "inner_backend": "eager"}
     reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
     tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
     assert torch.equal(tokens, reference.tokens[:, :12])
@@ -200,22 +207,6 @@ def test_decode_time_expected_attention_takes_its_statistics_from_the_recent_que
     assert torch.equal(kept[2], expected.to(torch.int32))
     with pytest.raises(ValueError, match="rotary tables"):
         compress_decode_site(config, buffer, keys, keys, kept[2], None, 0, 1)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_periodic_expected_attention_keeps_the_references_tokens(arch):
-    model = tiny_model(arch, attn_implementation="kvc")
-    ids, mask = padded_batch()
-    opts = {
-        "method": "expected_attention", "compression_ratio": 0.5, "decoding_window": 6, "n_future_positions": 16,
-        "decoding_interval": 3, "target_size": 16, "inner_backend": "eager",
-    }
-    reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
-    tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
-    assert torch.equal(tokens, reference.tokens[:, :12])
-    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
-        assert torch.equal(layer.positions, reference_layer.positions)
-    assert [step[0] for step in lengths] == [16, 17, 18] * 4
 
 
 def test_engines_refuse_periodic_expected_attention_with_the_alternative(tmp_path):
