@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kvc_compile import load_model
 from kvc_compile.bench import provenance_lines, write_report
-from kvc_compile.eval.leaderboard import FULL_CACHE, SHARED_PREFILL, TextTasks, run_grid
+from kvc_compile.eval.leaderboard import FULL_CACHE, SHARED_PREFILL, TextTasks, read_records, run_grid
 from kvc_compile.methods import list_methods
 
 
@@ -29,7 +29,7 @@ def read_predictions(cells: Path, filename: str, seeds: int) -> list[str]:
     path = cells / filename
     if not path.is_file():
         raise SystemExit(f"{path} is missing: the leaderboard has no such cell (check --methods/--ratios/--tasks)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     if len(records) < seeds:
         raise SystemExit(f"{path} holds {len(records)} samples, fewer than --seeds {seeds}")
     return [record["prediction"] for record in records[:seeds]]

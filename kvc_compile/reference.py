@@ -281,15 +281,17 @@ class RecordingStep:
     def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
         logits = self.step(token, mask)
         threshold = self.config.decode_threshold
-        n_layers = len(self.cache.layers)
-        for layer_idx, layer in enumerate(self.cache.layers):
-            query, _, _, layer_mask = self.captured[layer_idx]
-            layer.recent_queries = shift_in(layer.recent_queries, query)
-            if threshold is not None and layer.physical_length >= threshold:
-                layer.keys, layer.values, layer.positions = compress_decode_site(
-                    self.config, layer.recent_queries, layer.keys, layer.values, layer.positions, layer_mask,
-                    layer_idx, n_layers, self._rotary(layer.values, token, mask),
-                )
+        layers = self.cache.layers
+        for layer_idx, layer in enumerate(layers):
+            layer.recent_queries = shift_in(layer.recent_queries, self.captured[layer_idx][0])
+        evicting = [i for i, layer in enumerate(layers) if threshold is not None and layer.physical_length >= threshold]
+        rotary = self._rotary(layers[0].values, token, mask) if evicting else None  # one step: one set of tables
+        for layer_idx in evicting:
+            layer = layers[layer_idx]
+            layer.keys, layer.values, layer.positions = compress_decode_site(
+                self.config, layer.recent_queries, layer.keys, layer.values, layer.positions,
+                self.captured[layer_idx][3], layer_idx, len(layers), rotary,
+            )
         return logits
 
     def _rotary(self, values: Tensor, token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -137,7 +137,8 @@ def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int,
                            f"kvc pass did not run (was torch._dynamo reset after the previous configuration?)")
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """The per-sample records of a cell file (none when it does not exist yet)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -207,7 +208,7 @@ def run_grid(
     for method, ratio, options in tqdm(configs, desc="configurations"):
         todo = [Cell(method, ratio, task) for task in tasks]
         cells += todo
-        done = {cell: len(_read_records(cells_dir / cell.filename)) for cell in todo}
+        done = {cell: len(read_records(cells_dir / cell.filename)) for cell in todo}
         if all(n >= samples for n in done.values()):
             continue  # finished: never recomputed
         if options is not None and path == "compiled":
@@ -233,7 +234,7 @@ def _run_shared_prefill(model, source, cells_dir: Path, configs: list[tuple], ta
     it is answered from that prefill. Seeds advance together across tasks, so a stopped run leaves
     every task with about as many samples; each cell is appended in seed order and resumes as above."""
     cells = [Cell(method, ratio, task) for method, ratio, _ in configs for task in tasks]
-    done = {cell: len(_read_records(cells_dir / cell.filename)) for cell in cells}
+    done = {cell: len(read_records(cells_dir / cell.filename)) for cell in cells}
     for seed in tqdm(range(min(done.values()), samples), desc="samples per cell"):
         for task in tasks:
             todo = [(Cell(m, r, task), options) for m, r, options in configs if done[Cell(m, r, task)] == seed]
@@ -277,7 +278,7 @@ def summarize(out: Path, cells: Sequence[Cell], title: str) -> list[CellResult]:
     """Write results.json, results.csv, leaderboard.md and leaderboard.png from the cell files."""
     results = []
     for cell in cells:
-        scores = [r["score"] for r in _read_records(out / "cells" / cell.filename)]
+        scores = [r["score"] for r in read_records(out / "cells" / cell.filename)]
         if scores:
             s = score_cell(scores)
             results.append(CellResult(cell.method, cell.ratio, cell.task, s.mean, s.low, s.high, s.samples))

@@ -207,13 +207,13 @@ def compress_decode_site(
     valid = valid_keys_from_mask(attn_mask, batch, m, keys.device)
     query_valid = valid & (torch.arange(m, device=keys.device) >= m - window)
     method = config.method_impl
-    tables = {}
+    cos = sin = None
     if method.needs_rotary:
         if rotary is None:
             raise ValueError(f"{config.method} un-rotates the recent queries while decoding and needs the rotary "
                              f"tables of the newest tokens and the inverse frequencies")
-        tables = dict(zip(("cos", "sin"), rotary_tables_before(*rotary, m), strict=True))
-    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, query_valid=query_valid, **tables,
+        cos, sin = rotary_tables_before(*rotary, m)
+    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, cos, sin, query_valid=query_valid,
                          **score_kernels(keys))
     kept = method.select(method.score(inputs), valid, config.decode_target)
     return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)

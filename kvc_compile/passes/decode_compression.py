@@ -38,6 +38,8 @@ serves every token.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 from torch import fx
 
@@ -116,6 +118,7 @@ class CompressDecodeCache:
         # A comparison on the (possibly symbolic) cache length: the graph is specialised on it.
         if not decode_sites or not bool(decode_sites[0].cached_length >= threshold):
             return 0
+        inv_freq = self.inverse_frequencies(graph) if self.config.method_impl.needs_rotary else None
         for site in decode_sites:
             positions = marker_user(new_key_states(site.cached_keys), kvc.append_positions, kvc.append_positions_at)
             buffer = site.recent_queries
@@ -127,8 +130,8 @@ class CompressDecodeCache:
                 )
             op, layer = kvc.compress_decode.default, (site.layer_idx, len(decode_sites), self.spec)
             entries = (buffer, site.cached_keys, site.cached_values, positions, site.mask)
-            if self.config.method_impl.needs_rotary:
-                op, entries = kvc.compress_decode_rotary.default, (*entries, *self.rotary_inputs(graph, site))
+            if inv_freq is not None:
+                op, entries = kvc.compress_decode_rotary.default, (*entries, *self.step_tables(site), inv_freq)
             args = (*entries, *layer)
             with graph.inserting_after(site.attention):
                 node = graph.call_function(op, args)
@@ -141,17 +144,25 @@ class CompressDecodeCache:
             site.stored_keys, site.stored_values = keys, values
         return len(decode_sites)
 
-    def rotary_inputs(self, graph: fx.Graph, site: AttentionSite) -> tuple[fx.Node, fx.Node, fx.Node]:
-        """The step's rotary tables (as applied to its keys) and the model's inverse frequencies
-        (``rotary_emb.inv_freq``, a graph input): a scorer of pre-RoPE queries counts the tables of
-        the recent queries' positions back from them."""
-        cos, sin = rotary_tables(new_key_states(site.cached_keys))
+    def inverse_frequencies(self, graph: fx.Graph) -> fx.Node:
+        """The model's ``rotary_emb.inv_freq`` (a graph input): a scorer of pre-RoPE queries counts the
+        tables of the recent queries' positions back from the step's tables with it."""
         inv_freq = next((node for node in graph.nodes if node.op in ("placeholder", "get_attr")
                          and "inv_freq" in str(node.target)), None)
-        if cos is None or inv_freq is None:
-            raise CacheLayoutError(
-                f"kvc: {self.config.method} un-rotates recent queries while decoding, but no rotary embedding "
-                f"(transformers' rotate_half RoPE and its inv_freq buffer) was found in the decode graph; "
-                f"it supports Llama, Mistral, Qwen2 and Qwen3"
-            )
-        return cos, sin, inv_freq
+        if inv_freq is None:
+            self.no_rotary()
+        return inv_freq
+
+    def step_tables(self, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
+        """The rotary tables the step's keys were rotated with."""
+        cos, sin = rotary_tables(new_key_states(site.cached_keys))
+        if cos is None:
+            self.no_rotary()
+        return cos, sin
+
+    def no_rotary(self) -> NoReturn:
+        raise CacheLayoutError(
+            f"kvc: {self.config.method} un-rotates recent queries while decoding, but no rotary embedding "
+            f"(transformers' rotate_half RoPE and its inv_freq buffer) was found in the decode graph; "
+            f"it supports Llama, Mistral, Qwen2 and Qwen3"
+        )
