@@ -30,6 +30,18 @@ LOWRANK_OPTIONS = ("projections", "key_rank", "value_rank")
 CALIBRATE_HINT = "produce one with: kvc-calibrate --model MODEL --out projections.safetensors"
 
 
+
+
+def decoding_problem(method: Method) -> str | None:
+    """Why ``method`` cannot compress while decoding, or None when it can."""
+    if method.lookahead_queries:
+        return "its second stage runs once, after the lookahead rollout"
+    if method.layout != "dense":
+        return "it gives heads or layers different budgets (packed layout)"
+    if method.decoding_queries is None:
+        return "it reads every query of the sequence, and decoding keeps only a window of recent ones"
+    return None
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """What to compress and how much.
@@ -118,19 +130,13 @@ class CompressionConfig:
             )
         if self.decode_target is None:
             return
-        problem = None
-        if method.lookahead_queries:
-            problem = "its second stage runs once, after the lookahead rollout"
-        elif method.layout != "dense":
-            problem = "it gives heads or layers different budgets (packed layout)"
-        elif method.decoding_queries is None:
-            problem = "it reads every query of the sequence, and decoding keeps only a window of recent ones"
-        elif self.lowrank is not None:
+        problem = decoding_problem(method)
+        if problem is None and self.lowrank is not None:
             problem = "decode-time eviction of low-rank (kqsvd) entries is not supported"
         if problem is not None:
+            able = [name for name in list_methods() if decoding_problem(method_class(name)()) is None]
             raise ValueError(
-                f"{self.method} cannot compress while decoding: {problem}. Methods that can: snapkv, tova, "
-                f"obcache, knorm, streamingllm, random, curdkv, chunkkv, expected_attention, morphkv"
+                f"{self.method} cannot compress while decoding: {problem}. Methods that can: {', '.join(able)}"
             )
         window = method.decoding_queries
         if self.decode_target <= window:

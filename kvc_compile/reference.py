@@ -37,7 +37,7 @@ _capture_decode = False
 
 
 def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
-    prefill = query.shape[-2] > 1 and key.shape[-2] == query.shape[-2]
+    prefill = key.shape[-2] == query.shape[-2]  # nothing cached before: a prompt, even of one token
     if _captured is not None and (prefill or _capture_decode):
         _captured[module.layer_idx] = (query, key, value, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -34,6 +34,8 @@ NOT_IN_ENGINES = {"laq"}
 LAQ = {"method": "laq", "compression_ratio": 0.5, "window_size": 4, "stage1_options": {"window_size": 8}}
 MORPHKV = {"method": "morphkv", "budget": 20, "window_size": 4}  # a constant cache of 20 entries per KV head
 PERIODIC_SNAPKV = {"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4, "target_size": 16}
+# Reads every prompt query; while decoding its 6 newest vote.
+PERIODIC_H2O = {"method": "h2o", "budget": 16, "decoding_window": 6, "decoding_interval": 4, "target_size": 16}
 
 
 def method_options(method: str) -> dict:
@@ -147,10 +149,11 @@ def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
 
 
 # MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one (as ONNX
-# graphs in ONNX Runtime). Periodic SnapKV on a 40-token prompt: prefill keeps 16, every fourth
-# step evicts back to 16.
-@pytest.mark.parametrize("options, length, target", [(MORPHKV, 12, "onnx"), (PERIODIC_SNAPKV, 40, "exported")],
-                         ids=["morphkv", "periodic"])
+# graphs in ONNX Runtime). Periodic SnapKV and H2O on a 40-token prompt: prefill keeps 16, every
+# fourth step evicts back to 16.
+@pytest.mark.parametrize("options, length, target", [(MORPHKV, 12, "onnx"), (PERIODIC_SNAPKV, 40, "exported"),
+                                                     (PERIODIC_H2O, 40, "onnx")],
+                         ids=["morphkv", "periodic", "periodic-h2o"])
 def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, target, tmp_path):
     result = quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine",
                          target=target, max_new_tokens=64)

@@ -12,6 +12,7 @@ from kvc_compile import CompressionConfig
 from kvc_compile.engine import EngineError, build
 from kvc_compile.methods.base import PROTECTED, ScoreInputs, rotary_tables_before, rotate_half
 from kvc_compile.methods.expected_attention import ExpectedAttention, mean_future_rotation, rotation_matrix
+from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.morphkv import MorphKV, morph_scores
 from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
 from kvc_compile.reference import reference_decode
@@ -95,8 +96,11 @@ def test_query_buffer_keeps_the_newest_queries():
         ({"method": "morphkv", "compression_ratio": 0.5}, "constant-size cache: give budget"),
         ({"method": "snapkv", "compression_ratio": 0.5, "decoding_interval": 8}, "needs both decoding_interval"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 0, "target_size": 64}, "positive integer"),
-        ({"method": "h2o", "budget": 64, "decoding_interval": 8, "target_size": 64}, "reads every query"),
-        ({"method": "compactor", "budget": 64, "decoding_interval": 8, "target_size": 64}, "reads every query"),
+        ({"method": "h2o", "budget": 64, "decoding_interval": 8, "target_size": 64},
+         r"must exceed h2o's window of recent tokens \(256\), which it scores from"),
+        ({"method": "h2o", "budget": 64, "decoding_window": 0}, "decoding_window must be a positive integer"),
+        ({"method": "compactor", "budget": 64, "decoding_interval": 8, "target_size": 64},
+         "reads every query.*Methods that can: chunkkv, curdkv, expected_attention, h2o, knorm, morphkv"),
         ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 256},
          r"must exceed expected_attention's window of recent tokens \(256\), which it scores from"),
         ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "packed layout"),
@@ -139,11 +143,13 @@ PERIODIC = {
     "snapkv": {"method": "snapkv", "window_size": 4},
     # Not a window scorer: its statistics come from the newest 6 queries, un-rotated.
     "expected_attention": {"method": "expected_attention", "decoding_window": 6, "n_future_positions": 16},
+    # Reads every query at prefill; while decoding, the newest 6 vote.
+    "h2o": {"method": "h2o", "decoding_window": 6},
 }
 
 
 @pytest.mark.parametrize(("method", "arch"), [("snapkv", "llama"), ("expected_attention", "llama"),
-                                              ("expected_attention", "qwen3")])
+                                              ("expected_attention", "qwen3"), ("h2o", "qwen3")])
 def test_periodic_compression_goes_back_to_the_target_with_the_references_tokens(method, arch):
     model = tiny_model(arch, attn_implementation="kvc")
     ids, mask = padded_batch()
@@ -156,6 +162,43 @@ def test_periodic_compression_goes_back_to_the_target_with_the_references_tokens
         assert torch.equal(layer.positions, reference_layer.positions)
     # 20 prompt entries + 1 reach 16 + 3: compressed to 16, then 17, 18, 16, 17, 18, 16, ...
     assert [step[0] for step in lengths] == [16, 17, 18] * 4
+
+
+def test_a_one_token_prompt_starts_the_buffer_of_recent_queries():
+    """A one-token prompt traces like a decode step; its query must still start the buffer."""
+    model = tiny_model("llama", attn_implementation="kvc")
+    ids = random_prompt(2, 1, seed=4)
+    mask = torch.ones_like(ids)
+    opts = {"method": "h2o", "budget": 8, "decoding_window": 4, "decoding_interval": 3, "target_size": 8,
+            "inner_backend": "eager"}
+    reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
+    tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
+    assert torch.equal(tokens, reference.tokens[:, :12])
+    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
+        assert torch.equal(layer.positions, reference_layer.positions)
+        assert torch.equal(layer.recent_queries, reference_layer.recent_queries)
+    assert [step[0] for step in lengths] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 8, 9, 10]
+
+
+@pytest.mark.parametrize(("first_valid", "expected"), [
+    # Zero queries attend uniformly. Row 2 sees keys 0-2 (1/3 each), row 3 keys 0-3 (1/4 each); keys
+    # 0-2 are seen by both rows, key 3 by row 3 alone: (7/12) / 2 for keys 0-2, (1/4) / 1 for key 3.
+    (0, [7 / 24, 7 / 24, 7 / 24, 1 / 4]),
+    # Key 0 is padding: row 2 pays 1/2 to keys 1 and 2, row 3 pays 1/3 to keys 1-3.
+    (1, [0.0, 5 / 12, 5 / 12, 1 / 3]),
+])
+def test_decode_time_h2o_counts_only_the_buffered_queries_votes(first_valid, expected):
+    """The rows in front of the buffer (zeros) would vote too if they were counted as queries: key 0
+    would then get 1 + 1/2 more and be seen by four rows."""
+    queries = torch.zeros(1, 1, 4, 2)
+    keys = torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(0))
+    valid = torch.arange(4)[None] >= first_valid
+    inputs = ScoreInputs(queries, keys, keys, valid, 0, query_valid=valid & (torch.arange(4)[None] >= 2))
+    scores = H2O(decoding_window=2).score(inputs)
+    torch.testing.assert_close(scores, torch.tensor([[expected]]))
+    # At prefill every real row votes: key 0 gets 1 + 1/2 + 1/3 + 1/4 from four rows.
+    prefill = H2O().score(ScoreInputs(queries, keys, keys, torch.ones(1, 4, dtype=torch.bool), 0))
+    torch.testing.assert_close(prefill[0, 0, 0], torch.tensor(25 / 48))
 
 
 def test_rotary_tables_counted_back_match_the_models_rotary_embedding():

@@ -13,6 +13,11 @@ kvpress reads the model's eager attention matrix; here it is recomputed from the
 and keys in chunks of ``QUERY_CHUNK`` queries, so extra memory is ``O(QUERY_CHUNK * n)`` per head
 and any attention implementation works. Under left padding only real queries vote and count in the
 normaliser (kvpress counts every row).
+
+While decoding (``decoding_interval``/``target_size``) the queries of evicted tokens are gone, so the
+votes come from the ``decoding_window`` most recent tokens, as kvpress's ``DecodingPress`` scores any
+scorer from a buffer of recent tokens: key ``j`` scores the attention those queries paid it, divided
+by how many of them can see it (the whole window for every key older than the window).
 """
 
 from __future__ import annotations
@@ -29,16 +34,23 @@ from kvc_compile.methods.snapkv import window_attention
 QUERY_CHUNK = 128
 
 
-def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
-    """Column sums ``sum_i A_ij`` of the causal attention of every real query, [batch, q_heads, n] fp32."""
+def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, query_valid: Tensor | None = None,
+                          first_query: int = 0) -> Tensor:
+    """Column sums ``sum_i A_ij`` of the causal attention of every real query, [batch, q_heads, n] fp32.
+
+    ``query_valid`` [batch, n] marks the rows that hold real queries when not those of ``valid``; rows
+    before ``first_query`` hold none and are skipped.
+    """
     batch, q_heads, n, _ = queries.shape
     totals = torch.zeros(batch, q_heads, n, dtype=torch.float32, device=keys.device)
-    for start in range(0, n, QUERY_CHUNK):
+    for start in range(first_query, n, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, n)
         # Queries start..stop-1 are the last rows of the prompt cut at ``stop``: exactly the window
         # attention of that shorter prompt (keys after ``stop`` are invisible to them anyway).
         weights = window_attention(queries[:, :, :stop], keys[:, :, :stop], valid[:, :stop], stop - start)
         # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
+        if query_valid is not None:
+            weights = weights * query_valid[:, None, start:stop, None]
         totals[..., :stop] += weights.sum(dim=2)
     return totals
 
@@ -48,9 +60,25 @@ class H2O(Method):
     name = "h2o"
     paper = "arXiv 2306.14048"
 
+    decoding_window: int = 256
+
+    def __post_init__(self) -> None:
+        if self.decoding_window < 1:
+            raise ValueError(f"{self.name}: decoding_window must be a positive integer (recent queries that vote "
+                             f"while decoding), got {self.decoding_window}")
+
+    @property
+    def decoding_queries(self) -> int:
+        return self.decoding_window
+
     def score(self, inputs: ScoreInputs) -> Tensor:
-        valid = inputs.valid
-        totals = accumulated_attention(inputs.queries, inputs.keys, valid)
-        # Real queries at positions >= j (reverse cumulative count); n - j when there is no padding.
-        seen_by = valid.flip(-1).float().cumsum(-1).flip(-1).clamp(min=1)
+        valid, n = inputs.valid, inputs.keys.shape[2]
+        if inputs.query_valid is None:
+            voters, totals = valid, accumulated_attention(inputs.queries, inputs.keys, valid)
+        else:  # while decoding: only the buffered recent queries vote
+            voters = inputs.query_valid
+            first = max(n - self.decoding_window, 0)
+            totals = accumulated_attention(inputs.queries, inputs.keys, valid, voters, first)
+        # Voting queries at positions >= j (reverse cumulative count); n - j when there is no padding.
+        seen_by = voters.flip(-1).float().cumsum(-1).flip(-1).clamp(min=1)
         return gqa_mean(totals / seen_by[:, None, :], inputs.keys.shape[1])

@@ -87,12 +87,13 @@ class RecordRecentQueries:
         graph = gm.graph
         for site in sites:
             k_rope = new_key_states(site.cached_keys)
-            if site.is_prefill:
-                marker = marker_user(k_rope, kvc.recent_queries)
-                if marker is not None:
-                    site.recent_queries = replace_node(
-                        graph, marker, kvc.last_queries.default, (site.query, self.window), site.attention
-                    )
+            # The cache calls this marker on a layer's first update only: a prompt, even of one token
+            # (which traces like a decode step).
+            marker = marker_user(k_rope, kvc.recent_queries)
+            if marker is not None:
+                site.recent_queries = replace_node(
+                    graph, marker, kvc.last_queries.default, (site.query, self.window), site.attention
+                )
                 continue
             marker = marker_user(k_rope, kvc.push_query)
             if marker is not None:
