@@ -1,7 +1,7 @@
 """Long generations on SmolLM2-135M: how closely constant-size caches follow the full cache.
 
-For each prompt, 200 greedy tokens with the full cache, then with MorphKV and with periodic SnapKV
-and Expected Attention at the same cache size; reported per cache: the token-level match rate against the full cache
+For each prompt, 200 greedy tokens with the full cache, then with MorphKV and with periodic SnapKV,
+Expected Attention and H2O at the same cache size; reported per cache: the token-level match rate against the full cache
 (same token at the same step) and the step of the first difference. Uses the eager reference
 path, whose tokens the tests pin equal to the compiled path's.
 
@@ -40,6 +40,10 @@ def configs(budget: int) -> dict[str, dict]:
         f"expected_attention every 16 steps (target {budget})": {
             "method": "expected_attention", "budget": budget, "decoding_window": 64, "decoding_interval": 16,
             "target_size": budget,
+        },
+        # Reads every prompt query at prefill; while decoding the newest 64 vote.
+        f"h2o every 16 steps (target {budget})": {
+            "method": "h2o", "budget": budget, "decoding_window": 64, "decoding_interval": 16, "target_size": budget,
         },
     }
 

@@ -34,8 +34,11 @@ NOT_IN_ENGINES = {"laq"}
 LAQ = {"method": "laq", "compression_ratio": 0.5, "window_size": 4, "stage1_options": {"window_size": 8}}
 MORPHKV = {"method": "morphkv", "budget": 20, "window_size": 4}  # a constant cache of 20 entries per KV head
 PERIODIC_SNAPKV = {"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4, "target_size": 16}
-# Reads every prompt query; while decoding its 6 newest vote.
+# Read every prompt query; while decoding they score from the 6 newest (Expected Attention un-rotates
+# them with the step's rotary tables).
 PERIODIC_H2O = {"method": "h2o", "budget": 16, "decoding_window": 6, "decoding_interval": 4, "target_size": 16}
+PERIODIC_EA = {"method": "expected_attention", "budget": 16, "decoding_window": 6, "n_future_positions": 16,
+               "decoding_interval": 4, "target_size": 16}
 
 
 def method_options(method: str) -> dict:
@@ -149,12 +152,13 @@ def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
 
 
 # MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one (as ONNX
-# graphs in ONNX Runtime). Periodic SnapKV and H2O on a 40-token prompt: prefill keeps 16, every
-# fourth step evicts back to 16.
-@pytest.mark.parametrize("options, length, target", [(MORPHKV, 12, "onnx"), (PERIODIC_SNAPKV, 40, "exported"),
-                                                     (PERIODIC_H2O, 40, "onnx")],
-                         ids=["morphkv", "periodic", "periodic-h2o"])
-def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, target, tmp_path):
+# graphs in ONNX Runtime). Periodic SnapKV, H2O and Expected Attention on a 40-token prompt: prefill
+# keeps 16, every fourth step evicts back to 16.
+@pytest.mark.parametrize("options, length, target, evict_op", [
+    (MORPHKV, 12, "onnx", "KvcCompressDecode"), (PERIODIC_SNAPKV, 40, "exported", "compress_decode"),
+    (PERIODIC_H2O, 40, "exported", "compress_decode"), (PERIODIC_EA, 40, "onnx", "KvcCompressDecodeRotary"),
+], ids=["morphkv", "periodic", "periodic-h2o", "periodic-expected-attention"])
+def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, target, evict_op, tmp_path):
     result = quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine",
                          target=target, max_new_tokens=64)
     manifest = result.manifest
@@ -166,14 +170,14 @@ def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, le
     appending, evicting = (tmp_path / "engine" / entry.file for entry in (manifest.decode, manifest.decode_evict))
     if target == "onnx":  # the buffer shifts are standard nodes; the eviction is a plugin node per layer
         assert not plugin_nodes(onnx.load(str(appending)))
-        assert [node.op_type for node in plugin_nodes(onnx.load(str(evicting)))] == ["KvcCompressDecode"] * 2
+        assert [node.op_type for node in plugin_nodes(onnx.load(str(evicting)))] == [evict_op] * 2
         return
     kvc_ops = {}
     for path in (appending, evicting):
         graph = torch.export.load(str(path)).graph
         kvc_ops[path] = {str(node.target) for node in graph.nodes if str(node.target).startswith("kvc.")}
-    assert "kvc.compress_decode.default" not in kvc_ops[appending]
-    assert {"kvc.compress_decode.default", "kvc.shift_in.default"} <= kvc_ops[evicting]
+    assert f"kvc.{evict_op}.default" not in kvc_ops[appending]
+    assert {f"kvc.{evict_op}.default", "kvc.shift_in.default"} <= kvc_ops[evicting]
 
 
 def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_in_place(tmp_path):

@@ -9,7 +9,6 @@ from conftest import compiled_greedy_steps, random_prompt, tiny_model
 from torch._dynamo.utils import counters
 
 from kvc_compile import CompressionConfig
-from kvc_compile.engine import EngineError, build
 from kvc_compile.methods.base import PROTECTED, ScoreInputs, rotary_tables_before, rotate_half
 from kvc_compile.methods.expected_attention import ExpectedAttention, mean_future_rotation, rotation_matrix
 from kvc_compile.methods.h2o import H2O
@@ -250,10 +249,3 @@ def test_decode_time_expected_attention_takes_its_statistics_from_the_recent_que
     assert torch.equal(kept[2], expected.to(torch.int32))
     with pytest.raises(ValueError, match="rotary tables"):
         compress_decode_site(config, buffer, keys, keys, kept[2], None, 0, 1)
-
-
-def test_engines_refuse_periodic_expected_attention_with_the_alternative(tmp_path):
-    opts = {"method": "expected_attention", "budget": 8, "decoding_window": 4, "decoding_interval": 4,
-            "target_size": 8}
-    with pytest.raises(EngineError, match="torch.compile"):
-        build(tiny_model("llama"), opts, tmp_path / "engine", target="exported")

@@ -352,10 +352,6 @@ def build(
     if target == "onnx":
         _require_onnx()
     config = CompressionConfig.from_options(options)
-    if config.decode_target is not None and config.method_impl.needs_rotary:
-        raise EngineError(f"{config.method} compresses while decoding from un-rotated recent queries, which engines do "
-                          f"not run yet; use torch.compile(model, backend='kvc', options=...) for it, or build "
-                          f"without decoding_interval/target_size")
     for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EngineError(f"{name} must be a positive integer, got {value!r}")

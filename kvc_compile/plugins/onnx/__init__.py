@@ -103,6 +103,12 @@ PLUGINS = {
         "scored with the buffer of recent queries.",
         (("recent_queries", "T"), ("keys", "T"), ("values", "T"), ("positions", "I"), ("attn_mask", "B")),
         (("kept_keys", "T"), ("kept_values", "T"), ("kept_positions", "I")), _LAYER_ATTRS),
+    "compress_decode_rotary": Plugin(
+        "KvcCompressDecodeRotary", "kvc::compress_decode_rotary: KvcCompressDecode for scorers of pre-RoPE "
+        "queries; cos/sin are the step's rotary tables and inv_freq the model's rotary frequencies.",
+        (("recent_queries", "T"), ("keys", "T"), ("values", "T"), ("positions", "I"), ("attn_mask", "B"),
+         ("cos", "T"), ("sin", "T"), ("inv_freq", "F")),
+        (("kept_keys", "T"), ("kept_values", "T"), ("kept_positions", "I")), _LAYER_ATTRS),
     "lookahead_stage2": Plugin(
         "KvcLookaheadStage2", "kvc::lookahead_stage2: LAQ's second stage, one layer's full prompt re-scored by "
         "its buffered prompt and pseudo-token queries.",
@@ -183,6 +189,13 @@ def _compress_decode(recent_queries, keys, values, positions, attn_mask, layer_i
                                           layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
 
 
+def _compress_decode_rotary(recent_queries, keys, values, positions, attn_mask, cos, sin, inv_freq, layer_idx: int,
+                            n_layers: int, spec: str):
+    return PLUGIN_OPSET.KvcCompressDecodeRotary(recent_queries, keys, values, positions, _mask_or_empty(attn_mask),
+                                                cos, sin, inv_freq, layer_idx=layer_idx, n_layers=n_layers, spec=spec,
+                                                **_lookup())
+
+
 def _lookahead_stage2(keys, values, recent_queries, prompt_mask, pseudo_valid, spec: str):
     return PLUGIN_OPSET.KvcLookaheadStage2(keys, values, recent_queries, prompt_mask, pseudo_valid, spec=spec,
                                            **_lookup())
@@ -204,6 +217,7 @@ def translation_table() -> dict:
         kvc.compress_layers.default: _compress_layers,
         kvc.packed_attention.default: _packed_attention,
         kvc.compress_decode.default: _compress_decode,
+        kvc.compress_decode_rotary.default: _compress_decode_rotary,
         kvc.lookahead_stage2.default: _lookahead_stage2,
     }
 

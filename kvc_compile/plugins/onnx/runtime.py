@@ -61,6 +61,14 @@ def _compress_decode(recent_queries, keys, values, positions, mask, layer_idx, n
                                        n_layers, spec))
 
 
+@onnx_op(op_type=PLUGINS["compress_decode_rotary"].name, inputs=[F32, F32, F32, I32, BOOL, F32, F32, F32],
+         outputs=[F32, F32, I32], attrs=LAYER_ATTRS)
+def _compress_decode_rotary(recent_queries, keys, values, positions, mask, cos, sin, inv_freq, layer_idx, n_layers,
+                            spec, **_lookup):
+    inputs = map(_tensor, (recent_queries, keys, values, positions, mask, cos, sin, inv_freq))
+    return _arrays(kvc.compress_decode_rotary(*inputs, layer_idx, n_layers, spec))
+
+
 @onnx_op(op_type=PLUGINS["lookahead_stage2"].name, inputs=[F32, F32, F32, I64, BOOL], outputs=[F32, F32, I32],
          attrs={"spec": STR, **LOOKUP_ATTRS})
 def _lookahead_stage2(keys, values, recent_queries, prompt_mask, pseudo_valid, spec, **_lookup):
