@@ -179,21 +179,24 @@ def test_a_one_token_prompt_starts_the_buffer_of_recent_queries():
     assert [step[0] for step in lengths] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 8, 9, 10]
 
 
-@pytest.mark.parametrize(("first_valid", "expected"), [
-    # Zero queries attend uniformly. Row 2 sees keys 0-2 (1/3 each), row 3 keys 0-3 (1/4 each); keys
-    # 0-2 are seen by both rows, key 3 by row 3 alone: (7/12) / 2 for keys 0-2, (1/4) / 1 for key 3.
-    (0, [7 / 24, 7 / 24, 7 / 24, 1 / 4]),
-    # Key 0 is padding: row 2 pays 1/2 to keys 1 and 2, row 3 pays 1/3 to keys 1-3.
-    (1, [0.0, 5 / 12, 5 / 12, 1 / 3]),
+@pytest.mark.parametrize(("positions", "first_valid", "window", "expected"), [
+    # Zero queries attend uniformly. The query of position 2 sees keys 0-2 (1/3 each), that of 3
+    # keys 0-3 (1/4 each); keys 0-2 are seen by both, key 3 by one: (7/12) / 2 and (1/4) / 1.
+    ([0, 1, 2, 3], 0, 2, [7 / 24, 7 / 24, 7 / 24, 1 / 4]),
+    # Key 0 is padding: query 2 pays 1/2 to keys 1 and 2, query 3 pays 1/3 to keys 1-3.
+    ([0, 1, 2, 3], 1, 2, [0.0, 5 / 12, 5 / 12, 1 / 3]),
+    # Tokens 3-8 were evicted: the queries of positions 7 and 8 see keys 0-2 (1/3 each), that of 9
+    # every key (1/4). By row index, the query of 7 would see only keys 0 and 1.
+    ([0, 1, 2, 9], 0, 3, [11 / 36, 11 / 36, 11 / 36, 1 / 4]),
 ])
-def test_decode_time_h2o_counts_only_the_buffered_queries_votes(first_valid, expected):
-    """The rows in front of the buffer (zeros) would vote too if they were counted as queries: key 0
-    would then get 1 + 1/2 more and be seen by four rows."""
+def test_decode_time_h2o_counts_the_buffered_queries_votes_by_position(positions, first_valid, window, expected):
+    """The rows in front of the buffer (zeros) would vote too if they were counted as queries."""
     queries = torch.zeros(1, 1, 4, 2)
     keys = torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(0))
     valid = torch.arange(4)[None] >= first_valid
-    inputs = ScoreInputs(queries, keys, keys, valid, 0, query_valid=valid & (torch.arange(4)[None] >= 2))
-    scores = H2O(decoding_window=2).score(inputs)
+    inputs = ScoreInputs(queries, keys, keys, valid, 0, query_valid=valid & (torch.arange(4)[None] >= 4 - window),
+                         positions=torch.tensor(positions).view(1, 1, 4))
+    scores = H2O(decoding_window=window).score(inputs)
     torch.testing.assert_close(scores, torch.tensor([[expected]]))
     # At prefill every real row votes: key 0 gets 1 + 1/2 + 1/3 + 1/4 from four rows.
     prefill = H2O().score(ScoreInputs(queries, keys, keys, torch.ones(1, 4, dtype=torch.bool), 0))

@@ -72,6 +72,9 @@ class ScoreInputs:
     # [batch, n] bool: the rows of ``queries`` that hold real queries, when not those of ``valid``.
     # Decode-time compression sets it: only the newest rows hold the buffer of recent queries.
     query_valid: Tensor | None = None
+    # [batch, kv_heads, n] int: the logical position of each entry, while decoding (after evictions an
+    # entry no longer sits at its position's index).
+    positions: Tensor | None = None
 
     def window_votes(self, window: int) -> Tensor:
         """Attention of the last ``window`` queries over every key, summed over them: [batch, q_heads, n] fp32."""

@@ -28,29 +28,22 @@ import torch
 from torch import Tensor
 
 from kvc_compile.methods.base import Method, ScoreInputs, gqa_mean
-from kvc_compile.methods.snapkv import window_attention
+from kvc_compile.methods.snapkv import window_attention, window_logits
 
 # Queries per attention chunk: bounds the [batch, q_heads, chunk, n] fp32 slice held at once.
 QUERY_CHUNK = 128
 
 
-def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, query_valid: Tensor | None = None,
-                          first_query: int = 0) -> Tensor:
-    """Column sums ``sum_i A_ij`` of the causal attention of every real query, [batch, q_heads, n] fp32.
-
-    ``query_valid`` [batch, n] marks the rows that hold real queries when not those of ``valid``; rows
-    before ``first_query`` hold none and are skipped.
-    """
+def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
+    """Column sums ``sum_i A_ij`` of the causal attention of every real query, [batch, q_heads, n] fp32."""
     batch, q_heads, n, _ = queries.shape
     totals = torch.zeros(batch, q_heads, n, dtype=torch.float32, device=keys.device)
-    for start in range(first_query, n, QUERY_CHUNK):
+    for start in range(0, n, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, n)
         # Queries start..stop-1 are the last rows of the prompt cut at ``stop``: exactly the window
         # attention of that shorter prompt (keys after ``stop`` are invisible to them anyway).
         weights = window_attention(queries[:, :, :stop], keys[:, :, :stop], valid[:, :stop], stop - start)
         # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
-        if query_valid is not None:
-            weights = weights * query_valid[:, None, start:stop, None]
         totals[..., :stop] += weights.sum(dim=2)
     return totals
 
@@ -72,13 +65,35 @@ class H2O(Method):
         return self.decoding_window
 
     def score(self, inputs: ScoreInputs) -> Tensor:
-        valid, n = inputs.valid, inputs.keys.shape[2]
-        if inputs.query_valid is None:
-            voters, totals = valid, accumulated_attention(inputs.queries, inputs.keys, valid)
-        else:  # while decoding: only the buffered recent queries vote
-            voters = inputs.query_valid
-            first = max(n - self.decoding_window, 0)
-            totals = accumulated_attention(inputs.queries, inputs.keys, valid, voters, first)
-        # Voting queries at positions >= j (reverse cumulative count); n - j when there is no padding.
-        seen_by = voters.flip(-1).float().cumsum(-1).flip(-1).clamp(min=1)
+        if inputs.query_valid is not None:
+            return self.recent_votes(inputs)
+        valid = inputs.valid
+        totals = accumulated_attention(inputs.queries, inputs.keys, valid)
+        # Real queries at positions >= j (reverse cumulative count); n - j when there is no padding.
+        seen_by = valid.flip(-1).float().cumsum(-1).flip(-1).clamp(min=1)
         return gqa_mean(totals / seen_by[:, None, :], inputs.keys.shape[1])
+
+    def recent_votes(self, inputs: ScoreInputs) -> Tensor:
+        """The score while decoding, from the buffered queries of the newest ``decoding_window`` tokens.
+
+        After evictions an entry no longer sits at its position's index, so which queries see which
+        entries comes from the entries' logical positions: the step's token is the newest entry, and
+        the buffer holds the queries of the positions just before it.
+        """
+        queries, keys, valid, positions = inputs.queries, inputs.keys, inputs.valid, inputs.positions
+        if positions is None:
+            raise ValueError(f"{self.name} scores while decoding from the entries' positions; none were given")
+        batch, q_heads, n, _ = queries.shape
+        kv_heads = keys.shape[1]
+        window = min(self.decoding_window, n)
+        steps_back = torch.arange(window - 1, -1, -1, device=keys.device)
+        query_positions = positions.amax(dim=-1, keepdim=True) - steps_back  # [batch, kv_heads, window]
+        sees = positions[:, :, None, :] <= query_positions[..., None]  # [batch, kv_heads, window, n]
+        voters = inputs.query_valid[:, n - window:]
+        sees = sees & valid[:, None, None, :] & voters[:, None, :, None]
+        group_sees = sees.repeat_interleave(q_heads // kv_heads, dim=1)
+        logits = window_logits(queries, keys, window)
+        # A buffer row that sees nothing (or holds no query) has a 0/0 softmax row: it casts no vote.
+        weights = logits.masked_fill(~group_sees, float("-inf")).softmax(dim=-1).nan_to_num(nan=0.0)
+        seen_by = sees.sum(dim=2).clamp(min=1)
+        return gqa_mean(weights.sum(dim=2), kv_heads) / seen_by

@@ -214,7 +214,7 @@ def compress_decode_site(
                              f"tables of the newest tokens and the inverse frequencies")
         cos, sin = rotary_tables_before(*rotary, m)
     inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, cos, sin, query_valid=query_valid,
-                         **score_kernels(keys))
+                         positions=positions, **score_kernels(keys))
     kept = method.select(method.score(inputs), valid, config.decode_target)
     return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)
 
