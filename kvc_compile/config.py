@@ -30,8 +30,6 @@ LOWRANK_OPTIONS = ("projections", "key_rank", "value_rank")
 CALIBRATE_HINT = "produce one with: kvc-calibrate --model MODEL --out projections.safetensors"
 
 
-
-
 def decoding_problem(method: Method) -> str | None:
     """Why ``method`` cannot compress while decoding, or None when it can."""
     if method.lookahead_queries:
@@ -41,6 +39,7 @@ def decoding_problem(method: Method) -> str | None:
     if method.decoding_queries is None:
         return "it reads every query of the sequence, and decoding keeps only a window of recent ones"
     return None
+
 
 @dataclass(frozen=True)
 class CompressionConfig:
