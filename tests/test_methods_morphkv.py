@@ -121,17 +121,26 @@ def padded_batch(length: int = 40):
     return ids, mask
 
 
+def decode_like_the_reference(model, ids, mask, opts, steps):
+    """Greedy steps of the compiled model, checked against the eager reference: the same tokens, and
+    every layer's entry positions and buffer of recent queries. Returns the cache, and the layers'
+    lengths and the cache's bytes after each step."""
+    reference = reference_decode(model, ids, opts, max_new_tokens=steps + 1, attention_mask=mask)
+    counters.clear()
+    tokens, cache, lengths, sizes = compiled_greedy_steps(model, opts, ids, mask, steps)
+    assert torch.equal(tokens, reference.tokens[:, :steps])
+    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
+        assert torch.equal(layer.positions, reference_layer.positions)
+        assert torch.equal(layer.recent_queries, reference_layer.recent_queries)
+    return cache, lengths, sizes
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_compiled_morphkv_keeps_a_constant_cache_and_the_references_tokens(arch):
     model = tiny_model(arch, attn_implementation="kvc")
     ids, mask = padded_batch()
     opts = {"method": "morphkv", "budget": 20, "window_size": 4, "fusion": "max", "inner_backend": "eager"}
-    reference = reference_decode(model, ids, opts, max_new_tokens=25, attention_mask=mask)
-    counters.clear()
-    tokens, cache, lengths, sizes = compiled_greedy_steps(model, opts, ids, mask, 24)
-    assert torch.equal(tokens, reference.tokens[:, :24])
-    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
-        assert torch.equal(layer.positions, reference_layer.positions)
+    cache, lengths, sizes = decode_like_the_reference(model, ids, mask, opts, 24)
     assert all(step == [20, 20] for step in lengths) and len(set(sizes)) == 1  # constant, measured from storage
     assert counters["stats"]["unique_graphs"] == 2  # one prefill graph, one decode graph for every step
     # Newest window + current token always stay: positions 59..63 hold the last 5 decoded tokens.
@@ -154,11 +163,7 @@ def test_periodic_compression_goes_back_to_the_target_with_the_references_tokens
     ids, mask = padded_batch()
     opts = {**PERIODIC[method], "compression_ratio": 0.5, "decoding_interval": 3, "target_size": 16,
             "inner_backend": "eager"}
-    reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
-    tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
-    assert torch.equal(tokens, reference.tokens[:, :12])
-    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
-        assert torch.equal(layer.positions, reference_layer.positions)
+    _, lengths, _ = decode_like_the_reference(model, ids, mask, opts, 12)
     # 20 prompt entries + 1 reach 16 + 3: compressed to 16, then 17, 18, 16, 17, 18, 16, ...
     assert [step[0] for step in lengths] == [16, 17, 18] * 4
 
@@ -170,12 +175,7 @@ def test_a_one_token_prompt_starts_the_buffer_of_recent_queries():
     mask = torch.ones_like(ids)
     opts = {"method": "h2o", "budget": 8, "decoding_window": 4, "decoding_interval": 3, "target_size": 8,
             "inner_backend": "eager"}
-    reference = reference_decode(model, ids, opts, max_new_tokens=13, attention_mask=mask)
-    tokens, cache, lengths, _ = compiled_greedy_steps(model, opts, ids, mask, 12)
-    assert torch.equal(tokens, reference.tokens[:, :12])
-    for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
-        assert torch.equal(layer.positions, reference_layer.positions)
-        assert torch.equal(layer.recent_queries, reference_layer.recent_queries)
+    _, lengths, _ = decode_like_the_reference(model, ids, mask, opts, 12)
     assert [step[0] for step in lengths] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 8, 9, 10]
 
 
