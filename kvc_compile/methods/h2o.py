@@ -91,9 +91,9 @@ class H2O(Method):
         sees = positions[:, :, None, :] <= query_positions[..., None]  # [batch, kv_heads, window, n]
         voters = inputs.query_valid[:, n - window:]
         sees = sees & valid[:, None, None, :] & voters[:, None, :, None]
-        group_sees = sees.repeat_interleave(q_heads // kv_heads, dim=1)
-        logits = window_logits(queries, keys, window)
+        # Grouped by KV head, so the mask broadcasts over each group's query heads.
+        logits = window_logits(queries, keys, window).view(batch, kv_heads, q_heads // kv_heads, window, n)
         # A buffer row that sees nothing (or holds no query) has a 0/0 softmax row: it casts no vote.
-        weights = logits.masked_fill(~group_sees, float("-inf")).softmax(dim=-1).nan_to_num(nan=0.0)
+        weights = logits.masked_fill(~sees[:, :, None], float("-inf")).softmax(dim=-1).nan_to_num(nan=0.0)
         seen_by = sees.sum(dim=2).clamp(min=1)
-        return gqa_mean(weights.sum(dim=2), kv_heads) / seen_by
+        return weights.sum(dim=3).mean(dim=2) / seen_by
