@@ -186,14 +186,30 @@ def device_line(device: str) -> str:
             f"CUDA {torch.version.cuda}, driver {driver}; triton {triton.__version__}")
 
 
+# HBM bandwidth from the vendors' data sheets, by a word of the device name.
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0}
+
+
+def spec_peak_gbps(device: str) -> float:
+    """The data-sheet HBM peak of this GPU; a GPU not in ``PEAK_GBPS`` needs ``--peak-gbps``."""
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = next((gbps for word, gbps in PEAK_GBPS.items() if word in name), None)
+    if peak is None:
+        raise SystemExit(f"no known memory bandwidth for {name!r}: give --peak-gbps (GB/s, from its data sheet)")
+    return peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="4096,16384,32768")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak (H100 SXM: 3350 GB/s)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="HBM peak in GB/s (default: the device's spec when known: H100 SXM 3350, H200 4800)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.peak_gbps is None:
+        args.peak_gbps = spec_peak_gbps(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = LlamaConfig(**SHAPE, attn_implementation="sdpa")
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
