@@ -34,8 +34,8 @@ def decoding_problem(method: Method) -> str | None:
     """Why ``method`` cannot compress while decoding, or None when it can."""
     if method.lookahead_queries:
         return "its second stage runs once, after the lookahead rollout"
-    if method.layout != "dense":
-        return "it gives heads or layers different budgets (packed layout)"
+    if method.budgets_across_layers:
+        return "its layer budgets come from every layer's scores at once, and decoding evicts each layer on its own"
     if method.decoding_queries is None:
         return "it reads every query of the sequence, and decoding keeps only a window of recent ones"
     return None
@@ -160,6 +160,21 @@ class CompressionConfig:
         decoding_interval`` (MorphKV: ``budget + 1``, every step); None when it never is."""
         target = self.decode_target
         return None if target is None else target + (self.decoding_interval or 1)
+
+    def layer_decode_target(self, layer_idx: int, n_layers: int) -> int:
+        """Entries per KV head (packed: on average over the heads) that decode-time compression brings
+        layer ``layer_idx`` back to: ``target_size``, or the layer's share of ``n_layers * target_size``
+        for layer-budget methods (PyramidKV). No layer's share is cut short by a prompt length: the
+        length handed to the method (every layer's target together) exceeds any one share."""
+        target = self.decode_target
+        return self.method_impl.layer_kept_length(target, n_layers * target, layer_idx, n_layers)
+
+    def evicts_while_decoding(self, entries_per_head, layer_idx: int, n_layers: int) -> bool:
+        """Whether a layer holding ``entries_per_head`` is compressed at this step: it has grown to its
+        target plus ``decoding_interval`` (MorphKV: plus 1, every step). SymInt-safe (specialises)."""
+        if self.decode_target is None:
+            return False
+        return bool(entries_per_head >= self.layer_decode_target(layer_idx, n_layers) + (self.decoding_interval or 1))
 
     @property
     def recent_queries(self) -> int:

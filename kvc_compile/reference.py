@@ -22,14 +22,14 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvc_compile.cache import CompressedCache, CompressedLayer
-from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.cache import CachedKeys, CompressedCache, CompressedLayer
+from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, kvc_attention
 from kvc_compile.config import CompressionConfig
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
 from kvc_compile.methods.base import CompressedKV, prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, raw_site_scores, score_site
-from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
+from kvc_compile.ops.decode import compress_decode_packed_site, compress_decode_site, last_queries, shift_in
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
 _captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
@@ -37,10 +37,13 @@ _capture_decode = False
 
 
 def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
-    prefill = key.shape[-2] == query.shape[-2]  # nothing cached before: a prompt, even of one token
+    # Packed layers (per-head budgets) hand attention labelled entries, which only "kvc" attention reads.
+    packed = isinstance(key, CachedKeys)
+    prefill = not packed and key.shape[-2] == query.shape[-2]  # nothing cached before: a prompt, even of one token
     if _captured is not None and (prefill or _capture_decode):
         _captured[module.layer_idx] = (query, key, value, attention_mask)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    attend = kvc_attention if packed else sdpa_attention_forward
+    return attend(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(CAPTURE_ATTENTION, _capturing_sdpa)
@@ -270,6 +273,11 @@ def reference_decode(
     return ReferenceGeneration(tokens, cache)
 
 
+def entries_per_head(layer: CompressedLayer) -> int:
+    """Entries a layer holds per KV head (packed: on average over the heads)."""
+    return layer.physical_length // layer.kv_heads if layer.packed else layer.physical_length
+
+
 class RecordingStep:
     """A reference decoding step that, after the forward, shifts each layer's captured query into its
     buffer and, with decode-time compression, evicts layers grown to ``target_size + decoding_interval``."""
@@ -280,14 +288,20 @@ class RecordingStep:
 
     def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
         logits = self.step(token, mask)
-        threshold = self.config.decode_threshold
         layers = self.cache.layers
         for layer_idx, layer in enumerate(layers):
             layer.recent_queries = shift_in(layer.recent_queries, self.captured[layer_idx][0])
-        evicting = [i for i, layer in enumerate(layers) if threshold is not None and layer.physical_length >= threshold]
+        evicting = [i for i, layer in enumerate(layers)
+                    if self.config.evicts_while_decoding(entries_per_head(layer), i, len(layers))]
         rotary = self._rotary(layers[0].values, token, mask) if evicting else None  # one step: one set of tables
         for layer_idx in evicting:
             layer = layers[layer_idx]
+            if layer.packed:
+                layer.keys, layer.values, layer.heads, layer.positions = compress_decode_packed_site(
+                    self.config, layer.recent_queries, layer.keys, layer.values, layer.heads, layer.positions,
+                    layer.kv_heads, layer_idx, len(layers), rotary,
+                )
+                continue
             layer.keys, layer.values, layer.positions = compress_decode_site(
                 self.config, layer.recent_queries, layer.keys, layer.values, layer.positions,
                 self.captured[layer_idx][3], layer_idx, len(layers), rotary,

@@ -247,6 +247,8 @@ def test_prompt_ranges_split_where_the_kept_length_changes_form():
 
 @pytest.mark.parametrize("options, target, message", [
     ({**PERIODIC_SNAPKV, "budget": 40}, "exported", "keeps up to 40 entries.*at most 19"),
+    ({"method": "adakv", "scorer_options": {"window_size": 4}, "budget": 16, "decoding_interval": 4,
+      "target_size": 16}, "exported", "per-head budgets.*only dense caches.*torch.compile"),
 ])
 def test_unsupported_methods_are_refused(options, target, message, tmp_path):
     with pytest.raises(EngineError, match=message):

@@ -13,7 +13,13 @@ from kvc_compile.methods.base import PROTECTED, ScoreInputs, rotary_tables_befor
 from kvc_compile.methods.expected_attention import ExpectedAttention, mean_future_rotation, rotation_matrix
 from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.morphkv import MorphKV, morph_scores
-from kvc_compile.ops.decode import compress_decode_site, last_queries, shift_in
+from kvc_compile.ops.decode import (
+    compress_decode_packed_site,
+    compress_decode_site,
+    last_queries,
+    shift_in,
+    unpack_per_head,
+)
 from kvc_compile.reference import reference_decode
 
 LN3 = math.log(3.0)
@@ -99,10 +105,12 @@ def test_query_buffer_keeps_the_newest_queries():
          r"must exceed h2o's window of recent tokens \(256\), which it scores from"),
         ({"method": "h2o", "budget": 64, "decoding_window": 0}, "decoding_window must be a positive integer"),
         ({"method": "compactor", "budget": 64, "decoding_interval": 8, "target_size": 64},
-         "reads every query.*Methods that can: chunkkv, curdkv, expected_attention, h2o, knorm, morphkv"),
+         "reads every query.*Methods that can: adacurdkv, adakv, chunkkv, curdkv, expected_attention, h2o, knorm, "
+         "morphkv, obcache, pyramidkv"),
         ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 256},
          r"must exceed expected_attention's window of recent tokens \(256\), which it scores from"),
-        ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "packed layout"),
+        ({"method": "lava", "budget": 64, "decoding_interval": 8, "target_size": 64}, "every layer's scores at once"),
+        ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "morphkv", "budget": 32, "window_size": 32}, "must exceed"),
         ({"method": "morphkv", "budget": 64, "window_size": 1}, "at least 2"),
@@ -132,6 +140,9 @@ def decode_like_the_reference(model, ids, mask, opts, steps):
     for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
         assert torch.equal(layer.positions, reference_layer.positions)
         assert torch.equal(layer.recent_queries, reference_layer.recent_queries)
+        assert layer.packed == reference_layer.packed
+        if layer.packed:
+            assert torch.equal(layer.heads, reference_layer.heads)
     return cache, lengths, sizes
 
 
@@ -166,6 +177,62 @@ def test_periodic_compression_goes_back_to_the_target_with_the_references_tokens
     _, lengths, _ = decode_like_the_reference(model, ids, mask, opts, 12)
     # 20 prompt entries + 1 reach 16 + 3: compressed to 16, then 17, 18, 16, 17, 18, 16, ...
     assert [step[0] for step in lengths] == [16, 17, 18] * 4
+
+
+@pytest.mark.parametrize(("options", "arch", "lengths"), [
+    # Heads compete for 2 x 16 entries per row: 40 prompt tokens keep 2 x 20, grow by 2 per step and
+    # are brought back to 32 when they reach 2 x (16 + 3).
+    ({"method": "adakv", "scorer_options": {"window_size": 4}}, "llama", [[32, 32], [34, 34], [36, 36]] * 4),
+    ({"method": "adacurdkv", "local_window_size": 4}, "qwen3", [[32, 32], [34, 34], [36, 36]] * 4),
+    # Layer targets 28 and 4 per head (the pyramid over 2 x 16, window 4 on top): each layer is
+    # compressed when it reaches its own target + 3.
+    ({"method": "pyramidkv", "window_size": 4}, "llama", [[56, 10], [58, 12], [60, 8]] * 4),
+])
+def test_periodic_compression_of_packed_layers_keeps_the_references_tokens_and_heads(options, arch, lengths):
+    model = tiny_model(arch, attn_implementation="kvc")
+    ids, mask = padded_batch()
+    opts = {**options, "compression_ratio": 0.5, "decoding_interval": 3, "target_size": 16, "inner_backend": "eager"}
+    cache, measured, _ = decode_like_the_reference(model, ids, mask, opts, 12)
+    assert measured == lengths
+    # The last compression (step 10, its token at position 49) kept every head's window, which the
+    # scorer protects: positions 46-49. Positions 50 and 51 were appended since.
+    for layer in cache.layers:
+        for row in range(2):
+            for head in range(2):
+                held = layer.positions[row, 0][layer.heads[row, 0] == head]
+                assert set(range(46, 52)) <= set(held.tolist())
+
+
+def test_packed_entries_unpack_right_aligned_per_head():
+    """Head 0 holds 4 entries, head 1 three, one padding entry (-1); the last two are a decoded token's."""
+    heads = torch.tensor([0, 0, 0, 1, 1, -1, 0, 1]).view(1, 1, 8)
+    slot, valid = unpack_per_head(heads, kv_heads=2)
+    # Rows of 8 slots: head 0's entries in slots 4-7 of row 0, head 1's in 5-7 of row 1, padding in row 2.
+    assert slot.tolist() == [[4, 5, 6, 8 + 5, 8 + 6, 16 + 7, 7, 8 + 7]]
+    assert valid.int().tolist() == [[[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]]]
+
+
+@pytest.mark.parametrize(("alpha", "heads", "positions", "kept_norms"), [
+    # Without a floor the 4 smallest norms win: 1, 2, 3 (head 0) and 4 (head 1).
+    (0.0, [0, 0, 0, 1], [0, 2, 5, 3], [1.0, 2.0, 3.0, 4.0]),
+    # A floor of 2 per head (alpha 1 x target 2) gives head 1 its best two, 5 and 4.
+    (1.0, [0, 0, 1, 1], [0, 2, 1, 3], [1.0, 2.0, 5.0, 4.0]),
+])
+def test_packed_decode_eviction_by_hand(alpha, heads, positions, kept_norms):
+    """AdaKV over KNorm (keeps the smallest key norms) on one packed row of 2 KV heads, target 2 per head."""
+    entry_heads = torch.tensor([0, 0, 0, 1, 1, -1, 0, 1], dtype=torch.int32).view(1, 1, 8)
+    entry_positions = torch.tensor([0, 2, 5, 1, 3, 4, 6, 6], dtype=torch.int32).view(1, 1, 8)
+    norms = torch.tensor([1.0, 2.0, 3.0, 5.0, 4.0, 0.0, 6.0, 7.0])  # the padding entry's 0 must not count
+    keys = norms.view(1, 1, 8, 1).expand(1, 1, 8, 2) / math.sqrt(2)
+    config = CompressionConfig.from_options({"method": "adakv", "scorer": "knorm", "alpha_safeguard": alpha,
+                                             "budget": 2, "decoding_interval": 2, "target_size": 2})
+    buffer = torch.zeros(1, 4, 1, 2)  # KNorm reads no query
+    kept_keys, kept_values, kept_heads, kept_positions = compress_decode_packed_site(
+        config, buffer, keys, keys.clone(), entry_heads, entry_positions, kv_heads=2, layer_idx=0, n_layers=1)
+    assert kept_heads.flatten().tolist() == heads
+    assert kept_positions.flatten().tolist() == positions
+    torch.testing.assert_close(kept_keys.norm(dim=-1).flatten(), torch.tensor(kept_norms))
+    assert torch.equal(kept_values, kept_keys)
 
 
 def test_a_one_token_prompt_starts_the_buffer_of_recent_queries():

@@ -76,7 +76,7 @@ def per_kv_head(x: Tensor, factor: Tensor, equation: str) -> Tensor:
     return torch.einsum(equation, grouped, factor.to(x.dtype)).reshape(batch, q_heads, q_len, -1)
 
 
-def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def kvc_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     if not isinstance(key, CachedKeys):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if scaling is None:
@@ -100,5 +100,5 @@ def _kvc_attention(module, query, key, value, attention_mask, scaling=None, **kw
     return out, None
 
 
-AttentionInterface.register(ATTENTION_IMPLEMENTATION, _kvc_attention)
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, kvc_attention)
 AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)

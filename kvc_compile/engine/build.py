@@ -363,6 +363,12 @@ def build(
     check_output_dir(out, force)
     ranges = _prefill_ranges(config, max_context)
     layout = StateLayout.of(config)
+    if layout.window and layout.packed:
+        raise EngineError(
+            f"{config.method} stores per-head budgets (packed layout), and engines compress while decoding only "
+            f"dense caches; compile with torch.compile(backend='kvc') for periodic {config.method}, or build "
+            f"without decoding_interval/target_size"
+        )
     model = model.eval()
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     device = next(model.parameters()).device

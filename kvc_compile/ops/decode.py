@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import INDEX_DTYPE, ScoreInputs, gather_kept, rotary_tables_before
+from kvc_compile.methods.base import EXCLUDED, INDEX_DTYPE, ScoreInputs, gather_kept, rotary_tables_before
 from kvc_compile.ops.compress import valid_keys_from_mask
 from kvc_compile.ops.kernels import score_kernels
 
@@ -181,6 +181,43 @@ def _(positions, key_states, start):
     return positions.new_empty(*positions.shape[:-1], positions.shape[-1] + key_states.shape[2])
 
 
+def decode_score_inputs(
+    config: CompressionConfig,
+    buffer: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    valid: Tensor,
+    positions: Tensor,
+    layer_idx: int,
+    n_layers: int,
+    rotary: tuple[Tensor, Tensor, Tensor] | None,
+) -> ScoreInputs:
+    """What a scorer reads of a layer of ``m`` entries per row while decoding.
+
+    The buffer of recent queries stands as the queries of the newest entries (a window the scorer
+    reads is always kept, so they line up), earlier queries as zeros it never reads
+    (``Method.queries_read``; ``ScoreInputs.query_valid`` marks the buffer's rows). Scorers of
+    pre-RoPE queries also get ``rotary``: the newest tokens' cos/sin tables and the inverse
+    frequencies, from which the tables of the buffer's positions are counted back. Rows of
+    ``keys`` may be (row, KV head) pairs of a packed layer: the tables are repeated to match.
+    """
+    m = keys.shape[2]
+    window = buffer.shape[2]
+    queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
+    query_valid = valid & (torch.arange(m, device=keys.device) >= m - window)
+    method = config.method_impl
+    cos = sin = None
+    if method.needs_rotary:
+        if rotary is None:
+            raise ValueError(f"{config.method} un-rotates the recent queries while decoding and needs the rotary "
+                             f"tables of the newest tokens and the inverse frequencies")
+        cos, sin = rotary_tables_before(*rotary, m)
+        rows_per_table = keys.shape[0] // cos.shape[0]
+        cos, sin = cos.repeat_interleave(rows_per_table, 0), sin.repeat_interleave(rows_per_table, 0)
+    return ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, cos, sin, query_valid=query_valid,
+                       positions=positions, **score_kernels(keys))
+
+
 def compress_decode_site(
     config: CompressionConfig,
     buffer: Tensor,
@@ -192,31 +229,82 @@ def compress_decode_site(
     n_layers: int,
     rotary: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Bring a dense layer of ``m`` entries back to ``config.decode_target`` per KV head.
-
-    The scorer sees the buffer of recent queries as the queries of the layer's newest entries
-    (a window it reads is always kept, so they line up), earlier queries as zeros it never reads
-    (``Method.queries_read``; ``ScoreInputs.query_valid`` marks the buffer's rows). Scorers of
-    pre-RoPE queries also get ``rotary``: the newest tokens' cos/sin tables and the inverse
-    frequencies, from which the tables of the buffer's positions are counted back. Returns kept
-    keys, values and positions, in cache order.
-    """
+    """Bring a dense layer of ``m`` entries back to ``config.decode_target`` per KV head, scored as
+    ``decode_score_inputs`` says. Returns kept keys, values and positions, in cache order."""
     batch, _, m, _ = keys.shape
-    window = buffer.shape[2]
-    queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
     valid = valid_keys_from_mask(attn_mask, batch, m, keys.device)
-    query_valid = valid & (torch.arange(m, device=keys.device) >= m - window)
+    inputs = decode_score_inputs(config, buffer, keys, values, valid, positions, layer_idx, n_layers, rotary)
     method = config.method_impl
-    cos = sin = None
-    if method.needs_rotary:
-        if rotary is None:
-            raise ValueError(f"{config.method} un-rotates the recent queries while decoding and needs the rotary "
-                             f"tables of the newest tokens and the inverse frequencies")
-        cos, sin = rotary_tables_before(*rotary, m)
-    inputs = ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, cos, sin, query_valid=query_valid,
-                         positions=positions, **score_kernels(keys))
     kept = method.select(method.score(inputs), valid, config.decode_target)
     return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)
+
+
+def unpack_per_head(heads: Tensor, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """Where each entry of a packed row goes when every KV head's entries are laid out in a row of its
+    own, right-aligned, in run order (ascending positions), so every head's newest entries end its row.
+
+    ``heads`` [batch, 1, T] (-1: padding). Returns ``slot`` [batch, T], an index into [batch, (kv_heads + 1)
+    * T] (row ``kv_heads`` takes the padding entries), and ``valid`` [batch, kv_heads, T] (False left
+    of a head's entries).
+    """
+    total = heads.shape[-1]
+    owner = heads[:, 0].long().masked_fill(heads[:, 0] < 0, kv_heads)
+    member = owner[..., None] == torch.arange(kv_heads + 1, device=heads.device)  # [batch, T, kv_heads + 1]
+    count = member.sum(1)  # [batch, kv_heads + 1]
+    rank = member.long().cumsum(1).gather(2, owner[..., None])[..., 0] - 1
+    slot = owner * total + total - count.gather(1, owner) + rank
+    valid = torch.arange(total, device=heads.device) >= total - count[:, :kv_heads, None]
+    return slot, valid
+
+
+def compress_decode_packed_site(
+    config: CompressionConfig,
+    buffer: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    heads: Tensor,
+    positions: Tensor,
+    kv_heads: int,
+    layer_idx: int,
+    n_layers: int,
+    rotary: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bring a packed layer (``keys`` [batch, 1, T, d], ``heads``/``positions`` [batch, 1, T]) back to
+    ``kv_heads * config.layer_decode_target(layer_idx, n_layers)`` entries per row, shared between heads as the
+    method's selection shares them at prefill (AdaKV: by score, with a per-head floor).
+
+    Each head's entries are unpacked into a row of their own, right-aligned like a left-padded batch,
+    and the (row, head) pairs are scored as rows of one KV head each, with the buffered queries of
+    that head's GQA group. Returns kept keys, values, heads and positions, in the packed layout.
+    """
+    batch, _, total, _ = keys.shape
+    slot, valid = unpack_per_head(heads, kv_heads)
+
+    def per_head(x: Tensor) -> Tensor:  # [batch, 1, T, *] -> [batch * kv_heads, 1, T, *]
+        rows = x.new_zeros(batch, (kv_heads + 1) * total, *x.shape[3:])
+        index = slot.view(batch, total, *[1] * (x.dim() - 3)).expand(batch, total, *x.shape[3:])
+        rows = rows.scatter(1, index, x[:, 0])
+        return rows.view(batch, kv_heads + 1, total, *x.shape[3:])[:, :kv_heads].reshape(
+            batch * kv_heads, 1, total, *x.shape[3:])
+
+    q_heads = buffer.shape[1]
+    grouped = buffer.reshape(batch * kv_heads, q_heads // kv_heads, *buffer.shape[2:])
+    inputs = decode_score_inputs(config, grouped, per_head(keys), per_head(values), valid.reshape(-1, total),
+                                 per_head(positions), layer_idx, n_layers, rotary)
+    method = config.method_impl
+    scores = method.score(inputs).reshape(batch, kv_heads, total).float().masked_fill(~valid, EXCLUDED)
+    target = config.layer_decode_target(layer_idx, n_layers)
+    # Validity is per head here, already in the scores; ``select`` masks per row.
+    flat = method.select(scores, torch.ones_like(valid[:, 0]), target)  # head * T + slot, ascending
+
+    def gather(x: Tensor) -> Tensor:  # [batch * kv_heads, 1, T, *] -> the kept [batch, 1, kept, *]
+        rows = x.reshape(batch, kv_heads * total, *x.shape[3:])
+        index = flat.view(*flat.shape, *[1] * (x.dim() - 3)).expand(*flat.shape, *x.shape[3:])
+        return rows.gather(1, index).unsqueeze(1)
+
+    kept_heads = (flat // total).masked_fill(~valid.reshape(batch, -1).gather(1, flat), -1)
+    return (gather(inputs.keys), gather(inputs.values), kept_heads.to(heads.dtype).unsqueeze(1),
+            gather(inputs.positions).to(INDEX_DTYPE))
 
 
 def _decoded_layer(keys: Tensor, values: Tensor, positions: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -275,3 +363,34 @@ def compress_decode_rotary(
 @compress_decode_rotary.register_fake
 def _(buffer, keys, values, positions, attn_mask, cos, sin, inv_freq, layer_idx, n_layers, spec):
     return _decoded_layer(keys, values, positions, spec)
+
+
+@torch.library.custom_op("kvc::compress_decode_packed", mutates_args=())
+def compress_decode_packed(
+    buffer: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    heads: Tensor,
+    positions: Tensor,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    inv_freq: Tensor | None,
+    kv_heads: int,
+    layer_idx: int,
+    n_layers: int,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decode-time eviction of one packed layer (see ``compress_decode_packed_site``); ``cos``, ``sin``
+    and ``inv_freq`` as for ``compress_decode_rotary``, for scorers of pre-RoPE queries (else None)."""
+    config = CompressionConfig.from_spec(spec)
+    rotary = None if cos is None else (cos, sin, inv_freq)
+    return compress_decode_packed_site(config, buffer, keys, values, heads, positions, kv_heads, layer_idx, n_layers,
+                                       rotary)
+
+
+@compress_decode_packed.register_fake
+def _(buffer, keys, values, heads, positions, cos, sin, inv_freq, kv_heads, layer_idx, n_layers, spec):
+    batch = keys.shape[0]
+    kept = kv_heads * CompressionConfig.from_spec(spec).layer_decode_target(layer_idx, n_layers)
+    return (keys.new_empty(batch, 1, kept, keys.shape[-1]), values.new_empty(batch, 1, kept, values.shape[-1]),
+            heads.new_empty(batch, 1, kept), positions.new_empty(batch, 1, kept))

@@ -30,6 +30,7 @@ MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default, torch.bmm,
 SOFTMAX_TARGETS = {torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default}
 SOFTMAX_METHODS = {"softmax"}
 ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor}
+CAT_TARGETS = {torch.cat, aten.cat.default}
 
 # Ops that only re-lay out a tensor (repeat_kv, transposes, dtype casts): walked through when
 # looking for the cached tensor behind an attention operand.
@@ -69,6 +70,10 @@ class AttentionSite:
     stored_heads: fx.Node | None = None
     # The layer's buffer of recent queries after this step, where one is kept (decode-time scoring).
     recent_queries: fx.Node | None = None
+    # Packed decode sites (``kvc::packed_attention``): the entries' head labels the graph returns, and
+    # the model's number of KV heads (None: a dense site).
+    cached_heads: fx.Node | None = None
+    kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         self.stored_keys = self.stored_keys or self.cached_keys
@@ -81,6 +86,27 @@ class AttentionSite:
     @property
     def cached_length(self):
         return fake_value(self.cached_keys).shape[-2]
+
+    @property
+    def packed(self) -> bool:
+        return self.cached_heads is not None
+
+    @property
+    def entries_per_head(self):
+        """Cached entries per KV head (packed: on average over the heads)."""
+        return self.cached_length // self.kv_heads if self.packed else self.cached_length
+
+    @property
+    def new_keys(self) -> fx.Node | None:
+        """The step's new keys as the cache received them (``k_rope`` in ``cat([past, k_rope], -2)``);
+        a packed layer appends them re-laid out token-major, so walk back through that."""
+        if not (self.cached_keys.op == "call_function" and self.cached_keys.target in CAT_TARGETS):
+            return None
+        parts = self.cached_keys.args[0]
+        node = parts[-1] if isinstance(parts, (list, tuple)) and parts else None
+        while self.packed and isinstance(node, fx.Node) and is_layout_op(node):
+            node = node.args[0]
+        return node
 
     @property
     def is_prefill(self) -> bool:
@@ -166,6 +192,20 @@ def _eager_site(node: fx.Node, outputs: set[fx.Node]) -> tuple | None:
     return None
 
 
+def is_packed_attention(node: fx.Node) -> bool:
+    """A call of ``kvc::packed_attention`` (by name: the op registers after this module loads)."""
+    return node.op == "call_function" and str(node.target) in ("kvc.packed_attention", "kvc.packed_attention.default")
+
+
+def _packed_site(node: fx.Node, outputs: set[fx.Node]) -> AttentionSite | None:
+    """``kvc::packed_attention(q, keys, values, heads, kv_heads, scaling)``: a decode step over a packed layer."""
+    query, keys, values, heads, kv_heads = node.args[:5]
+    cached = [_cached_source(tensor, outputs) for tensor in (keys, values, heads)]
+    if any(source is None for source in cached):
+        return None
+    return AttentionSite(0, node, query, cached[0], cached[1], None, cached_heads=cached[2], kv_heads=kv_heads)
+
+
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
     """Every attention site of ``graph`` that reads cached keys and values, in layer order."""
     outputs = graph_outputs(graph)
@@ -176,6 +216,12 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             found = _sdpa_site(node, outputs)
         elif _is_call(node, MATMUL_TARGETS):
             found = _eager_site(node, outputs)
+        elif is_packed_attention(node):
+            site = _packed_site(node, outputs)
+            if site is not None:
+                site.layer_idx = len(sites)
+                sites.append(site)
+            continue
         if found is not None:
             sites.append(AttentionSite(len(sites), *found))
     return sites
@@ -203,6 +249,5 @@ def root_module_name(gm: fx.GraphModule) -> str:
 
 
 def reads_packed_cache(graph: fx.Graph) -> bool:
-    """Whether ``graph`` is a decode step over packed (per-head budget) caches: no site to rewrite."""
-    packed = {torch.ops.kvc.packed_attention.default, torch.ops.kvc.packed_attention}
-    return any(node.op == "call_function" and node.target in packed for node in graph.nodes)
+    """Whether ``graph`` is a decode step over packed (per-head budget) caches."""
+    return any(is_packed_attention(node) for node in graph.nodes)

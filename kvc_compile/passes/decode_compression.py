@@ -49,7 +49,6 @@ from kvc_compile.passes.attention_sites import AttentionSite
 from kvc_compile.passes.prefill_compression import (
     CacheLayoutError,
     getitems,
-    new_key_states,
     propagate_meta,
     rotary_tables,
 )
@@ -86,7 +85,7 @@ class RecordRecentQueries:
             return 0
         graph = gm.graph
         for site in sites:
-            k_rope = new_key_states(site.cached_keys)
+            k_rope = site.new_keys
             # The cache calls this marker on a layer's first update only: a prompt, even of one token
             # (which traces like a decode step).
             marker = marker_user(k_rope, kvc.recent_queries)
@@ -111,17 +110,17 @@ class CompressDecodeCache:
         self.spec = config.to_spec()
 
     def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
-        threshold = self.config.decode_threshold
-        if threshold is None:
+        if self.config.decode_target is None:
             return 0
         graph = gm.graph
         decode_sites = [site for site in sites if not site.is_prefill]
+        n_layers = len(decode_sites)
         # A comparison on the (possibly symbolic) cache length: the graph is specialised on it.
-        if not decode_sites or not bool(decode_sites[0].cached_length >= threshold):
-            return 0
-        inv_freq = self.inverse_frequencies(graph) if self.config.method_impl.needs_rotary else None
-        for site in decode_sites:
-            positions = marker_user(new_key_states(site.cached_keys), kvc.append_positions, kvc.append_positions_at)
+        evicting = [site for site in decode_sites
+                    if self.config.evicts_while_decoding(site.entries_per_head, site.layer_idx, n_layers)]
+        inv_freq = self.inverse_frequencies(graph) if evicting and self.config.method_impl.needs_rotary else None
+        for site in evicting:
+            positions = marker_user(site.new_keys, kvc.append_positions, kvc.append_positions_at)
             buffer = site.recent_queries
             if positions is None or buffer is None:
                 raise CacheLayoutError(
@@ -129,21 +128,27 @@ class CompressDecodeCache:
                     f"positions and recent queries: generate with past_key_values=kvc_compile.CompressedCache() "
                     f"and a single new token per step"
                 )
-            op, layer = kvc.compress_decode.default, (site.layer_idx, len(decode_sites), self.spec)
-            entries = (buffer, site.cached_keys, site.cached_values, positions, site.mask)
-            if inv_freq is not None:
-                op, entries = kvc.compress_decode_rotary.default, (*entries, *self.step_tables(site), inv_freq)
-            args = (*entries, *layer)
+            rotary = (*self.step_tables(site), inv_freq) if inv_freq is not None else None
+            layer = (site.layer_idx, n_layers, self.spec)
+            if site.packed:
+                op = kvc.compress_decode_packed.default
+                args = (buffer, site.cached_keys, site.cached_values, site.cached_heads, positions,
+                        *(rotary or (None, None, None)), site.kv_heads, *layer)
+                replaced = (site.cached_keys, site.cached_values, site.cached_heads, positions)
+            else:
+                op = kvc.compress_decode.default if rotary is None else kvc.compress_decode_rotary.default
+                args = (buffer, site.cached_keys, site.cached_values, positions, site.mask, *(rotary or ()), *layer)
+                replaced = (site.cached_keys, site.cached_values, positions)
             with graph.inserting_after(site.attention):
                 node = graph.call_function(op, args)
             propagate_meta(node, op, args)
-            keys, values, kept_positions = getitems(graph, node, range(3))
+            kept = getitems(graph, node, range(len(replaced)))
             output = graph.output_node()
-            output.replace_input_with(site.cached_keys, keys)
-            output.replace_input_with(site.cached_values, values)
-            output.replace_input_with(positions, kept_positions)
-            site.stored_keys, site.stored_values = keys, values
-        return len(decode_sites)
+            for old, new in zip(replaced, kept, strict=True):
+                output.replace_input_with(old, new)
+            site.stored_keys, site.stored_values = kept[0], kept[1]
+            site.stored_heads = kept[2] if site.packed else None
+        return len(evicting)
 
     def inverse_frequencies(self, graph: fx.Graph) -> fx.Node:
         """The model's ``rotary_emb.inv_freq`` (a graph input): a scorer of pre-RoPE queries counts the
@@ -156,7 +161,7 @@ class CompressDecodeCache:
 
     def step_tables(self, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
         """The rotary tables the step's keys were rotated with."""
-        cos, sin = rotary_tables(new_key_states(site.cached_keys))
+        cos, sin = rotary_tables(site.new_keys)
         if cos is None:
             self.no_rotary()
         return cos, sin

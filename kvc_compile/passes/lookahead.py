@@ -24,7 +24,6 @@ from torch import fx
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import AttentionSite
 from kvc_compile.passes.decode_compression import marker_user
-from kvc_compile.passes.prefill_compression import new_key_states
 
 
 class KeepPromptEntries:
@@ -38,7 +37,7 @@ class KeepPromptEntries:
             return 0
         rewired = 0
         for site in sites:
-            marker = marker_user(new_key_states(site.cached_keys), torch.ops.kvc.prompt_kv) if site.is_prefill else None
+            marker = marker_user(site.new_keys, torch.ops.kvc.prompt_kv) if site.is_prefill else None
             if marker is None:
                 continue
             full = {0: site.cached_keys, 1: site.cached_values}

@@ -36,7 +36,6 @@ from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_lay
 from kvc_compile.passes.prefill_compression import (
     CacheLayoutError,
     getitems,
-    new_key_states,
     propagate_meta,
     rotary_tables,
 )
@@ -88,7 +87,7 @@ class ProjectCacheToLowRank:
             )
         graph, output = gm.graph, gm.graph.output_node()
         for index, site in enumerate(prefill_sites):
-            markers = factor_markers(new_key_states(site.cached_keys))
+            markers = factor_markers(site.new_keys)
             if markers is None or any(m is None for m in markers[:4]):
                 raise CacheLayoutError(
                     "kvc: kqsvd stores rank-R entries, which only kvc_compile.CompressedCache holds: call the "

@@ -37,20 +37,11 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import ADD_TARGETS, AttentionSite, fake_value
 
 MUL_TARGETS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
-CAT_TARGETS = {torch.cat, torch.ops.aten.cat.default}
 PREFILL_ENTRIES = {torch.ops.kvc.prefill_entries.default, torch.ops.kvc.prefill_entries}
 
 
 class CacheLayoutError(RuntimeError):
     pass
-
-
-def new_key_states(cached_keys: fx.Node) -> fx.Node | None:
-    """``k_rope`` in ``cached_keys = cat([empty, k_rope], -2)`` (how a fresh cache layer stores a prompt)."""
-    if cached_keys.op == "call_function" and cached_keys.target in CAT_TARGETS:
-        parts = cached_keys.args[0]
-        return parts[-1] if isinstance(parts, (list, tuple)) and parts else None
-    return None
 
 
 def rotary_tables(k_rope: fx.Node | None) -> tuple[fx.Node | None, fx.Node | None]:
@@ -141,7 +132,7 @@ class InsertPrefillCompression:
 
     def _site_args(self, graph: fx.Graph, site: AttentionSite, n_layers: int) -> tuple[tuple, tuple | None]:
         method = self.config.method_impl
-        k_rope = new_key_states(site.cached_keys)
+        k_rope = site.new_keys
         cos, sin = rotary_tables(k_rope)
         if method.needs_rotary and cos is None:
             raise CacheLayoutError(
