@@ -34,6 +34,16 @@ also takes the step's rotary tables and the model's ``inv_freq`` (a graph input)
 buffered queries' positions are counted back from the newest token's. With
 MorphKV (``decoding_interval`` 1) every step's cache has the same shape, so one compiled graph
 serves every token.
+
+Packed layers (per-head or per-layer budgets) are read by ``kvc.packed_attention(q, keys, values,
+heads, kv_heads, scale)`` instead of SDPA; such a site is rewired the same way, with its head labels::
+
+    kept = kvc.compress_decode_packed(buffer, keys, values, heads, positions, cos, sin, inv_freq,
+                                      kv_heads, layer_idx, n_layers, spec)
+    return (..., kept[0], kept[1], kept[2], kept[3], ...)
+
+Each layer is checked against its own threshold (``CompressionConfig.evicts_while_decoding``):
+layer-budget methods (PyramidKV) give layers different targets.
 """
 
 from __future__ import annotations
