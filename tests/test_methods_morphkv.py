@@ -10,12 +10,14 @@ from torch._dynamo.utils import counters
 
 from kvc_compile import CompressionConfig
 from kvc_compile.methods.base import PROTECTED, ScoreInputs, rotary_tables_before, rotate_half
+from kvc_compile.methods.compactor import recent_attention
 from kvc_compile.methods.expected_attention import ExpectedAttention, mean_future_rotation, rotation_matrix
 from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.morphkv import MorphKV, morph_scores
 from kvc_compile.ops.decode import (
     compress_decode_packed_site,
     compress_decode_site,
+    decode_score_inputs,
     last_queries,
     shift_in,
     unpack_per_head,
@@ -105,11 +107,12 @@ def test_query_buffer_keeps_the_newest_queries():
          r"must exceed h2o's window of recent tokens \(256\), which it scores from"),
         ({"method": "h2o", "budget": 64, "decoding_window": 0}, "decoding_window must be a positive integer"),
         ({"method": "compactor", "budget": 64, "decoding_interval": 8, "target_size": 64},
-         "reads every query.*Methods that can: adacurdkv, adakv, chunkkv, curdkv, expected_attention, h2o, knorm, "
-         "morphkv, obcache, pyramidkv"),
+         r"must exceed compactor's window of recent tokens \(256\), which it scores from"),
         ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 256},
          r"must exceed expected_attention's window of recent tokens \(256\), which it scores from"),
-        ({"method": "lava", "budget": 64, "decoding_interval": 8, "target_size": 64}, "every layer's scores at once"),
+        ({"method": "lava", "budget": 64, "decoding_interval": 8, "target_size": 64},
+         "every layer's scores at once.*Methods that can: adacurdkv, adakv, chunkkv, compactor, curdkv, "
+         "expected_attention, h2o, knorm, morphkv, obcache, pyramidkv, random, snapkv, streamingllm, tova$"),
         ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "morphkv", "budget": 32, "window_size": 32}, "must exceed"),
@@ -164,11 +167,15 @@ PERIODIC = {
     "expected_attention": {"method": "expected_attention", "decoding_window": 6, "n_future_positions": 16},
     # Reads every query at prefill; while decoding, the newest 6 vote.
     "h2o": {"method": "h2o", "decoding_window": 6},
+    # While decoding the newest 6 queries are one chunk over the cache; keys un-rotated at their positions.
+    "compactor": {"method": "compactor", "decoding_window": 6, "chunk_size": 8, "sketch_size": 8,
+                  "protected_first": 2, "protected_last": 2},
 }
 
 
 @pytest.mark.parametrize(("method", "arch"), [("snapkv", "llama"), ("expected_attention", "llama"),
-                                              ("expected_attention", "qwen3"), ("h2o", "qwen3")])
+                                              ("expected_attention", "qwen3"), ("h2o", "qwen3"),
+                                              ("compactor", "llama")])
 def test_periodic_compression_goes_back_to_the_target_with_the_references_tokens(method, arch):
     model = tiny_model(arch, attn_implementation="kvc")
     ids, mask = padded_batch()
@@ -270,6 +277,35 @@ def test_decode_time_h2o_counts_the_buffered_queries_votes_by_position(positions
     # At prefill every real row votes: key 0 gets 1 + 1/2 + 1/3 + 1/4 from four rows.
     prefill = H2O().score(ScoreInputs(queries, keys, keys, torch.ones(1, 4, dtype=torch.bool), 0))
     torch.testing.assert_close(prefill[0, 0, 0], torch.tensor(25 / 48))
+
+
+def test_decode_time_compactor_votes_with_the_recent_queries_as_one_chunk():
+    """``hand_case``'s two query heads over keys (0, ln 3), no scale, no causal mask: head 0's rows give
+    (1/4, 3/4) + (1/2, 1/2), head 1's (1/2, 1/2) + (1/10, 9/10); the group mean of the column sums."""
+    queries, keys = hand_case()
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    both = recent_attention(queries, keys, valid, valid, window=2)
+    torch.testing.assert_close(both, torch.tensor([[[27 / 40, 53 / 40]]]))
+    # A row that holds no query casts no vote: only the second rows count.
+    newest = recent_attention(queries, keys, valid, torch.tensor([[False, True]]), window=2)
+    torch.testing.assert_close(newest, torch.tensor([[[3 / 10, 7 / 10]]]))
+
+
+def test_decode_time_keys_are_unrotated_at_their_own_positions():
+    """Entries at positions 0, 3, 4, 9 (tokens between were evicted), the step's token at 9: the key
+    tables counted back from its tables by each entry's distance un-rotate every key exactly."""
+    model = tiny_model("llama")
+    rotary = model.model.rotary_emb
+    positions = torch.tensor([[0, 3, 4, 9], [2, 5, 6, 9]], dtype=torch.int32).view(1, 2, 4)  # two KV heads
+    pre_rope = torch.randn(1, 2, 4, 16, generator=torch.Generator().manual_seed(0))
+    cos, sin = (t[:, None] for t in rotary(torch.zeros(1, 1), positions.view(2, 4).long()))
+    keys = pre_rope * cos.view(1, 2, 4, 16) + rotate_half(pre_rope) * sin.view(1, 2, 4, 16)
+    step_cos, step_sin = (t[:, None] for t in rotary(torch.zeros(1, 1), torch.tensor([[9]])))
+    config = CompressionConfig.from_options({"method": "compactor", "budget": 3, "decoding_window": 2,
+                                             "decoding_interval": 1, "target_size": 3})
+    inputs = decode_score_inputs(config, torch.zeros(1, 4, 2, 16), keys, keys, torch.ones(1, 4, dtype=torch.bool),
+                                 positions, 0, 1, (step_cos, step_sin, rotary.inv_freq))
+    torch.testing.assert_close(inputs.unrotate_keys(), pre_rope, atol=1e-5, rtol=0)
 
 
 def test_rotary_tables_counted_back_match_the_models_rotary_embedding():

@@ -75,6 +75,9 @@ class ScoreInputs:
     # [batch, kv_heads, n] int: the logical position of each entry, while decoding (after evictions an
     # entry no longer sits at its position's index).
     positions: Tensor | None = None
+    # (cos, sin) [batch, kv_heads, n, head_dim] at each entry's own position, while decoding, for
+    # methods that un-rotate keys (``Method.unrotates_keys``); None: ``cos``/``sin`` serve keys too.
+    key_tables: tuple[Tensor, Tensor] | None = None
 
     def window_votes(self, window: int) -> Tensor:
         """Attention of the last ``window`` queries over every key, summed over them: [batch, q_heads, n] fp32."""
@@ -99,14 +102,25 @@ class ScoreInputs:
         return self.cos.float(), self.sin.float()
 
     def unrotate(self, x: Tensor, who: str = "this method") -> Tensor:
-        """Undo RoPE: rotate every position back by its angle (fp32). ``x`` [batch, heads, n, d].
-
-        Tables of YaRN-like RoPE carry an attention scaling ``m`` (``m cos``, ``m sin``): rotating back
-        with them scales by ``m`` once more, so divide by ``m^2 = cos^2 + sin^2``.
-        """
+        """Undo RoPE: rotate every position back by its angle (fp32). ``x`` [batch, heads, n, d]."""
         cos, sin = self._rotary(who)
-        x = x.float()
-        return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+        return unrotate_with(x, cos, sin)
+
+    def unrotate_keys(self, who: str = "this method") -> Tensor:
+        """The keys before RoPE (fp32): each entry rotated back by its own position's angle."""
+        if self.key_tables is None:
+            return self.unrotate(self.keys, who)
+        return unrotate_with(self.keys, *self.key_tables)
+
+
+def unrotate_with(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x`` rotated back by the tables ``cos``/``sin`` (broadcastable to ``x``), in fp32.
+
+    Tables of YaRN-like RoPE carry an attention scaling ``m`` (``m cos``, ``m sin``): rotating back
+    with them scales by ``m`` once more, so divide by ``m^2 = cos^2 + sin^2``.
+    """
+    x = x.float()
+    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,8 @@ class Method(ABC):
     layout: ClassVar[str] = "dense"
     # Methods that read pre-RoPE queries/keys: the pass must find the rotary tables.
     needs_rotary: ClassVar[bool] = False
+    # Methods that un-rotate keys: while decoding they get the tables of every entry's own position.
+    unrotates_keys: ClassVar[bool] = False
     # Methods that compress at every decoding step too (MorphKV), back to the prefill budget.
     compresses_while_decoding: ClassVar[bool] = False
 
@@ -183,25 +199,32 @@ class Method(ABC):
         return [f.name for f in dataclasses.fields(cls)]
 
 
-def rotary_tables_before(cos: Tensor, sin: Tensor, inv_freq: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """Rotary tables [batch, 1, count, d] (fp32) of the ``count`` positions ending at a token's.
+def rotary_tables_back(cos: Tensor, sin: Tensor, inv_freq: Tensor, steps_back: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary tables (fp32) of the positions ``steps_back`` [batch, heads, count] before a token's.
 
     ``cos``/``sin`` [batch, 1, q, d] are the tables the newest ``q`` tokens were rotated with (their
-    last column is the anchor) and ``inv_freq`` [d/2] the rotary frequencies ``theta_i``. Row ``j``
-    holds position ``p - (count - 1 - j)``: as complex numbers ``c_p = m exp(i p theta_i)``, step
-    ``k`` back is ``c_p exp(-i k theta_i)``. Anchoring on the tables the model computed keeps each
-    row's own positions (left padding shifts them per row) and the attention scaling ``m``.
+    last column is the anchor, at position ``p``) and ``inv_freq`` [d/2] the rotary frequencies
+    ``theta_i``. As complex numbers ``c_p = m exp(i p theta_i)``, step ``k`` back is
+    ``c_p exp(-i k theta_i)``. Anchoring on the tables the model computed keeps each row's own
+    positions (left padding shifts them per row) and the attention scaling ``m``. Returns
+    [batch, heads, count, d] each.
     """
     half = cos.shape[-1] // 2
     if inv_freq.numel() != half:
         raise ValueError(f"rotary tables of {cos.shape[-1]} dims need {half} inverse frequencies, got "
                          f"{inv_freq.numel()}: only full-width rotate_half RoPE (Llama, Mistral, Qwen) is supported")
     anchor = torch.complex(cos[:, :, -1:, :half].double(), sin[:, :, -1:, :half].double())
-    steps_back = torch.arange(count - 1, -1, -1, device=cos.device, dtype=torch.float64)
-    phases = -steps_back[:, None] * inv_freq.to(cos.device, torch.float64)
-    table = anchor * torch.polar(torch.ones_like(phases), phases)  # [batch, 1, count, d/2]
+    phases = -steps_back[..., None].to(torch.float64) * inv_freq.to(cos.device, torch.float64)
+    table = anchor * torch.polar(torch.ones_like(phases), phases)  # [batch, heads, count, d/2]
     table = torch.cat([table, table], dim=-1)
     return table.real.float(), table.imag.float()
+
+
+def rotary_tables_before(cos: Tensor, sin: Tensor, inv_freq: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Rotary tables [batch, 1, count, d] (fp32) of the ``count`` positions ending at the newest
+    token's (see ``rotary_tables_back``): row ``j`` holds position ``p - (count - 1 - j)``."""
+    steps_back = torch.arange(count - 1, -1, -1, device=cos.device).expand(cos.shape[0], 1, count)
+    return rotary_tables_back(cos, sin, inv_freq, steps_back)
 
 
 def gqa_mean(per_query_head: Tensor, kv_heads: int) -> Tensor:

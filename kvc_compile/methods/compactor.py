@@ -38,6 +38,13 @@ Defaults and deviations:
 * Padding is excluded from centring, from the Gram matrix, from every chunk's softmax and from the
   z-score statistics; chunks and protected tokens are counted from each row's first real token.
 
+While decoding (``decoding_interval``/``target_size``) the queries of evicted tokens are gone, so
+the attention signal comes from the ``decoding_window`` most recent tokens (default 256, one chunk;
+kvpress's ``DecodingPress`` buffer): their queries form one chunk that reads every cached entry,
+non-causally as inside a prefill chunk. The leverage reads every kept key, each un-rotated at its
+own logical position (after evictions an entry no longer sits at its index). Protected tokens are
+the oldest ``protected_first`` and newest ``protected_last`` entries.
+
 The paper's context-calibrated compression (choosing the ratio from the context's own NLL) is in
 ``kvc_compile.eval.calibration``.
 """
@@ -146,6 +153,24 @@ def chunk_attention(queries: Tensor, keys: Tensor, valid: Tensor, chunk_size: in
     return torch.cat(sums, dim=3).reshape(batch, q_heads, n_chunks * chunk_size)[..., :n]
 
 
+def recent_attention(queries: Tensor, keys: Tensor, valid: Tensor, voters: Tensor, window: int) -> Tensor:
+    """Column sums of the non-causal attention of the last ``window`` query rows over every key,
+    averaged over each GQA group: [batch, kv_heads, n] fp32.
+
+    Compactor's chunk attention while decoding: the buffered queries of the newest tokens form one
+    chunk that reads the whole cache. Raw ``q . k`` logits (no scale, no causal mask); padding keys get
+    no weight and rows where ``voters`` [batch, n] is False cast no vote.
+    """
+    batch, q_heads, n, _ = queries.shape
+    kv_heads = keys.shape[1]
+    window = min(window, n)
+    grouped = queries[:, :, n - window:].float().view(batch, kv_heads, q_heads // kv_heads, window, -1)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", grouped, keys.float())
+    weights = logits.masked_fill(~valid[:, None, None, None, :], float("-inf")).softmax(dim=-1)
+    weights = weights * voters[:, None, None, n - window:, None]
+    return weights.sum(dim=3).mean(dim=2)
+
+
 def row_zscore(x: Tensor, valid: Tensor) -> Tensor:
     """z-score [batch, heads, n] over each batch row's real entries (all heads); padding gives 0."""
     mask = valid[:, None, :].expand_as(x).to(x.dtype)
@@ -160,6 +185,7 @@ class Compactor(Method):
     name = "compactor"
     paper = "arXiv 2507.08143"
     needs_rotary = True
+    unrotates_keys = True
 
     sketch_size: int = 48
     chunk_size: int = 256
@@ -167,6 +193,7 @@ class Compactor(Method):
     protected_first: int = 8
     protected_last: int = 4
     seed: int = 0
+    decoding_window: int = 256
 
     def __post_init__(self) -> None:
         if self.sketch_size <= 0:
@@ -179,16 +206,27 @@ class Compactor(Method):
             raise ValueError(f"compactor: protected_first must be an integer >= 0, got {self.protected_first}")
         if self.protected_last < 0:
             raise ValueError(f"compactor: protected_last must be an integer >= 0, got {self.protected_last}")
+        if self.decoding_window < 1:
+            raise ValueError(f"compactor: decoding_window must be a positive integer (recent queries that vote "
+                             f"while decoding), got {self.decoding_window}")
+
+    @property
+    def decoding_queries(self) -> int:
+        return self.decoding_window
 
     def leverage(self, inputs: ScoreInputs) -> Tensor:
         """Approximate leverage of the pre-RoPE keys, [batch, kv_heads, n]."""
-        keys = inputs.unrotate(inputs.keys, "compactor")
+        keys = inputs.unrotate_keys("compactor")
         sketch = gaussian_sketch(keys.shape[-1], self.sketch_size, self.seed + inputs.layer_idx, keys.device)
         return key_leverage(keys, inputs.valid, sketch)
 
     def attention(self, inputs: ScoreInputs) -> Tensor:
-        """Pooled, value-weighted non-causal chunk attention, [batch, kv_heads, n]."""
+        """Pooled, value-weighted non-causal chunk attention, [batch, kv_heads, n]. While decoding
+        (``ScoreInputs.query_valid`` set) the chunk is the newest ``decoding_window`` queries over the
+        whole cache (``recent_attention``)."""
         queries, keys, values, valid = inputs.queries, inputs.keys, inputs.values, inputs.valid
+        decoding = inputs.query_valid is not None
+        columns = recent_attention(queries, keys, valid, inputs.query_valid, self.decoding_window) if decoding else None
         compact = not bool(valid.all())
         if compact:
             # Real tokens first, so chunks and pooling neighbours are counted from the first real token.
@@ -197,8 +235,13 @@ class Compactor(Method):
             def gather(x: Tensor) -> Tensor:
                 return x.gather(2, order[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1]))
 
-            queries, keys, values, valid = gather(queries), gather(keys), gather(values), valid.gather(1, order)
-        columns = gqa_mean(chunk_attention(queries, keys, valid, self.chunk_size), keys.shape[1])
+            keys, values, valid = gather(keys), gather(values), valid.gather(1, order)
+            if decoding:
+                columns = columns.gather(2, order[:, None, :].expand_as(columns))
+            else:
+                queries = gather(queries)
+        if not decoding:
+            columns = gqa_mean(chunk_attention(queries, keys, valid, self.chunk_size), keys.shape[1])
         columns = columns * values.float().norm(dim=-1)
         columns = F.avg_pool1d(columns, POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
         if compact:

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import EXCLUDED, INDEX_DTYPE, ScoreInputs, gather_kept, rotary_tables_before
+from kvc_compile.methods.base import (
+    EXCLUDED,
+    INDEX_DTYPE,
+    ScoreInputs,
+    gather_kept,
+    rotary_tables_back,
+    rotary_tables_before,
+)
 from kvc_compile.ops.compress import valid_keys_from_mask
 from kvc_compile.ops.kernels import score_kernels
 
@@ -206,16 +213,20 @@ def decode_score_inputs(
     queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
     query_valid = valid & (torch.arange(m, device=keys.device) >= m - window)
     method = config.method_impl
-    cos = sin = None
+    cos = sin = key_tables = None
     if method.needs_rotary:
         if rotary is None:
-            raise ValueError(f"{config.method} un-rotates the recent queries while decoding and needs the rotary "
+            raise ValueError(f"{config.method} un-rotates queries or keys while decoding and needs the rotary "
                              f"tables of the newest tokens and the inverse frequencies")
-        cos, sin = rotary_tables_before(*rotary, m)
-        rows_per_table = keys.shape[0] // cos.shape[0]
-        cos, sin = cos.repeat_interleave(rows_per_table, 0), sin.repeat_interleave(rows_per_table, 0)
+        step_cos, step_sin, inv_freq = rotary
+        rows_per_table = keys.shape[0] // step_cos.shape[0]
+        step_cos, step_sin = (table.repeat_interleave(rows_per_table, 0) for table in (step_cos, step_sin))
+        cos, sin = rotary_tables_before(step_cos, step_sin, inv_freq, m)
+        if method.unrotates_keys:
+            # The newest entry holds the step's token: each entry is that many positions before it.
+            key_tables = rotary_tables_back(step_cos, step_sin, inv_freq, positions[..., -1:] - positions)
     return ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, cos, sin, query_valid=query_valid,
-                       positions=positions, **score_kernels(keys))
+                       positions=positions, key_tables=key_tables, **score_kernels(keys))
 
 
 def compress_decode_site(
