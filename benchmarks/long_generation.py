@@ -1,7 +1,7 @@
 """Long generations on SmolLM2-135M: how closely constant-size caches follow the full cache.
 
 For each prompt, 200 greedy tokens with the full cache, then with MorphKV and with periodic SnapKV,
-Expected Attention, H2O, AdaKV and PyramidKV at the same cache size (on average per KV head for the
+Expected Attention, H2O, Compactor, AdaKV and PyramidKV at the same cache size (on average per KV head for the
 last two, whose heads or layers keep different counts); reported per cache: the token-level match
 rate against the full cache (same token at the same step) and the step of the first difference. Uses the eager reference
 path, whose tokens the tests pin equal to the compiled path's.
@@ -45,6 +45,11 @@ def configs(budget: int) -> dict[str, dict]:
         # Reads every prompt query at prefill; while decoding the newest 64 vote.
         f"h2o every 16 steps (target {budget})": {
             "method": "h2o", "budget": budget, "decoding_window": 64, "decoding_interval": 16, "target_size": budget,
+        },
+        # The newest 64 queries form one chunk over the cache; keys un-rotated at their positions.
+        f"compactor every 16 steps (target {budget})": {
+            "method": "compactor", "budget": budget, "decoding_window": 64, "decoding_interval": 16,
+            "target_size": budget,
         },
         # Packed layouts: heads share 3 x target entries by score (floor 20 %), or layers share
         # 30 x target in a pyramid; both with SnapKV's window-32 scores.

@@ -186,7 +186,9 @@ def test_graph_without_attention_names_the_model():
 def test_all_sliding_window_layers_are_reported():
     model = tiny_model("mistral", sliding_window=16)
     compiled = torch.compile(model, backend="kvc", options=options("knorm"))
-    with pytest.raises(Exception, match="MistralForCausalLM.*Sliding-window layers"):
+    # The message names the module whose frame Dynamo traced: the causal LM, or (where transformers breaks
+    # the graph before the decoder, as 5.25 does) its inner model.
+    with pytest.raises(Exception, match="Mistral(ForCausalLM|Model).*Sliding-window layers"):
         compiled(random_prompt(1, PROMPT), use_cache=True)
 
 
