@@ -35,7 +35,8 @@ def decoding_problem(method: Method) -> str | None:
     if method.lookahead_queries:
         return "its second stage runs once, after the lookahead rollout"
     if method.budgets_across_layers:
-        return "its layer budgets come from every layer's scores at once, and decoding evicts each layer on its own"
+        return ("its layer budgets come from every layer's scores at once, and decoding evicts each layer on its own "
+                "(lava: layer_allocation='uniform' keeps the heads' shared budgets and compresses while decoding)")
     if method.decoding_queries is None:
         return "it reads every query of the sequence, and decoding keeps only a window of recent ones"
     return None
@@ -131,7 +132,11 @@ class CompressionConfig:
             return
         problem = decoding_problem(method)
         if problem is None and self.lowrank is not None:
-            problem = "decode-time eviction of low-rank (kqsvd) entries is not supported"
+            raise ValueError(
+                f"{self.method} cannot compress while decoding next to kqsvd: the entries are stored at rank R, "
+                f"which the scorers do not read; compress the prompt only (drop decoding_interval and "
+                f"target_size), or drop kqsvd"
+            )
         if problem is not None:
             able = [name for name in list_methods() if decoding_problem(method_class(name)()) is None]
             raise ValueError(

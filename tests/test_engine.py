@@ -39,6 +39,9 @@ PERIODIC_SNAPKV = {"method": "snapkv", "budget": 16, "window_size": 4, "decoding
 PERIODIC_H2O = {"method": "h2o", "budget": 16, "decoding_window": 6, "decoding_interval": 4, "target_size": 16}
 PERIODIC_EA = {"method": "expected_attention", "budget": 16, "decoding_window": 6, "n_future_positions": 16,
                "decoding_interval": 4, "target_size": 16}
+# Un-rotates every kept key at its own position, from the step's rotary tables.
+PERIODIC_COMPACTOR = {"method": "compactor", "budget": 16, "decoding_window": 6, "chunk_size": 8, "sketch_size": 8,
+                      "decoding_interval": 4, "target_size": 16}
 
 
 def method_options(method: str) -> dict:
@@ -152,12 +155,13 @@ def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
 
 
 # MorphKV on a 12-token prompt: the cache grows to 20 entries, then each step evicts one (as ONNX
-# graphs in ONNX Runtime). Periodic SnapKV, H2O and Expected Attention on a 40-token prompt: prefill
+# graphs in ONNX Runtime). Periodic SnapKV, H2O, Expected Attention and Compactor on a 40-token prompt: prefill
 # keeps 16, every fourth step evicts back to 16.
 @pytest.mark.parametrize("options, length, target, evict_op", [
     (MORPHKV, 12, "onnx", "KvcCompressDecode"), (PERIODIC_SNAPKV, 40, "exported", "compress_decode"),
     (PERIODIC_H2O, 40, "exported", "compress_decode"), (PERIODIC_EA, 40, "onnx", "KvcCompressDecodeRotary"),
-], ids=["morphkv", "periodic", "periodic-h2o", "periodic-expected-attention"])
+    (PERIODIC_COMPACTOR, 40, "exported", "compress_decode_rotary"),
+], ids=["morphkv", "periodic", "periodic-h2o", "periodic-expected-attention", "periodic-compactor"])
 def test_compression_while_decoding_engines_keep_the_compiled_tokens(options, length, target, evict_op, tmp_path):
     result = quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine",
                          target=target, max_new_tokens=64)

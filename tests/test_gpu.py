@@ -21,6 +21,12 @@ pytestmark = [
         {"method": "obcache", "window_size": 8, "compression_ratio": 0.5},  # fused saliency
         {"method": "adakv", "scorer_options": {"window_size": 8}, "compression_ratio": 0.5},  # packed decode kernel
         {"method": "morphkv", "window_size": 4, "budget": 20},  # decode-time eviction with the kernels
+        # Periodic eviction of packed layers: window votes over (row, head) pairs, then the packed decode kernel.
+        {"method": "adakv", "scorer_options": {"window_size": 4}, "budget": 20, "decoding_interval": 3,
+         "target_size": 20},
+        # Periodic Compactor: keys un-rotated at their own positions from the step's rotary tables.
+        {"method": "compactor", "decoding_window": 6, "chunk_size": 16, "sketch_size": 8, "budget": 20,
+         "decoding_interval": 3, "target_size": 20},
     ],
 )
 def test_inductor_with_kernels_matches_the_reference_on_the_gpu(options):

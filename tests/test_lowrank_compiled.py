@@ -127,6 +127,9 @@ def test_kqsvd_options_are_checked(projections_file):
         CompressionConfig.from_options({"method": "kqsvd", "projections": projections_file, "key_rank": 0})
     with pytest.raises(ValueError, match=r"rank must be an integer in \[1, head_dim=16\]"):
         CompressionConfig.from_options({"method": "kqsvd", "projections": projections_file, "key_rank": 32})
+    with pytest.raises(ValueError, match="next to kqsvd.*drop decoding_interval and target_size"):
+        CompressionConfig.from_options({"method": "snapkv", "budget": 16, "window_size": 4, "decoding_interval": 4,
+                                        "target_size": 16, "kqsvd": {"projections": projections_file}})
 
 
 def test_projections_of_another_model_are_refused(projections_file):

@@ -105,13 +105,14 @@ def test_query_buffer_keeps_the_newest_queries():
         ({"method": "snapkv", "budget": 64, "decoding_interval": 0, "target_size": 64}, "positive integer"),
         ({"method": "h2o", "budget": 64, "decoding_interval": 8, "target_size": 64},
          r"must exceed h2o's window of recent tokens \(256\), which it scores from"),
-        ({"method": "h2o", "budget": 64, "decoding_window": 0}, "decoding_window must be a positive integer"),
+        ({"method": "h2o", "budget": 64, "decoding_window": 0}, "decoding_window must be an integer >= 1"),
         ({"method": "compactor", "budget": 64, "decoding_interval": 8, "target_size": 64},
          r"must exceed compactor's window of recent tokens \(256\), which it scores from"),
         ({"method": "expected_attention", "budget": 64, "decoding_interval": 8, "target_size": 256},
          r"must exceed expected_attention's window of recent tokens \(256\), which it scores from"),
         ({"method": "lava", "budget": 64, "decoding_interval": 8, "target_size": 64},
-         "every layer's scores at once.*Methods that can: adacurdkv, adakv, chunkkv, compactor, curdkv, "
+         "every layer's scores at once.*layer_allocation='uniform'.*Methods that can: adacurdkv, adakv, chunkkv, "
+         "compactor, curdkv, "
          "expected_attention, h2o, knorm, morphkv, obcache, pyramidkv, random, snapkv, streamingllm, tova$"),
         ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
@@ -196,6 +197,9 @@ SINKS = [set(range(4)), set(range(6, 10))]  # CurDKV keeps the first 4 real toke
     # are brought back to 32 when they reach 2 x (16 + 3).
     ({"method": "adakv", "scorer_options": {"window_size": 4}}, "llama", [[32, 32], [34, 34], [36, 36]] * 4, NEWEST),
     ({"method": "adacurdkv", "local_window_size": 4}, "qwen3", [[32, 32], [34, 34], [36, 36]] * 4, SINKS),
+    # LAVa's heads share each layer's budget; its entropy allocation across layers is refused while decoding.
+    ({"method": "lava", "layer_allocation": "uniform", "window_size": 4, "kernel_size": 3}, "qwen3",
+     [[32, 32], [34, 34], [36, 36]] * 4, NEWEST),
     # Layer targets 28 and 4 per head (the pyramid over 2 x 16, window 4 on top): each layer is
     # compressed when it reaches its own target + 3.
     ({"method": "pyramidkv", "window_size": 4}, "llama", [[56, 10], [58, 12], [60, 8]] * 4, NEWEST),

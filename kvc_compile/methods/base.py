@@ -199,6 +199,13 @@ class Method(ABC):
         return [f.name for f in dataclasses.fields(cls)]
 
 
+def check_decoding_window(method: str, window: int, minimum: int = 1) -> None:
+    """Refuse a ``decoding_window`` (recent queries a method scores from while decoding) below ``minimum``."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < minimum:
+        raise ValueError(f"{method}: decoding_window must be an integer >= {minimum} (the recent queries it scores "
+                         f"from while decoding), got {window!r}")
+
+
 def rotary_tables_back(cos: Tensor, sin: Tensor, inv_freq: Tensor, steps_back: Tensor) -> tuple[Tensor, Tensor]:
     """Rotary tables (fp32) of the positions ``steps_back`` [batch, heads, count] before a token's.
 

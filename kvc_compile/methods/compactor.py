@@ -58,7 +58,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_mean, positions_from_first_valid
+from kvc_compile.methods.base import (
+    PROTECTED,
+    Method,
+    ScoreInputs,
+    check_decoding_window,
+    gqa_mean,
+    positions_from_first_valid,
+)
 
 LEVERAGE_RIDGE = 1e-2
 CHOLESKY_TRIES = 5
@@ -206,9 +213,7 @@ class Compactor(Method):
             raise ValueError(f"compactor: protected_first must be an integer >= 0, got {self.protected_first}")
         if self.protected_last < 0:
             raise ValueError(f"compactor: protected_last must be an integer >= 0, got {self.protected_last}")
-        if self.decoding_window < 1:
-            raise ValueError(f"compactor: decoding_window must be a positive integer (recent queries that vote "
-                             f"while decoding), got {self.decoding_window}")
+        check_decoding_window(self.name, self.decoding_window)
 
     @property
     def decoding_queries(self) -> int:

@@ -40,7 +40,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, positions_from_first_valid, rotate_half
+from kvc_compile.methods.base import (
+    PROTECTED,
+    Method,
+    ScoreInputs,
+    check_decoding_window,
+    positions_from_first_valid,
+    rotate_half,
+)
 
 
 def mean_future_rotation(cos: Tensor, sin: Tensor, valid: Tensor, n_future: int) -> Tensor:
@@ -99,9 +106,7 @@ class ExpectedAttention(Method):
             raise ValueError(f"{self.name}: n_sink must be an integer >= 0, got {self.n_sink}")
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise ValueError(f"{self.name}: epsilon must be a finite number >= 0, got {self.epsilon}")
-        if self.decoding_window < 2:
-            raise ValueError(f"{self.name}: decoding_window must be an integer >= 2 (recent queries the statistics "
-                             f"come from while decoding), got {self.decoding_window}")
+        check_decoding_window(self.name, self.decoding_window, minimum=2)  # a covariance needs two
 
     @property
     def decoding_queries(self) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvc_compile.methods.base import Method, ScoreInputs, gqa_mean
+from kvc_compile.methods.base import Method, ScoreInputs, check_decoding_window, gqa_mean
 from kvc_compile.methods.snapkv import window_attention, window_logits
 
 # Queries per attention chunk: bounds the [batch, q_heads, chunk, n] fp32 slice held at once.
@@ -56,9 +56,7 @@ class H2O(Method):
     decoding_window: int = 256
 
     def __post_init__(self) -> None:
-        if self.decoding_window < 1:
-            raise ValueError(f"{self.name}: decoding_window must be a positive integer (recent queries that vote "
-                             f"while decoding), got {self.decoding_window}")
+        check_decoding_window(self.name, self.decoding_window)
 
     @property
     def decoding_queries(self) -> int:
