@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvc_compile import load_model, reference_generate
+from kvc_compile import CompressionConfig, load_model, reference_generate
 from kvc_compile.bench import provenance_lines, write_report
 
 PROMPTS = [
@@ -87,6 +87,9 @@ def main() -> int:
             same = tokens == full
             matches[name].append(same.float().mean().item())
             first_difference[name].append(int((~same).nonzero()[0]) if not same.all() else args.new_tokens)
+    pyramid_options = next(options for name, options in compressed.items() if name.startswith("pyramidkv"))
+    pyramid_config, n_layers = CompressionConfig.from_options(pyramid_options), model.config.num_hidden_layers
+    pyramid = [pyramid_config.layer_decode_target(layer, n_layers) for layer in range(n_layers)]
     rows = [
         f"| {name} | {sum(matches[name]) / len(PROMPTS):.1%} | {', '.join(f'{m:.0%}' for m in matches[name])} | "
         f"{', '.join(map(str, first_difference[name]))} |"
@@ -101,7 +104,10 @@ def main() -> int:
         "the share of steps whose token equals the full cache's at the same step (after a first difference the "
         "texts usually drift apart, so the first difference is listed too). The compressed caches reach "
         f"{args.budget} entries after {args.budget - max(prompt_lengths)}-{args.budget - min(prompt_lengths)} decoded "
-        "tokens; until then they are the full cache.",
+        "tokens; until then they are the full cache. PyramidKV and AdaKV keep that many on average: AdaKV's heads "
+        f"share {model.config.num_key_value_heads * args.budget} entries per layer, and PyramidKV's layers keep "
+        f"{pyramid[0]} (bottom) down to {pyramid[-1]} (top) per head, so its top layers evict from the first "
+        "tokens on.",
         "",
         "| cache | mean match rate | per prompt | first difference (step) |",
         "|---|---|---|---|",
