@@ -30,6 +30,9 @@ ALONE = [
     # the rotary tables the recent queries are un-rotated with.
     {"method": "expected_attention", "compression_ratio": 0.5, "decoding_window": 6, "decoding_interval": 4,
      "target_size": 40, "inner_backend": "eager"},
+    # Packed: the prefill keeps 2 x 48 entries per row, past 2 x (40 + 4): the question chunk's step evicts.
+    {"method": "adakv", "compression_ratio": 0.5, "scorer_options": {"window_size": 8}, "decoding_interval": 4,
+     "target_size": 40, "inner_backend": "eager"},
 ]
 
 
