@@ -273,11 +273,6 @@ def reference_decode(
     return ReferenceGeneration(tokens, cache)
 
 
-def entries_per_head(layer: CompressedLayer) -> int:
-    """Entries a layer holds per KV head (packed: on average over the heads)."""
-    return layer.physical_length // layer.kv_heads if layer.packed else layer.physical_length
-
-
 class RecordingStep:
     """A reference decoding step that, after the forward, shifts each layer's captured query into its
     buffer and, with decode-time compression, evicts layers grown to ``target_size + decoding_interval``."""
@@ -292,7 +287,7 @@ class RecordingStep:
         for layer_idx, layer in enumerate(layers):
             layer.recent_queries = shift_in(layer.recent_queries, self.captured[layer_idx][0])
         evicting = [i for i, layer in enumerate(layers)
-                    if self.config.evicts_while_decoding(entries_per_head(layer), i, len(layers))]
+                    if self.config.evicts_while_decoding(layer.entries_per_head, i, len(layers))]
         rotary = self._rotary(layers[0].values, token, mask) if evicting else None  # one step: one set of tables
         for layer_idx in evicting:
             layer = layers[layer_idx]

@@ -136,6 +136,11 @@ class CompressedLayer(DynamicLayer):
     def physical_length(self) -> int:
         return self.keys.shape[-2] if self.is_initialized else 0
 
+    @property
+    def entries_per_head(self) -> int:
+        """Entries held per KV head (packed: on average over the heads, padding slots included)."""
+        return self.physical_length // self.kv_heads if self.packed else self.physical_length
+
     def get_seq_length(self) -> int:
         return self.logical_length if self.is_initialized else 0
 

@@ -197,13 +197,13 @@ def is_packed_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and str(node.target) in ("kvc.packed_attention", "kvc.packed_attention.default")
 
 
-def _packed_site(node: fx.Node, outputs: set[fx.Node]) -> AttentionSite | None:
+def _packed_site(node: fx.Node, outputs: set[fx.Node], layer_idx: int) -> AttentionSite | None:
     """``kvc::packed_attention(q, keys, values, heads, kv_heads, scaling)``: a decode step over a packed layer."""
     query, keys, values, heads, kv_heads = node.args[:5]
     cached = [_cached_source(tensor, outputs) for tensor in (keys, values, heads)]
     if any(source is None for source in cached):
         return None
-    return AttentionSite(0, node, query, cached[0], cached[1], None, cached_heads=cached[2], kv_heads=kv_heads)
+    return AttentionSite(layer_idx, node, query, cached[0], cached[1], None, cached_heads=cached[2], kv_heads=kv_heads)
 
 
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
@@ -217,13 +217,11 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         elif _is_call(node, MATMUL_TARGETS):
             found = _eager_site(node, outputs)
         elif is_packed_attention(node):
-            site = _packed_site(node, outputs)
-            if site is not None:
-                site.layer_idx = len(sites)
-                sites.append(site)
-            continue
+            found = _packed_site(node, outputs, len(sites))
+        if isinstance(found, tuple):
+            found = AttentionSite(len(sites), *found)
         if found is not None:
-            sites.append(AttentionSite(len(sites), *found))
+            sites.append(found)
     return sites
 
 
