@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,18 @@ def check_out_parent(out: str | Path, flag: str = "--out") -> None:
     parent = Path(out).absolute().parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {out}: its parent folder {parent} does not exist; create it first")
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> None:
+    """An output folder that is created if missing: refuse, before any work, a file in its place or
+    an ancestor that is a file or not writable."""
+    path = Path(out).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a folder; pass a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {out}: {existing} is a file, so the folder cannot be created there")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} {out}: {existing} is not writable")
