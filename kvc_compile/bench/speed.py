@@ -8,6 +8,7 @@ the median of repeated runs after a warm-up, so the ratios between variants are 
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,8 +44,10 @@ def measure(
     input_ids: torch.Tensor,
     new_tokens: int,
     repeats: int = 3,
+    announce: str | None = None,
 ) -> SpeedResult:
-    """Time ``forward`` (a model or compiled model) on ``input_ids``, then ``new_tokens`` greedy steps."""
+    """Time ``forward`` (a model or compiled model) on ``input_ids``, then ``new_tokens`` greedy steps.
+    ``announce``: a line for stderr before the warm-up, which may compile for minutes."""
     device = input_ids.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -60,6 +63,8 @@ def measure(
         _sync(device)
 
     # Warm-up: the first prefill and a few decode steps compile every graph the timed runs use.
+    if announce:
+        print(announce, file=sys.stderr, flush=True)
     start = time.perf_counter()
     decode(forward(input_ids, past_key_values=new_cache(), use_cache=True), 3)
     compile_s = time.perf_counter() - start
@@ -103,31 +108,44 @@ def measure_engine(variant: str, engine, input_ids: torch.Tensor, new_tokens: in
 
 def bench_variants(
     model: PreTrainedModel, input_ids: torch.Tensor, options: dict, new_tokens: int, repeats: int = 3,
-    inductor_baseline: bool = False, engine_target: str | None = None,
+    inductor_baseline: bool = False, engine_target: str | None = None, progress: bool = False,
 ) -> list[SpeedResult]:
     """Plain transformers with the full cache, optionally Inductor with the full cache, the kvc
-    model, and optionally an engine built here for ``engine_target`` (``kvc_compile.build``)."""
-    results = [measure("transformers, full cache", model, DynamicCache, input_ids, new_tokens, repeats)]
+    model, and optionally an engine built here for ``engine_target`` (``kvc_compile.build``).
+    ``progress``: say on stderr what each step does before it starts (compiling takes minutes)."""
+    def say(variant: str, compiles: bool) -> str | None:
+        if not progress:
+            return None
+        what = "compiling (first call; this takes a while)" if compiles else "warming up"
+        return (f"kvc-bench: {variant}: {what}, then {repeats} timed run(s) of a {input_ids.shape[1]}-token "
+                f"prefill and {new_tokens} decode steps ...")
+
+    variant = "transformers, full cache"
+    results = [measure(variant, model, DynamicCache, input_ids, new_tokens, repeats, say(variant, False))]
     if inductor_baseline:
-        compiled = torch.compile(model, dynamic=True)
-        results.append(measure("inductor, full cache", compiled, DynamicCache, input_ids, new_tokens, repeats))
+        compiled, variant = torch.compile(model, dynamic=True), "inductor, full cache"
+        results.append(measure(variant, compiled, DynamicCache, input_ids, new_tokens, repeats, say(variant, True)))
     with attention_implementation(model, "kvc"):  # the packed / low-rank layouts need it; SDPA otherwise
+        variant = f"kvc: {options['method']}"
         compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
-        results.append(measure(f"kvc: {options['method']}", compiled, CompressedCache, input_ids, new_tokens,
-                               repeats))
+        results.append(measure(variant, compiled, CompressedCache, input_ids, new_tokens, repeats, say(variant, True)))
     if engine_target is not None:
-        results.append(_bench_engine(model, input_ids, options, new_tokens, repeats, engine_target))
+        results.append(_bench_engine(model, input_ids, options, new_tokens, repeats, engine_target, progress))
     return results
 
 
-def _bench_engine(model, input_ids, options: dict, new_tokens: int, repeats: int, target: str) -> SpeedResult:
+def _bench_engine(model, input_ids, options: dict, new_tokens: int, repeats: int, target: str,
+                  progress: bool = False) -> SpeedResult:
     from kvc_compile.engine import Engine, build
 
     with tempfile.TemporaryDirectory(prefix="kvc-bench-engine-") as folder, attention_implementation(model, "kvc"):
+        if progress:
+            print(f"kvc-bench: building a {target} engine for {options['method']} (this takes a while), then "
+                  f"{repeats} timed run(s) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         build(model, options, folder, target=target, max_context=input_ids.shape[1], max_new_tokens=new_tokens + 1,
               max_batch=1, force=True, progress=False)
-        engine = Engine.load(folder)
+        engine = Engine.load(folder, trusted=True)  # built just now, by this process
         build_s = time.perf_counter() - start
         return measure_engine(f"engine ({target}): {options['method']}", engine, input_ids, new_tokens, repeats,
                               build_s)

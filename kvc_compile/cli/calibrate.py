@@ -17,6 +17,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvc_compile.cli.common import (
+    UsageError,
+    check_out_parent,
+    finite_float,
+    positive_int,
+    read_text_file,
+    user_errors,
+)
 from kvc_compile.eval.lowrank import calibrate_lowrank
 from kvc_compile.methods.kqsvd import LOWRANK_METHODS
 from kvc_compile.models import load_model
@@ -24,15 +32,13 @@ from kvc_compile.models import load_model
 
 def calibration_texts(files: list[str]) -> list[str]:
     if files:
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise SystemExit(f"kvc-calibrate: no such text file: {', '.join(missing)}")
-        return [Path(f).read_text(encoding="utf-8") for f in files]
+        return [read_text_file(f, "--text") for f in files]
     import pydoc_data.topics
 
     return ["\n".join(pydoc_data.topics.topics.values())]
 
 
+@user_errors("kvc-calibrate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="preset, local directory or cached HF id")
@@ -49,13 +55,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
 
-    model, tokenizer = load_model(args.model)
-    ids = torch.cat([tokenizer(text, return_tensors="pt").input_ids[0] for text in calibration_texts(args.text)])
+    # Everything the user gave is checked before the model loads.
+    positive_int("--sequences", args.sequences)
+    positive_int("--sequence-tokens", args.sequence_tokens)
+    positive_int("--rank", args.rank)
+    finite_float("--max-error", args.max_error)
+    if not 0 <= args.max_error < 1:
+        raise UsageError(f"--max-error must be in [0, 1) (the relative Frobenius error allowed), got {args.max_error}")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; give the .safetensors file to write")
+    check_out_parent(args.out)
+    texts = calibration_texts(args.text)
+
+    model, tokenizer = load_model(args.model, require_tokenizer=True)
+    ids = torch.cat([tokenizer(text, return_tensors="pt").input_ids[0] for text in texts])
     chunks = [ids[i : i + args.sequence_tokens][None] for i in range(0, len(ids), args.sequence_tokens)]
     chunks = [c for c in chunks if c.shape[1] == args.sequence_tokens][: args.sequences]
     if not chunks:
-        raise SystemExit(f"kvc-calibrate: the text has fewer than {args.sequence_tokens} tokens; give more text "
-                         f"or lower --sequence-tokens")
+        raise UsageError(f"the text has fewer than {args.sequence_tokens} tokens; give more text or lower "
+                         f"--sequence-tokens")
     console.print(f"calibrating {args.method} on {len(chunks)} x {args.sequence_tokens} tokens of {args.model} ...")
     start = time.perf_counter()
     projections = calibrate_lowrank(model, chunks, method=args.method, rank=args.rank, max_error=args.max_error)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvc_compile.cache import cache_nbytes, kept_tokens_per_layer
+from kvc_compile.cli.common import UsageError, parse_options, positive_int, user_errors
 from kvc_compile.config import CompressionConfig
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 from kvc_compile.models import load_model
@@ -28,27 +29,38 @@ def _generate(model, input_ids, max_new_tokens: int):
         )
 
 
+@user_errors("kvc-demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="snapkv")
-    parser.add_argument("--compression-ratio", type=float, default=0.5)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--compression-ratio", type=float,
+                      help="fraction of prompt tokens removed (default 0.5 unless --budget is given)")
+    size.add_argument("--budget", type=int, help="tokens kept per KV head (MorphKV's constant-size cache needs it)")
     parser.add_argument("--context-tokens", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=3, help="pass-key prompts to answer")
     parser.add_argument("--inner-backend", default="inductor", choices=("inductor", "eager"))
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=INT",
-                        help="a method option, e.g. --option window_size=32 (repeatable)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option, e.g. --option window_size=32 or --option pooling=max (repeatable)")
     args = parser.parse_args(argv)
     console = Console()
 
-    options = {"method": args.method, "compression_ratio": args.compression_ratio, "inner_backend": args.inner_backend}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    CompressionConfig.from_options(options)  # fail on bad options before loading anything
+    # Everything the user gave is checked before the model loads.
+    positive_int("--samples", args.samples)
+    positive_int("--context-tokens", args.context_tokens)
+    positive_int("--budget", args.budget)
+    ratio = 0.5 if args.compression_ratio is None else args.compression_ratio
+    size = {"budget": args.budget} if args.budget is not None else {"compression_ratio": ratio}
+    options = {"method": args.method, **size, "inner_backend": args.inner_backend}
+    for key, value in parse_options(args.option).items():
+        if key in ("method", "compression_ratio", "budget", "inner_backend"):
+            raise UsageError(f"--option {key}=... : use --{key.replace('_', '-')} instead")
+        options[key] = value
+    CompressionConfig.from_options(options)
 
     console.print(f"loading [bold]{args.model}[/bold] ...")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, require_tokenizer=True)
     samples = [passkey_inputs(tokenizer, args.context_tokens, seed) for seed in range(args.samples)]
 
     full_answers = []
@@ -58,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print(f"compiling with backend='kvc' options={options} (the first call compiles; this takes a while) ...")
     model.compile(backend="kvc", options=options, dynamic=True)
-    table = Table(title=f"pass key in ~{args.context_tokens} tokens of filler: full cache vs {args.method} "
-                        f"at compression_ratio={args.compression_ratio}")
+    shown = ", ".join(f"{key}={value}" for key, value in size.items())
+    table = Table(title=f"pass key in ~{args.context_tokens} tokens of filler: full cache vs {args.method} at {shown}")
     for column in ("key", "full cache", "compressed", "cache bytes full -> compressed"):
         table.add_column(column)
     start = time.perf_counter()

