@@ -24,7 +24,11 @@ prompt entries, and decode from its cache with the plain decode program.
 from __future__ import annotations
 
 import importlib.util
+import math
+import operator
+import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,7 @@ import kvc_compile.ops  # noqa: F401
 from kvc_compile.engine.manifest import (
     LOOKAHEAD_PREFILL_STATE,
     LOWRANK_STATE,
+    MANIFEST,
     WINDOW_STATE,
     EngineError,
     Manifest,
@@ -45,6 +50,8 @@ from kvc_compile.engine.manifest import (
 )
 
 TokenCallback = Callable[[int, Tensor], None]  # (step, tokens [batch]) after each generated token
+# One prompt (a string, or token ids) or a batch of them (see Engine.encode).
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | Tensor
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Generation:
     decode_seconds: float
     prompt_lengths: list[int] = field(default_factory=list)
     cache_bytes: int = 0  # the compressed cache the prefill returned (entries, positions, heads)
+    notes: list[str] = field(default_factory=list)  # what the user may want to know, e.g. a prompt kept whole
 
 
 PREFILL_ARGS = ("input_ids", "attention_mask")
@@ -141,7 +149,15 @@ class Engine:
         if manifest.target not in ("aoti", "exported", "onnx"):
             raise EngineError(f"engine {folder} was built for target {manifest.target!r}, which Engine does not run; "
                               f"build it with --target aoti")
-        if manifest.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(manifest.device)
+        except RuntimeError as error:
+            raise EngineError(f"{folder / MANIFEST}: 'device' {manifest.device!r} is not a device name; the manifest "
+                              f"was edited or is corrupted: rebuild the engine with kvc-build --force") from error
+        if device.type not in ("cpu", "cuda"):
+            raise EngineError(f"engine {folder} was built for {manifest.device}, and engines run on cpu or cuda; "
+                              f"rebuild it with kvc-build --device cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"engine {folder} was built for {manifest.device}, and this machine has no CUDA device; "
                               f"build it on this machine with kvc-build")
         if manifest.target == "onnx":
@@ -164,7 +180,12 @@ class Engine:
         if manifest.tokenizer is not None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(folder / manifest.tokenizer)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder / manifest.tokenizer)
+            except (OSError, ValueError) as error:
+                raise EngineError(f"engine {folder}: its tokenizer ({manifest.tokenizer}/) could not be loaded "
+                                  f"({type(error).__name__}: {error}); rebuild the engine with kvc-build --force") \
+                    from error
         engine = cls(folder, manifest, programs, tokenizer)
         engine._weights = weights  # the programs read these tensors: they live as long as the engine
         return engine
@@ -173,33 +194,54 @@ class Engine:
     def device(self) -> torch.device:
         return torch.device(self.manifest.device)
 
-    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-        """Token ids and mask, left-padded, for text prompts (needs the tokenizer) or token-id lists."""
-        if not prompts:
-            raise EngineError("no prompts given")
-        if all(isinstance(prompt, str) for prompt in prompts):
+    def encode(self, prompts: Prompts) -> tuple[Tensor, Tensor]:
+        """Token ids and mask, left-padded. ``prompts`` is one prompt or a list of them: text (needs
+        the tokenizer) or token ids (a list of ints, or a 1-D or 2-D integer tensor, one row per
+        prompt). A single string is one prompt. Every token id must be in the engine's vocabulary."""
+        rows = _prompt_rows(prompts)
+        if all(isinstance(prompt, str) for prompt in rows):
             if self.tokenizer is None:
                 raise EngineError(f"engine {self.folder} has no tokenizer (its model came without one); pass token "
                                   f"ids instead of text")
+            empty = [i for i, prompt in enumerate(rows) if not prompt]
+            if empty:
+                raise EngineError(f"prompt {empty[0]} is empty text; every prompt needs at least one token")
             self.tokenizer.padding_side = "left"
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token_id = self.manifest.pad_token_id
-            batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-            return batch["input_ids"], batch["attention_mask"]
-        rows = [list(map(int, prompt)) for prompt in prompts]
-        if any(len(row) == 0 for row in rows):
-            raise EngineError("a prompt is empty; every prompt needs at least one token")
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.manifest.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
+            batch = self.tokenizer(rows, return_tensors="pt", padding=True)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            tokenless = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+            if tokenless:
+                raise EngineError(f"prompt {tokenless[0]} ({rows[tokenless[0]]!r}) encodes to no tokens; every prompt "
+                                  f"needs at least one token")
+            for i, row in enumerate(ids.tolist()):
+                self._check_vocabulary(i, [token for token, real in zip(row, mask[i].tolist(), strict=True) if real])
+            return ids, mask
+        token_rows = [_token_ids(i, prompt) for i, prompt in enumerate(rows)]
+        for i, row in enumerate(token_rows):
+            if not row:
+                raise EngineError(f"prompt {i} is empty; every prompt needs at least one token")
+            self._check_vocabulary(i, row)
+        width = max(map(len, token_rows))
+        ids = torch.full((len(token_rows), width), self.manifest.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(token_rows), width, dtype=torch.long)
+        for i, row in enumerate(token_rows):
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
         return ids, mask
 
+    def _check_vocabulary(self, index: int, row: Sequence[int]) -> None:
+        """Every target would read out of its embedding table (ONNX Runtime wraps negative ids around)."""
+        vocab = self.manifest.model["vocab_size"]
+        outside = [token for token in row if not 0 <= token < vocab]
+        if outside:
+            raise EngineError(f"prompt {index}: token id {outside[0]} is not in this engine's vocabulary of {vocab} "
+                              f"tokens (ids 0 to {vocab - 1})")
+
     def generate(
         self,
-        prompts: Sequence[str] | Sequence[Sequence[int]],
+        prompts: Prompts,
         max_new_tokens: int | None = None,
         *,
         temperature: float = 0.0,
@@ -209,15 +251,14 @@ class Engine:
         stop_on_eos: bool = True,
         on_token: TokenCallback | None = None,
     ) -> Generation:
-        """Greedy (``temperature=0``) or sampled generation for a batch of prompts (padded on the left)."""
+        """Greedy (``temperature=0``) or sampled generation for one prompt or a batch of prompts (see
+        ``encode``; padded on the left). ``max_new_tokens`` defaults to the engine's decode capacity.
+
+        A prompt no longer than the method's observation window is kept whole (uncompressed): the
+        result's ``notes`` say so."""
         manifest = self.manifest
         max_new_tokens = manifest.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not 1 <= max_new_tokens <= manifest.max_new_tokens:
-            raise EngineError(f"max_new_tokens must be in [1, {manifest.max_new_tokens}] (the engine's decode "
-                              f"capacity); rebuild with --max-new-tokens {max_new_tokens} for more")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise EngineError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
-                              f"{top_p}, {top_k}")
+        _check_sampling(manifest, max_new_tokens, temperature, top_k, top_p, seed)
         ids, mask = self.encode(prompts)
         shortest = manifest.prefill[0].min_length  # low-rank engines: 2 (see build._prefill_ranges)
         if ids.shape[1] < shortest:
@@ -238,10 +279,13 @@ class Engine:
 
         started = time.perf_counter()
         with torch.no_grad():
-            outputs = self._prefill_program(length)(ids, mask)
-            logits, state = outputs[0], outputs[1:]
-            if manifest.lookahead is not None:
-                state = self._lookahead(state, mask, logits.argmax(-1), eos)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                outputs = self._prefill_program(length)(ids, mask)
+                logits, state = outputs[0], outputs[1:]
+                if manifest.lookahead is not None:
+                    state = self._lookahead(state, mask, logits.argmax(-1), eos)
+            notes = _prefill_notes(caught, batch)
             if manifest.decode_evict is not None:
                 steps = _WindowSteps(self, state, mask, manifest.capacity[0], self._decode, self._decode_evict,
                                      manifest.decode_target)
@@ -274,7 +318,8 @@ class Engine:
         tokens = torch.stack(generated, dim=-1).tolist()
         rows = [_until_eos(row, manifest.eos_token_ids if stop_on_eos else []) for row in tokens]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True) if self.tokenizer is not None else None
-        return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist(), cache_bytes)
+        return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist(), cache_bytes,
+                          notes)
 
     def _prefill_program(self, length: int, entries: Sequence[ProgramEntry] | None = None):
         """The program of ``entries`` (default: the prefill programs) that takes ``length``-token prompts."""
@@ -376,6 +421,96 @@ class _WindowSteps:
         else:
             self.entries += 1
         return logits
+
+
+def _prompt_rows(prompts: Prompts) -> list:
+    """The batch as a list of prompts: a string, a list of ints or a 1-D tensor is one prompt."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Tensor):
+        if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
+            raise EngineError(f"token ids as a tensor must be integers, 1-D (one prompt) or 2-D (one row per "
+                              f"prompt); got a {prompts.dim()}-D {prompts.dtype} tensor")
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    try:
+        rows = list(prompts)
+    except TypeError as error:
+        raise EngineError(f"prompts must be a string, a list of token ids or a list of either; got "
+                          f"{type(prompts).__name__}") from error
+    if not rows:
+        raise EngineError("no prompts given: pass a prompt (text or a list of token ids) or a list of prompts")
+    if all(_is_token_id(item) for item in rows):
+        return [rows]  # one prompt's token ids
+    if any(isinstance(row, str) for row in rows) and not all(isinstance(row, str) for row in rows):
+        raise EngineError("give every prompt as text or every prompt as token ids, not a mix")
+    return rows
+
+
+def _is_token_id(value) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _token_ids(index: int, prompt) -> list[int]:
+    """One prompt's token ids as ints; floats, strings and nested lists are refused, not truncated."""
+    if isinstance(prompt, Tensor):
+        prompt = prompt.tolist() if prompt.dim() == 1 and not prompt.is_floating_point() else [prompt]
+    try:
+        tokens = list(prompt)
+    except TypeError:
+        tokens = [prompt]
+    for token in tokens:
+        if not _is_token_id(token):
+            raise EngineError(f"prompt {index}: {token!r} is not a token id (an integer); a prompt is text or a list "
+                              f"of token ids")
+    return [operator.index(token) for token in tokens]
+
+
+def _check_sampling(manifest: Manifest, max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    capacity = manifest.max_new_tokens
+    if not _is_token_id(max_new_tokens) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= capacity:
+        more = (f"; rebuild with --max-new-tokens {max_new_tokens} for more"
+                if _is_token_id(max_new_tokens) and max_new_tokens > capacity else "")
+        raise EngineError(f"max_new_tokens must be an integer in [1, {capacity}] (the engine's decode capacity), got "
+                          f"{max_new_tokens!r}{more}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise EngineError(f"{name} must be a finite number, got {value!r}")
+    if temperature < 0:
+        raise EngineError(f"temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise EngineError(f"top_p must be in (0, 1] (1: no nucleus cut), got {top_p}")
+    if not _is_token_id(top_k) or isinstance(top_k, bool) or top_k < 0:
+        raise EngineError(f"top_k must be an integer >= 0 (0: no cut), got {top_k!r}")
+    if seed is not None and (not _is_token_id(seed) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+        raise EngineError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+
+
+# What kvc::compress_kv warns (kvc_compile.ops.compress.site_inputs) for a prompt it keeps whole. Its
+# advice, to lower window_size, is for torch.compile users: an engine's window is fixed when it is built.
+_KEPT_WHOLE = re.compile(r"kvc: a (\d+)-token prompt is not longer than (.+)'s observation window \((\d+) tokens\)")
+
+
+def _prefill_notes(caught: list[warnings.WarningMessage], batch: int) -> list[str]:
+    """The prefill's warnings: a prompt kept whole becomes one note in engine terms (the op warns once
+    per layer); any other warning is shown as it was."""
+    notes: list[str] = []
+    for warning in caught:
+        match = _KEPT_WHOLE.match(str(warning.message))
+        if match is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        length, method, window = match.group(1), match.group(2), int(match.group(3))
+        prompt = "the prompt is" if batch == 1 else "the batch's longest prompt is"
+        note = (f"{prompt} {length} tokens long, not longer than {method}'s observation window of {window} tokens "
+                f"built into this engine, so its cache is kept whole (uncompressed); prompts of {window + 1} tokens "
+                f"or more are compressed")
+        if note not in notes:
+            notes.append(note)
+    return notes
 
 
 def _until_eos(row: list[int], eos: list[int]) -> list[int]:

@@ -132,6 +132,15 @@ class OnnxProgram:
         self.arg_names = list(arg_names)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.written = written
+        # A graph that does not match the engine's manifest fails here, not at its first call.
+        unknown = [name for name in self.inputs if name not in self.arg_names]
+        if unknown:
+            raise ValueError(f"{path.name} takes inputs {unknown} that this engine's runtime does not pass "
+                             f"(it passes {self.arg_names}); rebuild the engine with kvc-build --force")
+        outputs = len(self.session.get_outputs())
+        if written is not None and outputs != 1 + len(written):
+            raise ValueError(f"{path.name} returns {outputs} outputs, and this engine's runtime expects the logits "
+                             f"and {len(written)} updated buffers; rebuild the engine with kvc-build --force")
 
     def __call__(self, *args: Tensor):
         given = dict(zip(self.arg_names, args, strict=True))
