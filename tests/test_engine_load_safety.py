@@ -110,6 +110,12 @@ def test_an_edited_manifest_value_is_named(engine_dir, tmp_path, edit, parts):
     expect_refused(tampered(engine_dir, tmp_path, edit), *parts)
 
 
+def test_a_manifest_that_is_not_utf8_is_reported_as_corrupted(engine_dir, tmp_path):
+    copy = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+    (copy / MANIFEST).write_bytes(b'{"format_version": 3, "target": "\xff"}')
+    expect_refused(copy, "is corrupted")
+
+
 def test_an_unknown_device_name_is_named(engine_dir, tmp_path):
     expect_refused(tampered(engine_dir, tmp_path, set_key("device", "gpu-17")), "'device'", "gpu-17")
 

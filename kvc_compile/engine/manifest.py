@@ -108,8 +108,8 @@ class Manifest:
             raise EngineError(f"{folder} has no {MANIFEST}: it is not an engine directory or its build did not "
                               f"finish; rebuild it with kvc-build --out {folder} --force")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise EngineError(f"{path} is corrupted ({error}); rebuild the engine with kvc-build --force") from error
         version = raw.get("format_version") if isinstance(raw, dict) else None
         if version != FORMAT_VERSION:
