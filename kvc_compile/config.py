@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property, lru_cache
@@ -17,15 +19,14 @@ from typing import Any
 
 import torch
 
-from kvc_compile.methods import Method, build_method, list_methods, method_class
+from kvc_compile.methods import LOWRANK_METHOD, Method, build_method, list_all_methods, list_methods, method_class
 
 INNER_BACKENDS = ("inductor", "eager")
 COMMON_OPTIONS = (
-    "method", "compression_ratio", "budget", "inner_backend", "decoding_interval", "target_size", "kqsvd",
+    "method", "compression_ratio", "budget", "inner_backend", "decoding_interval", "target_size", "verbose", "kqsvd",
 )
 # Rank compression: alone as method="kqsvd" (options at the top level), or next to a token method
 # as kqsvd={...}.
-LOWRANK_METHOD = "kqsvd"
 LOWRANK_OPTIONS = ("projections", "key_rank", "value_rank")
 CALIBRATE_HINT = "produce one with: kvc-calibrate --model MODEL --out projections.safetensors"
 
@@ -66,15 +67,20 @@ class CompressionConfig:
     target_size: int | None = None
     # KQ-SVD rank compression: {"projections": file, "key_rank": int | None, "value_rank": int | None}.
     lowrank: dict[str, Any] | None = None
+    # A line on stderr per compilation (what is compiled, how long it took); not part of the spec.
+    # KVC_VERBOSE=0 in the environment turns it off too.
+    verbose: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
             raise ValueError(f"method must be a method name (a string), got {self.method!r}; valid methods: "
-                             f"{', '.join(list_methods() + [LOWRANK_METHOD])}")
+                             f"{', '.join(list_all_methods())}")
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(
                 f"unknown inner_backend {self.inner_backend!r}; valid choices: {', '.join(INNER_BACKENDS)}"
             )
+        if not isinstance(self.verbose, bool):
+            raise ValueError(f"verbose must be True or False (a line on stderr per compilation), got {self.verbose!r}")
         if self.lowrank is not None:
             check_lowrank_options(self.lowrank)
             self.projections  # noqa: B018  (reads the file: ranks above its head_dim fail here)
@@ -82,10 +88,12 @@ class CompressionConfig:
             if self.lowrank is None:
                 raise ValueError(f"kqsvd projects keys and values on calibrated factors and needs a file of them: "
                                  f"options={{'method': 'kqsvd', 'projections': FILE}}; {CALIBRATE_HINT}")
-            if self.compression_ratio is not None or self.budget is not None or self.method_options:
+            evicting = (self.compression_ratio, self.budget, self.decoding_interval, self.target_size)
+            if any(option is not None for option in evicting) or self.method_options:
                 raise ValueError(
                     "kqsvd alone keeps every token (it thins entries to rank R) and takes only projections, "
-                    "key_rank and value_rank; to evict tokens as well, name a token method and add "
+                    "key_rank and value_rank (not compression_ratio, budget, decoding_interval, target_size or "
+                    "method options); to evict tokens as well, name a token method and add "
                     "kqsvd={'projections': FILE}, e.g. {'method': 'snapkv', 'compression_ratio': 0.5, 'kqsvd': {...}}"
                 )
             return
@@ -197,13 +205,16 @@ class CompressionConfig:
         if not options:
             raise ValueError(
                 f"the kvc backend needs options, e.g. options={{'method': 'snapkv', 'compression_ratio': 0.5}}; "
-                f"valid methods: {', '.join(list_methods())}"
+                f"valid methods: {', '.join(list_all_methods())}"
             )
         if isinstance(options, CompressionConfig):
             return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict like {{'method': 'snapkv', 'compression_ratio': 0.5}}, "
+                             f"got {options!r}")
         options = dict(options)
         if "method" not in options:
-            raise ValueError(f"options must name a 'method'; valid methods: {', '.join(list_methods())}")
+            raise ValueError(f"options must name a 'method'; valid methods: {', '.join(list_all_methods())}")
         method = options.pop("method")
         common = {key: options.pop(key) for key in COMMON_OPTIONS[1:-1] if key in options}
         lowrank = options.pop(LOWRANK_METHOD, None)
@@ -245,8 +256,25 @@ class CompressionConfig:
         return self.build_method()
 
     def to_spec(self) -> str:
-        """A canonical string that travels inside the compiled graph as the custom op's argument."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """A canonical string that travels inside the compiled graph as the custom op's argument
+        (what compresses, not how the compilation reports itself)."""
+        spec = dataclasses.asdict(self)
+        del spec["verbose"]
+        return json.dumps(spec, sort_keys=True)
+
+    @property
+    def reports_progress(self) -> bool:
+        """Whether each compilation prints a line on stderr (``verbose``, unless KVC_VERBOSE=0)."""
+        return self.verbose and os.environ.get("KVC_VERBOSE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+    def check_model(self, model) -> None:
+        """Refuse a model this configuration was not made for: KQ-SVD projections calibrated on another
+        model (``CalibrationMismatchError``). The compiled and the reference paths both call it."""
+        if self.lowrank is not None:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # the weights are hashed: real tensors, even inside a compile
+                self.projections.check_model(model, self.lowrank["projections"])
 
     @staticmethod
     def from_spec(spec: str) -> CompressionConfig:

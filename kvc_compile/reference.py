@@ -13,7 +13,7 @@ buffers, and the same pure-PyTorch functions evict or re-score.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvc_compile.cache import CachedKeys, CompressedCache, CompressedLayer
+from kvc_compile.cache import CachedKeys, CompressedCache, CompressedLayer, sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, kvc_attention
 from kvc_compile.config import CompressionConfig
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
@@ -30,6 +30,7 @@ from kvc_compile.methods.base import CompressedKV, prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, raw_site_scores, score_site
 from kvc_compile.ops.decode import compress_decode_packed_site, compress_decode_site, last_queries, shift_in
+from kvc_compile.passes.manager import SLIDING_LAYERS_NOTE, NoAttentionSiteError
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
 _captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
@@ -101,6 +102,13 @@ def uncompressed(keys: Tensor, values: Tensor) -> CompressedKV:
     return CompressedKV(keys, values, *prefill_entries(batch, kv_heads, n, keys.device))
 
 
+def window_entries(keys: Tensor, values: Tensor, window: int) -> CompressedKV:
+    """What a sliding-window layer keeps of its prompt: the last ``window - 1`` entries (copied, so the
+    rest is freed), as ``CompressedLayer`` and transformers' ``DynamicSlidingWindowLayer`` keep."""
+    entries = uncompressed(keys, values)
+    return CompressedKV(*(tensor[:, :, -(window - 1):].clone() for tensor in entries))
+
+
 def project_layer(compressed: CompressedKV, projections, layer_idx: int, kv_heads: int):
     """The layer's entries projected to low rank, and the factors the cache decodes with."""
     factors = tuple(
@@ -119,8 +127,12 @@ def project_layer(compressed: CompressedKV, projections, layer_idx: int, kv_head
 class CapturedPrefill:
     """One eager prefill of the unmodified model: what every layer's attention saw, and the logits."""
 
-    sites: list[tuple]  # per layer: (query, keys, values, mask, cos, sin, layer_idx, n_layers)
+    # Per layer the pass compresses (every layer but sliding-window ones): (query, keys, values, mask,
+    # cos, sin, layer_idx, n_layers), numbered among those layers as the pass numbers its sites.
+    sites: list[tuple]
     logits: Tensor  # [batch, n, vocab]
+    # Sliding-window layers, left uncompressed: {model layer index: (keys, values, window)}.
+    sliding: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -137,16 +149,18 @@ def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=CompressedCache(),
+            past_key_values=CompressedCache(config=model.config),
             use_cache=True,
         )
-    layers = sorted(captured)
+    windows = sliding_windows(model.config)
+    layers = [layer_idx for layer_idx in sorted(captured) if layer_idx not in windows]
     sites = []
-    for layer_idx in layers:
+    for site_idx, layer_idx in enumerate(layers):
         query, keys, values, mask = captured[layer_idx]
         cos, sin = _rotary_tables(model, values, position_ids)
-        sites.append((query, keys, values, mask, cos, sin, layer_idx, len(layers)))
-    return CapturedPrefill(sites, out.logits)
+        sites.append((query, keys, values, mask, cos, sin, site_idx, len(layers)))
+    sliding = {layer_idx: (*captured[layer_idx][1:3], windows[layer_idx]) for layer_idx in windows}
+    return CapturedPrefill(sites, out.logits, sliding)
 
 
 @torch.no_grad()
@@ -160,7 +174,11 @@ def compress_prefill(
     entry). The captured tensors are only read, so one capture serves many configurations.
     ``scores``: every layer's ``prefill_scores`` for this method, when already computed."""
     config = None if config is None else _as_config(config)
+    if config is not None:
+        config.check_model(model)  # the check the compiled path makes: KQ-SVD projections of this model
     sites = prefill.sites
+    if config is not None and not sites:
+        raise NoAttentionSiteError(f"kvc: {type(model).__name__} has no layer to compress. {SLIDING_LAYERS_NOTE}")
     evicts = config is not None and config.evicts
     lowrank = config is not None and config.lowrank is not None
     if not evicts:
@@ -174,8 +192,6 @@ def compress_prefill(
         compressed_layers = [
             compress_site(config, *site, scores=layer) for site, layer in zip(sites, layer_scores, strict=True)
         ]
-    if lowrank:
-        config.projections.check_model(model, config.lowrank["projections"])
     # Decode-time scorers and LAQ's second stage vote with the prompt's last queries.
     recent = None
     if config is not None and config.recent_queries:
@@ -184,6 +200,7 @@ def compress_prefill(
     cache = CompressedCache()
     kept_indices, kept_heads = [], []
     for position, (site, compressed) in enumerate(zip(sites, compressed_layers, strict=True)):
+        _add_sliding_layers(cache, prefill.sliding, kept_indices, kept_heads)
         keys, layer_idx = site[1], site[6]
         factors = None
         if lowrank:
@@ -198,7 +215,20 @@ def compress_prefill(
         cache.layers.append(layer)
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
+    _add_sliding_layers(cache, prefill.sliding, kept_indices, kept_heads)
     return ReferencePrefill(cache, kept_indices, kept_heads, prefill.logits)
+
+
+def _add_sliding_layers(cache: CompressedCache, sliding: dict, kept_indices: list, kept_heads: list) -> None:
+    """Append the sliding-window layers that come next in the model's order (each keeps its window)."""
+    while len(cache.layers) in sliding:
+        keys, values, window = sliding[len(cache.layers)]
+        layer = CompressedLayer(sliding_window=window)
+        entries = window_entries(keys, values, window)
+        layer.set_compressed(entries, logical_length=keys.shape[2], kv_heads=keys.shape[1])
+        cache.layers.append(layer)
+        kept_indices.append(entries.positions)
+        kept_heads.append(entries.heads)
 
 
 def prefill_scores(config: CompressionConfig, prefill: CapturedPrefill) -> list[Tensor | None]:

@@ -19,6 +19,10 @@ implementation (``kvc_compile.cache.attention``). Decoding appends one entry per
 A plain ``DynamicCache`` also works for unpadded batches under ``generate()`` with the dense
 layout, which passes logical positions itself; use ``CompressedCache`` for padded batches, for
 packed layouts and for direct forward calls without positions.
+
+Sliding-window layers (``config.sliding_window``, ``layer_types``) are bounded already: built with
+``CompressedCache(config=model.config)``, such a layer keeps only the last ``window - 1`` entries,
+as transformers' ``DynamicSlidingWindowLayer`` does, and the kvc pass leaves it uncompressed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvc_compile.methods.base import INDEX_DTYPE
@@ -55,8 +60,29 @@ class CachedKeys(NamedTuple):
         )
 
 
+SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def sliding_windows(config: PretrainedConfig) -> dict[int, int]:
+    """{layer index: window} for every layer of ``config`` whose attention slides over a window."""
+    config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    if window is None:
+        return {}
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return {index: window for index, kind in enumerate(layer_types) if kind in SLIDING_LAYER_TYPES}
+
+
 class CompressedLayer(DynamicLayer):
-    """A ``DynamicLayer`` that also counts the tokens it has seen (its logical length)."""
+    """A ``DynamicLayer`` that also counts the tokens it has seen (its logical length).
+
+    ``sliding_window``: the layer's attention reads only the last ``sliding_window`` positions, so it
+    keeps at most ``sliding_window - 1`` entries after each step (never compressed by the pass)."""
+
+    def __init__(self, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -104,9 +130,21 @@ class CompressedLayer(DynamicLayer):
             self.recent_queries = recent_queries(key_states)
             self.prompt_keys, self.prompt_values = prompt_kv(key_states, value_states)
         self.logical_length += key_states.shape[-2]
+        if self.sliding_window is not None:
+            self._keep_window(copy=first)  # attention still reads this step's full keys and values
         if not first and self.lowrank:
             return CachedKeys(keys, None, self.key_up, self.value_up, self.output_fold), values
         return keys, values
+
+    def _keep_window(self, copy: bool) -> None:
+        """Keep the last ``sliding_window - 1`` entries: all the next token's attention reads. ``copy``
+        (the prompt) frees the rest of the prompt's storage, which a view would keep alive."""
+        keep = self.sliding_window - 1
+        kept = [self.keys[:, :, -keep:], self.values[:, :, -keep:]]
+        kept += [self.positions[..., -keep:], self.heads[..., -keep:]]
+        if copy:
+            kept = [tensor.clone() for tensor in kept]
+        self.keys, self.values, self.positions, self.heads = kept
 
     def _record_decoded(self, key_states: Tensor) -> None:
         """Positions of the entries about to be appended and, if kept, the buffer of recent queries."""
@@ -184,10 +222,20 @@ class CompressedLayer(DynamicLayer):
 
 
 class CompressedCache(DynamicCache):
-    """A dynamic cache whose layers keep logical and physical lengths apart."""
+    """A dynamic cache whose layers keep logical and physical lengths apart.
 
-    def __init__(self) -> None:
-        Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
+    ``config``: the model's config, whose sliding-window layers then keep only their window (as
+    ``DynamicCache(config=...)`` does); needed for models with such layers (Mistral with
+    ``sliding_window``, Qwen2 with ``use_sliding_window``), which the kvc pass otherwise refuses.
+    """
+
+    def __init__(self, config: PretrainedConfig | None = None) -> None:
+        windows = {} if config is None else sliding_windows(config)
+        if not windows:
+            Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
+            return
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        Cache.__init__(self, layers=[CompressedLayer(sliding_window=windows.get(index)) for index in range(n_layers)])
 
     def physical_lengths(self) -> list[int]:
         return [layer.physical_length for layer in self.layers]
@@ -212,4 +260,11 @@ def kept_tokens_per_layer(cache: Cache) -> list[int]:
     return [layer.keys.shape[-2] if layer.keys is not None else 0 for layer in cache.layers]
 
 
-__all__ = ["CachedKeys", "CompressedCache", "CompressedLayer", "cache_nbytes", "kept_tokens_per_layer"]
+__all__ = [
+    "CachedKeys",
+    "CompressedCache",
+    "CompressedLayer",
+    "cache_nbytes",
+    "kept_tokens_per_layer",
+    "sliding_windows",
+]

@@ -33,16 +33,27 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+# Rank compression (KQ-SVD) is not a token method: it thins every entry and has no scorer, so it is
+# not in the registry, but ``method=`` accepts it (``kvc_compile.config``).
+LOWRANK_METHOD = "kqsvd"
+
+
 def list_methods() -> list[str]:
-    """Names of every registered compression method."""
+    """Names of every registered token-eviction method (the scorers; ``kqsvd`` is listed by
+    ``list_all_methods``)."""
     return sorted(METHODS)
+
+
+def list_all_methods() -> list[str]:
+    """Every name ``method=`` accepts: the token-eviction methods and rank compression (``kqsvd``)."""
+    return sorted([*METHODS, LOWRANK_METHOD])
 
 
 def method_class(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}") from None
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_all_methods())}") from None
 
 
 def _default(field: dataclasses.Field) -> Any:
@@ -76,4 +87,14 @@ for _cls in (
 ):
     register(_cls)
 
-__all__ = ["METHODS", "Method", "ScoreInputs", "build_method", "list_methods", "method_class", "register"]
+__all__ = [
+    "LOWRANK_METHOD",
+    "METHODS",
+    "Method",
+    "ScoreInputs",
+    "build_method",
+    "list_all_methods",
+    "list_methods",
+    "method_class",
+    "register",
+]

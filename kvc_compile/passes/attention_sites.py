@@ -225,19 +225,60 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
     return sites
 
 
-def root_module_name(gm: fx.GraphModule) -> str:
-    """The class of the traced model, for error messages (best effort).
-
-    Dynamo graphs do not record the root module, so look for the ``self`` of the frame Dynamo is
-    converting on the Python stack; fall back to the outermost module in the graph's module stack.
-    """
+def _dynamo_compile_frame():
+    """The frame of Dynamo's ``_compile`` converting the user's frame, if this call is inside one."""
     frame = sys._getframe()
     while frame is not None:
         if frame.f_code.co_name == "_compile" and "convert_frame" in frame.f_code.co_filename:
-            frame_locals = frame.f_locals.get("locals")
-            if isinstance(frame_locals, dict) and isinstance(frame_locals.get("self"), torch.nn.Module):
-                return type(frame_locals["self"]).__name__
+            return frame
         frame = frame.f_back
+    return None
+
+
+def traced_module(gm: fx.GraphModule | None = None) -> torch.nn.Module | None:
+    """The module whose frame Dynamo is converting (best effort; None outside Dynamo or when not found).
+
+    Dynamo graphs do not record their root module, so look on the Python stack for the frame Dynamo
+    converts: its ``self``, or the first argument of a wrapper (``model.compile`` and transformers'
+    argument-renaming decorators trace ``wrapped(*args)`` with the module first).
+    """
+    frame = _dynamo_compile_frame()
+    frame_locals = frame.f_locals.get("locals") if frame is not None else None
+    if not isinstance(frame_locals, dict):
+        return None
+    candidates = [frame_locals.get("self")]
+    args = frame_locals.get("args")
+    if isinstance(args, tuple) and args:
+        candidates.append(args[0])
+    return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
+
+
+def traced_config(gm: fx.GraphModule | None = None):
+    """The transformers config of the model being traced (best effort): the traced module's, or one the
+    converted frame holds (a graph can start inside a helper such as mask creation)."""
+    module = traced_module(gm)
+    config = getattr(module, "config", None)
+    if config is not None:
+        return config
+    frame = _dynamo_compile_frame()
+    frame_locals = frame.f_locals.get("locals") if frame is not None else None
+    if not isinstance(frame_locals, dict):
+        return None
+    return next((value for value in frame_locals.values() if hasattr(value, "_attn_implementation")), None)
+
+
+def compiled_code():
+    """The code object Dynamo is compiling (None outside Dynamo)."""
+    frame = _dynamo_compile_frame()
+    return None if frame is None else frame.f_locals.get("code")
+
+
+def root_module_name(gm: fx.GraphModule) -> str:
+    """The class of the traced model, for error messages (best effort): the module Dynamo is
+    converting, else the outermost module in the graph's module stack."""
+    module = traced_module(gm)
+    if module is not None:
+        return type(module).__name__
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:
