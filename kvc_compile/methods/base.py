@@ -352,7 +352,10 @@ def compress_layer(method: Method, n_kept, inputs: ScoreInputs, scores: Tensor |
     if method.layout == "dense":
         if n_kept >= n:
             positions, heads = prefill_entries(batch, kv_heads, n, keys.device)
-            return CompressedKV(keys.clone(), values.clone(), positions, heads)
+            # Contiguous copies: the fake kernel promises the layout of a fresh tensor, and a plain
+            # clone would keep the strides of a transposed input (Inductor asserts them).
+            fresh = torch.contiguous_format
+            return CompressedKV(keys.clone(memory_format=fresh), values.clone(memory_format=fresh), positions, heads)
         scores = method.score(inputs) if scores is None else scores
         if inputs.select_kernel is None or type(method).select is not Method.select:
             return keep_dense(keys, values, method.select(scores, valid, n_kept))

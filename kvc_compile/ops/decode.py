@@ -87,7 +87,9 @@ def lookahead_stage2(
 
     config = CompressionConfig.from_spec(spec)
     kept = stage2_entries(config, keys, values, recent_queries, prompt_mask, pseudo_valid)
-    return kept.keys.clone(), kept.values.clone(), kept.positions.to(INDEX_DTYPE).clone()
+    fresh = torch.contiguous_format  # the fake kernel's layout, whatever the inputs' strides
+    return (kept.keys.clone(memory_format=fresh), kept.values.clone(memory_format=fresh),
+            kept.positions.to(INDEX_DTYPE).clone(memory_format=fresh))
 
 
 @lookahead_stage2.register_fake
@@ -143,7 +145,7 @@ def shift_in_aten(buffer: Tensor, query: Tensor) -> Tensor:
 
 @shift_in.register_fake
 def _(buffer, query):
-    return torch.empty_like(buffer)
+    return buffer.new_empty(buffer.shape)  # contiguous, as the real kernel returns it
 
 
 @torch.library.custom_op("kvc::append_positions", mutates_args=())
