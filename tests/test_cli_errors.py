@@ -300,3 +300,16 @@ def test_a_checkpoint_without_a_tokenizer(tmp_path, caplog):
     assert "has no tokenizer files; loaded without a tokenizer" in caplog.text
     with pytest.raises(ModelNotFoundError, match="has no tokenizer files .* copy the tokenizer files"):
         load_model(str(tmp_path), require_tokenizer=True)
+
+
+@pytest.mark.smollm2  # SmolLM2's tokenizer; the model is a tiny random Llama
+@pytest.mark.parametrize("argv", [["--method", "morphkv", "--budget", "40", "--option", "window_size=8"],
+                                  ["--method", "adakv", "--option", 'scorer_options={"window_size": 8}']])
+def test_demo_runs_methods_that_need_the_compressed_cache(capsys, monkeypatch, smollm2, argv):
+    """MorphKV compresses while decoding and AdaKV packs its cache: both need a CompressedCache."""
+    tokenizer = smollm2[1]
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=1)
+    monkeypatch.setattr(demo, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    assert demo.main([*argv, "--samples", "1", "--context-tokens", "64", "--inner-backend", "eager"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "compressed back to 40 while decoding" in out if "morphkv" in argv else "after prefill: [" in out

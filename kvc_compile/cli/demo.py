@@ -13,19 +13,22 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvc_compile.cache import cache_nbytes, kept_tokens_per_layer
+from kvc_compile.cache import CompressedCache, cache_nbytes
+from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.cli.common import UsageError, parse_options, positive_int, user_errors
 from kvc_compile.config import CompressionConfig
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 from kvc_compile.models import load_model
+from kvc_compile.reference import attention_implementation
 
 MARK = {True: "[green]✓[/green]", False: "[red]✗[/red]"}
 
 
-def _generate(model, input_ids, max_new_tokens: int):
+def _generate(model, input_ids, max_new_tokens: int, cache=None):
     with torch.no_grad():
         return model.generate(
-            input_ids, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
+            input_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+            return_dict_in_generate=True,
         )
 
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in ("method", "compression_ratio", "budget", "inner_backend"):
             raise UsageError(f"--option {key}=... : use --{key.replace('_', '-')} instead")
         options[key] = value
-    CompressionConfig.from_options(options)
+    config = CompressionConfig.from_options(options)
 
     console.print(f"loading [bold]{args.model}[/bold] ...")
     model, tokenizer = load_model(args.model, require_tokenizer=True)
@@ -76,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column)
     start = time.perf_counter()
     for (sample, ids), (full_text, full_out) in zip(samples, full_answers, strict=True):
-        out = _generate(model, ids, 8)
+        # The compressed cache keeps the entries' positions (and, for MorphKV, recent queries); packed
+        # and low-rank layouts need the kvc attention.
+        with attention_implementation(model, ATTENTION_IMPLEMENTATION):
+            out = _generate(model, ids, 8, CompressedCache())
         text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
         table.add_row(
             sample.answer,
@@ -87,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         last = out, ids.shape[1]
     console.print(table)
     out, prompt_len = last
-    kept = kept_tokens_per_layer(out.past_key_values)
+    held = [layer.entries_per_head for layer in out.past_key_values.layers]  # packed: the heads' mean
     generated = out.sequences.shape[1] - prompt_len - 1  # the last token is never written to the cache
-    console.print(f"prompt tokens: {prompt_len}; tokens kept per layer after prefill (per KV head): "
-                  f"{[k - generated for k in kept]}")
+    if config.decode_target is None:
+        console.print(f"prompt tokens: {prompt_len}; tokens kept per KV head, per layer, after prefill: "
+                      f"{[h - generated for h in held]}")
+    else:  # compression while decoding: what prefill kept is gone by now
+        console.print(f"prompt tokens: {prompt_len}; entries per KV head, per layer, after {generated} generated "
+                      f"tokens (compressed back to {config.decode_target} while decoding): {held}")
     console.print(f"compiled runs took {time.perf_counter() - start:.1f} s including compilation")
     return 0
 
