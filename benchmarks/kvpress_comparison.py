@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from kvc_compile.transformers_compat import with_cache
+
 SNAPKV = {"method": "snapkv", "compression_ratio": 0.5}  # kvpress's SnapKVPress defaults: window 64, avg pool 5
 
 
@@ -102,11 +104,11 @@ def run_kvc(args) -> dict:
     compiled = torch.compile(model, backend="kvc", options=SNAPKV, dynamic=True)
 
     def prefill(ids, cache):
-        return compiled(ids, past_key_values=cache, use_cache=True).logits
+        return compiled(ids, **with_cache(cache), use_cache=True).logits
 
     def step(token, cache, position):
         position = torch.tensor([[position]])
-        return compiled(token, past_key_values=cache, use_cache=True, position_ids=position,
+        return compiled(token, **with_cache(cache), use_cache=True, position_ids=position,
                         cache_position=position[0]).logits
 
     result = timed_generate(prefill, step, CompressedCache, ids, args.new_tokens, args.repeats)
@@ -125,10 +127,10 @@ def run_kvpress(args) -> dict:
 
     def prefill(ids, cache):
         with press(model):  # kvpress compresses in a forward hook on each attention layer
-            return model(ids, past_key_values=cache, use_cache=True).logits
+            return model(ids, **with_cache(cache), use_cache=True).logits
 
     def step(token, cache, position):  # positions continue from the uncompressed length, as in its pipeline
-        return model(token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[position]])).logits
+        return model(token, **with_cache(cache), use_cache=True, position_ids=torch.tensor([[position]])).logits
 
     result = timed_generate(prefill, step, DynamicCache, ids, args.new_tokens, args.repeats)
     version = importlib.metadata.version("kvpress")

@@ -7,6 +7,7 @@ import torch
 
 import kvc_compile
 from kvc_compile.eval.passkey import passkey_inputs
+from kvc_compile.transformers_compat import output_cache
 
 model, tokenizer = kvc_compile.load_model("smollm2-135m")
 sample, input_ids = passkey_inputs(tokenizer, target_tokens=1500, seed=0)
@@ -22,5 +23,5 @@ with torch.no_grad():
 
 answer = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
 print(f"pass key {sample.answer}; model says {answer.strip()!r}")
-print(f"prompt {input_ids.shape[1]} tokens; cache holds {kvc_compile.kept_tokens_per_layer(out.past_key_values)[0]} "
-      f"per layer and KV head after generation, {kvc_compile.cache_nbytes(out.past_key_values):,} bytes")
+print(f"prompt {input_ids.shape[1]} tokens; cache holds {kvc_compile.kept_tokens_per_layer(output_cache(out))[0]} "
+      f"per layer and KV head after generation, {kvc_compile.cache_nbytes(output_cache(out)):,} bytes")

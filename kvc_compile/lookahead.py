@@ -30,6 +30,7 @@ from torch import Tensor
 from kvc_compile.cache import CompressedCache, CompressedLayer
 from kvc_compile.config import CompressionConfig
 from kvc_compile.methods.base import CompressedKV, keep_dense, prefill_entries, select_uniform
+from kvc_compile.transformers_compat import with_cache
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (token [batch, 1], mask [batch, length]) -> logits [batch, vocab]
 
@@ -46,7 +47,7 @@ def decode_step(forward: Callable, cache: CompressedCache) -> Step:
 
     def step(token: Tensor, mask: Tensor) -> Tensor:
         position_ids = mask.long().cumsum(-1)[:, -1:] - 1
-        out = forward(input_ids=token, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        out = forward(input_ids=token, attention_mask=mask, position_ids=position_ids, **with_cache(cache),
                       use_cache=True)
         return out.logits[:, -1]
 
@@ -154,7 +155,7 @@ def lookahead_generate(
     cache = CompressedCache()
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_position_ids(input_ids, attention_mask),
-        past_key_values=cache, use_cache=True,
+        **with_cache(cache), use_cache=True,
     )
     first_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     step = decode_step(model, cache)

@@ -26,6 +26,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from kvc_compile.transformers_compat import with_cache
+
 TINY = dict(
     vocab_size=96,
     hidden_size=64,
@@ -72,7 +74,7 @@ def compiled_greedy_steps(model, options, ids, mask, steps):
     cache, tokens, lengths, sizes = CompressedCache(), [], [], []
     step = decode_step(compiled, cache)
     with torch.no_grad():
-        out = compiled(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), past_key_values=cache,
+        out = compiled(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), **with_cache(cache),
                        use_cache=True)
         logits = out.logits[:, -1]
         for _ in range(steps):

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from kvc_compile import CompressedCache, CompressionConfig, reference_generate, reference_prefill
 from kvc_compile.methods.base import gather_kept
 from kvc_compile.passes import NoAttentionSiteError
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 METHOD_OPTIONS = {
     "snapkv": {"window_size": 8},
@@ -35,10 +36,10 @@ def test_compiled_cache_keeps_reference_tokens_and_generates_the_same(arch, meth
     n_kept = CompressionConfig.from_options(opts).kept_length(PROMPT)
     reference = reference_prefill(model, ids, opts)
     with torch.no_grad():
-        full = model(ids, use_cache=True).past_key_values
+        full = output_cache(model(ids, use_cache=True))
         out = torch.compile(model, backend="kvc", options=opts)(ids, use_cache=True)
     torch.testing.assert_close(out.logits, reference.logits)  # prefill attention itself stays exact
-    for layer_idx, layer in enumerate(out.past_key_values.layers):
+    for layer_idx, layer in enumerate(output_cache(out).layers):
         kept = reference.kept_indices[layer_idx]
         assert layer.keys.shape == (1, 2, n_kept, model.config.head_dim if arch == "qwen3" else 16)
         torch.testing.assert_close(layer.keys, gather_kept(full.layers[layer_idx].keys, kept))
@@ -50,7 +51,7 @@ def test_compiled_cache_keeps_reference_tokens_and_generates_the_same(arch, meth
         generated = model.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(generated.sequences[:, PROMPT:], expected)
     # The cache shrank during generate(): kept prompt tokens plus the generated ones written back.
-    assert [layer.keys.shape[-2] for layer in generated.past_key_values.layers] == [n_kept + 11] * 2
+    assert [layer.keys.shape[-2] for layer in output_cache(generated).layers] == [n_kept + 11] * 2
 
 
 def test_eager_attention_pattern_is_found_and_compressed():
@@ -62,7 +63,7 @@ def test_eager_attention_pattern_is_found_and_compressed():
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences[:, PROMPT:], expected)
-    assert out.past_key_values.layers[0].keys.shape[-2] == 20 + 9
+    assert output_cache(out).layers[0].keys.shape[-2] == 20 + 9
 
 
 def test_left_padding_is_never_kept_and_generation_matches_reference():
@@ -83,7 +84,7 @@ def test_left_padding_is_never_kept_and_generation_matches_reference():
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-            past_key_values=CompressedCache(), return_dict_in_generate=True,
+            **with_cache(CompressedCache()), return_dict_in_generate=True,
         )
     assert torch.equal(out.sequences[:, PROMPT:], expected)
     # Prefill, then decode once static and once dynamic: the logical length does not recompile every step.
@@ -101,10 +102,10 @@ def test_direct_forward_continues_at_logical_positions():
     compiled = torch.compile(model, backend="kvc", options=opts)
     with torch.no_grad():
         cache = CompressedCache()
-        first = compiled(ids, past_key_values=cache, use_cache=True)
+        first = compiled(ids, **with_cache(cache), use_cache=True)
         assert cache.get_seq_length() == PROMPT and cache.physical_lengths() == [20, 20]
         next_token = first.logits[:, -1:].argmax(-1)
-        step = compiled(next_token, past_key_values=cache, use_cache=True)
+        step = compiled(next_token, **with_cache(cache), use_cache=True)
     reference = reference_generate(model, ids, opts, max_new_tokens=2)
     assert torch.equal(step.logits[:, -1].argmax(-1), reference[:, 1])
 
@@ -114,7 +115,7 @@ def test_prompt_not_longer_than_the_window_is_left_uncompressed():
     ids = random_prompt(1, 8)
     with torch.no_grad():
         out = torch.compile(model, backend="kvc", options=options("snapkv"))(ids, use_cache=True)
-    assert out.past_key_values.layers[0].keys.shape[-2] == 8
+    assert output_cache(out).layers[0].keys.shape[-2] == 8
 
 
 def test_prompt_not_longer_than_the_budget_is_left_uncompressed():
@@ -122,7 +123,7 @@ def test_prompt_not_longer_than_the_budget_is_left_uncompressed():
     opts = {"method": "knorm", "budget": 64, "inner_backend": "eager"}
     with torch.no_grad():
         out = torch.compile(model, backend="kvc", options=opts)(random_prompt(1, PROMPT), use_cache=True)
-    assert out.past_key_values.layers[0].keys.shape[-2] == PROMPT
+    assert output_cache(out).layers[0].keys.shape[-2] == PROMPT
 
 
 def test_mode_without_options_gets_the_options_error():
@@ -137,7 +138,7 @@ def test_budget_keeps_an_absolute_count():
     opts = {"method": "knorm", "budget": 12, "inner_backend": "eager"}
     with torch.no_grad():
         out = torch.compile(model, backend="kvc", options=opts)(random_prompt(2, PROMPT), use_cache=True)
-    assert [layer.keys.shape for layer in out.past_key_values.layers] == [(2, 2, 12, 16)] * 2
+    assert [layer.keys.shape for layer in output_cache(out).layers] == [(2, 2, 12, 16)] * 2
 
 
 def test_new_prompt_length_does_not_recompile_prefill():
@@ -147,7 +148,7 @@ def test_new_prompt_length_does_not_recompile_prefill():
     with torch.no_grad():
         for length in (40, 57, 90):
             out = compiled(random_prompt(1, length), use_cache=True)
-            assert out.past_key_values.layers[0].keys.shape[-2] == length // 2
+            assert output_cache(out).layers[0].keys.shape[-2] == length // 2
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -163,7 +164,7 @@ def test_decode_graphs_are_left_unchanged():
     compiled = torch.compile(model, backend=recording_backend)
     with torch.no_grad():
         out = compiled(random_prompt(1, PROMPT), use_cache=True)
-        compiled(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        compiled(out.logits[:, -1:].argmax(-1), **with_cache(output_cache(out)), use_cache=True)
     assert seen == [2, 0]  # two prefill sites rewritten, none in the decode graph
 
 

@@ -11,6 +11,7 @@ from kvc_compile.cache import CompressedLayer
 from kvc_compile.methods.base import ScoreInputs, compress_layer, select_head_adaptive
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.pyramidkv import PyramidKV
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 PROMPT = 40
 ADAKV = {"method": "adakv", "scorer_options": {"window_size": 8}, "compression_ratio": 0.5, "inner_backend": "eager"}
@@ -123,9 +124,9 @@ def test_compiled_budgets_free_memory_and_generate_like_the_reference(method):
     reference = reference_prefill(model, ids, opts)
     compiled = torch.compile(model, backend="kvc", options=opts, dynamic=True)
     with torch.no_grad():
-        full = model(ids, use_cache=True).past_key_values
+        full = output_cache(model(ids, use_cache=True))
         cache = CompressedCache()
-        compiled(ids, use_cache=True, past_key_values=cache)
+        compiled(ids, use_cache=True, **with_cache(cache))
     n_kept = CompressionConfig.from_options(opts).kept_length(PROMPT)
     row_totals = torch.zeros(2, dtype=torch.long)
     for layer, kept, heads in zip(cache.layers, reference.kept_indices, reference.kept_heads, strict=True):
@@ -139,7 +140,7 @@ def test_compiled_budgets_free_memory_and_generate_like_the_reference(method):
     expected = reference_generate(model, ids, opts, max_new_tokens=8)
     model.compile(backend="kvc", options=opts, dynamic=True)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=CompressedCache())
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(CompressedCache()))
     assert torch.equal(out[:, PROMPT:], expected)
 
 
@@ -156,8 +157,7 @@ def test_head_budgets_with_left_padding_generate_like_the_reference():
     model.compile(backend="kvc", options=ADAKV, dynamic=True)
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, past_key_values=CompressedCache()
-        )
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **with_cache(CompressedCache()))
     assert torch.equal(out[:, PROMPT:], expected)
 
 
@@ -173,4 +173,4 @@ def test_packed_layout_read_by_dense_attention_explains_the_fix():
     prefill = reference_prefill(model, random_prompt(1, PROMPT), ADAKV)
     assert isinstance(prefill.cache.layers[0], CompressedLayer) and prefill.cache.layers[0].packed
     with torch.no_grad(), pytest.raises(TypeError, match="attn_implementation='kvc'"):
-        model(torch.tensor([[5]]), past_key_values=prefill.cache, use_cache=True)
+        model(torch.tensor([[5]]), **with_cache(prefill.cache), use_cache=True)

@@ -7,20 +7,21 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from kvc_compile.backend.grad_mode import InferenceOnlyWarning
+from kvc_compile.transformers_compat import output_cache
 
 WINDOW = 8
 
 
 def eager_cache(model, ids):
     with torch.no_grad():
-        return model(ids, use_cache=True).past_key_values
+        return output_cache(model(ids, use_cache=True))
 
 
 def assert_keeps_everything(model, compiled, ids):
     with torch.no_grad():
         out = compiled(ids, use_cache=True)
     full = eager_cache(model, ids)
-    for layer, full_layer in zip(out.past_key_values.layers, full.layers, strict=True):
+    for layer, full_layer in zip(output_cache(out).layers, full.layers, strict=True):
         torch.testing.assert_close(layer.keys, full_layer.keys, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(layer.values, full_layer.values, rtol=1e-4, atol=1e-4)
 
@@ -63,7 +64,7 @@ def test_grad_mode_runs_without_gradients_and_says_so():
     assert torch.is_grad_enabled()
     with pytest.warns(InferenceOnlyWarning, match="no_grad"):
         out = compiled(ids, use_cache=True)
-    assert out.past_key_values.layers[0].keys.shape[2] == 20
+    assert output_cache(out).layers[0].keys.shape[2] == 20
     assert not out.logits.requires_grad
     with torch.no_grad():
         expected = model(ids).logits

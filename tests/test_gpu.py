@@ -7,6 +7,7 @@ from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, reference_generate
 from kvc_compile.plugins.triton import TRITON_AVAILABLE
+from kvc_compile.transformers_compat import with_cache
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,5 +39,5 @@ def test_inductor_with_kernels_matches_the_reference_on_the_gpu(options):
     model.compile(backend="kvc", options=options, dynamic=True)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                             past_key_values=CompressedCache())
+                             **with_cache(CompressedCache()))
     assert torch.equal(out[:, 64:], expected)

@@ -7,6 +7,7 @@ from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes, reference_generate, reference_prefill
 from kvc_compile.eval.lowrank import CalibrationMismatchError, calibrate_lowrank
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 PROMPT, NEW = 40, 8
 
@@ -32,7 +33,7 @@ def compiled_generate(model, options, ids, mask):
     try:
         with torch.no_grad():
             return model.generate(
-                ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, past_key_values=CompressedCache(),
+                ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **with_cache(CompressedCache()),
                 return_dict_in_generate=True,
             )
     finally:
@@ -66,7 +67,7 @@ def test_compiled_lowrank_cache_keeps_the_references_entries_and_tokens(case, pr
     expected = reference_generate(model, ids, options, max_new_tokens=NEW, attention_mask=mask)
     out = compiled_generate(model, options, ids, mask)
     assert torch.equal(out.sequences[:, PROMPT:], expected)
-    for layer, kept, positions in zip(out.past_key_values.layers, reference.cache.layers, reference.kept_indices,
+    for layer, kept, positions in zip(output_cache(out).layers, reference.cache.layers, reference.kept_indices,
                                       strict=True):
         assert layer.lowrank and layer.keys.shape[-1] == 6 and layer.values.shape[-1] == 4
         prompt_entries = kept.keys.shape[-2]
@@ -100,8 +101,8 @@ def test_cache_bytes_shrink_by_the_rank_ratio(projections_file):
         "method": "kqsvd", "projections": projections_file, "key_rank": 4, "value_rank": 8, "inner_backend": "eager",
     })
     with torch.no_grad():
-        model(ids, use_cache=True, past_key_values=full)
-        compiled(ids, use_cache=True, past_key_values=low)
+        model(ids, use_cache=True, **with_cache(full))
+        compiled(ids, use_cache=True, **with_cache(low))
     for dense, thin in zip(full.layers, low.layers, strict=True):
         assert thin.keys.untyped_storage().nbytes() * 4 == dense.keys.untyped_storage().nbytes()  # 4 of 16
         assert thin.values.untyped_storage().nbytes() * 2 == dense.values.untyped_storage().nbytes()  # 8 of 16
@@ -140,7 +141,7 @@ def test_projections_of_another_model_are_refused(projections_file):
     deeper = tiny_model("llama", attn_implementation="kvc", num_hidden_layers=3)
     compiled = torch.compile(deeper, backend="kvc", options=options)
     with torch.no_grad(), pytest.raises(Exception, match="has 2 layers but the model has 3 attention layers"):
-        compiled(ids, use_cache=True, past_key_values=CompressedCache())
+        compiled(ids, use_cache=True, **with_cache(CompressedCache()))
 
 
 def test_lowrank_needs_compressed_cache_and_kvc_attention(projections_file):
@@ -152,7 +153,7 @@ def test_lowrank_needs_compressed_cache_and_kvc_attention(projections_file):
     model = tiny_model("llama", attn_implementation="sdpa")
     prefill = reference_prefill(model, ids, options)
     with torch.no_grad(), pytest.raises(TypeError, match="attn_implementation='kvc'"):
-        model(ids[:, -1:], past_key_values=prefill.cache, use_cache=True)
+        model(ids[:, -1:], **with_cache(prefill.cache), use_cache=True)
 
 
 def test_decode_graphs_fold_the_value_lift_into_o_proj(projections_file, monkeypatch):

@@ -7,6 +7,7 @@ from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, list_methods, lookahead_generate, reference_prefill
 from kvc_compile.reference import reference_decode
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 PROMPT, NEW = 40, 8
 # Options that make every method compress a 40-token prompt (windows shorter than the prompt).
@@ -55,10 +56,10 @@ def test_compiled_method_keeps_reference_entries_and_tokens(method, arch):
         return
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, past_key_values=CompressedCache(),
+            ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **with_cache(CompressedCache()),
             return_dict_in_generate=True,
         )
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     assert torch.equal(out.sequences[:, PROMPT:], decoded_reference.tokens)
     for layer, reference_layer in zip(layers, decoded_reference.cache.layers, strict=True):
         assert torch.equal(layer.positions, reference_layer.positions)

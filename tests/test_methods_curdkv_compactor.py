@@ -26,6 +26,7 @@ from kvc_compile.methods.compactor import (
     row_zscore,
 )
 from kvc_compile.methods.curdkv import CurDKV
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 
 def inputs(keys, values=None, queries=None, valid=None, layer_idx=0, cos=None, sin=None, identity_rotary=True):
@@ -452,8 +453,8 @@ def test_continuation_on_the_cache_matches_one_full_forward():
     ids = random_prompt(2, 24)
     with torch.no_grad():
         whole = model(ids).logits
-        prefill = model(ids[:, :16], past_key_values=DynamicCache(), use_cache=True)
-        got = continuation_nll(model, prefill.past_key_values, ids[:, 16:], 16)
+        prefill = model(ids[:, :16], **with_cache(DynamicCache()), use_cache=True)
+        got = continuation_nll(model, output_cache(prefill), ids[:, 16:], 16)
     torch.testing.assert_close(got, context_nll(whole[:, 16:], ids[:, 16:]), rtol=1e-4, atol=1e-5)
 
 

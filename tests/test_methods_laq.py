@@ -12,6 +12,7 @@ from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, p
 from kvc_compile.methods.base import PROTECTED, CompressedKV, gather_kept
 from kvc_compile.methods.laq import LAQ
 from kvc_compile.reference import reference_decode
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 LN3 = math.log(3.0)
 OPTIONS = {
@@ -60,7 +61,7 @@ def test_compiled_laq_keeps_the_references_entries_and_tokens(arch, eos):
     # Step by step, to look at the cache right after stage 2.
     config, cache = CompressionConfig.from_options(OPTIONS), CompressedCache()
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), past_key_values=cache,
+        out = model(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), **with_cache(cache),
                     use_cache=True)
         first = out.logits[:, -1].argmax(-1, keepdim=True)
         voted = lookahead_stage(config, decode_step(model, cache), cache, first, mask, eos)
@@ -80,9 +81,9 @@ def test_pseudo_tokens_never_reach_the_output_or_the_cache():
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), use_cache=True)
         cache = CompressedCache()
-        model(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), past_key_values=cache,
+        model(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), **with_cache(cache),
               use_cache=True)
-        for layer, full_layer, laq_layer in zip(cache.layers, full.past_key_values.layers, laq.cache.layers,
+        for layer, full_layer, laq_layer in zip(cache.layers, output_cache(full).layers, laq.cache.layers,
                                                 strict=True):
             kept = laq_layer.positions[..., :16].long()
             entries = CompressedKV(gather_kept(full_layer.keys, kept), gather_kept(full_layer.values, kept),
@@ -98,4 +99,4 @@ def test_decoding_a_laq_cache_outside_the_lookahead_loop_is_refused():
     model.compile(backend="kvc", options=OPTIONS, dynamic=True)
     with pytest.raises(Exception, match="lookahead_generate"):
         with torch.no_grad():
-            model.generate(random_prompt(1, 40), max_new_tokens=3, do_sample=False, past_key_values=CompressedCache())
+            model.generate(random_prompt(1, 40), max_new_tokens=3, do_sample=False, **with_cache(CompressedCache()))

@@ -10,6 +10,7 @@ from conftest import random_prompt, tiny_model
 from kvc_compile import CompressedCache, CompressionConfig, reference_prefill
 from kvc_compile.methods.base import PROTECTED, ScoreInputs, compress_layers_jointly
 from kvc_compile.methods.lava import LAVa, normalized_entropy
+from kvc_compile.transformers_compat import with_cache
 
 ONE_ROW = torch.ones(1, 4, dtype=torch.bool)
 
@@ -100,7 +101,7 @@ def test_compiled_lava_keeps_the_references_layer_budgets():
     compiled = torch.compile(model, backend="kvc", options=opts, dynamic=True)
     cache = CompressedCache()
     with torch.no_grad():
-        compiled(ids, use_cache=True, past_key_values=cache)
+        compiled(ids, use_cache=True, **with_cache(cache))
     counts = [layer.keys.shape[-2] for layer in cache.layers]
     for layer, positions, heads in zip(cache.layers, reference.kept_indices, reference.kept_heads, strict=True):
         assert torch.equal(layer.positions, positions) and torch.equal(layer.heads, heads)

@@ -22,6 +22,7 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.eval.lowrank import calibrate_lowrank
 from kvc_compile.lookahead import decode_step, prompt_position_ids
 from kvc_compile.passes import PassManager
+from kvc_compile.transformers_compat import with_cache
 
 
 def _copy(value):
@@ -68,7 +69,7 @@ def record_calls(model, options: dict, ids: torch.Tensor, mask: torch.Tensor, st
     compiled = torch.compile(model, backend=recording_backend(calls, options), dynamic=True)
     cache = CompressedCache()
     with torch.no_grad():
-        out = compiled(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), past_key_values=cache,
+        out = compiled(ids, attention_mask=mask, position_ids=prompt_position_ids(ids, mask), **with_cache(cache),
                        use_cache=True)
         token, step = out.logits[:, -1:].argmax(-1), decode_step(compiled, cache)
         for _ in range(steps):

@@ -7,6 +7,7 @@ import torch
 from kvc_compile import CompressedCache
 from kvc_compile.eval.retrieval import PAIRS, VALUES, load_fixture, retrieval_accuracy, retrieval_batch
 from kvc_compile.methods.base import CompressedKV
+from kvc_compile.transformers_compat import with_cache
 
 SAMPLES = 256
 
@@ -24,7 +25,7 @@ def test_full_cache_retrieves_almost_always(fixture_model):
 def answers_after_eviction(model, context, query, keep):
     """Prefill ``context``, keep only the positions ``keep`` [batch, k] in every layer, then ask."""
     cache = CompressedCache()
-    model(context, past_key_values=cache, use_cache=True)
+    model(context, **with_cache(cache), use_cache=True)
     n = context.shape[1]
     for layer in cache.layers:
         index = keep[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
@@ -33,7 +34,7 @@ def answers_after_eviction(model, context, query, keep):
         kept = CompressedKV(layer.keys.gather(2, index), layer.values.gather(2, index), positions, heads.clone())
         layer.set_compressed(kept, logical_length=n, kv_heads=layer.keys.shape[1])
     position = torch.full((len(context), 1), n)
-    out = model(query, past_key_values=cache, position_ids=position, cache_position=position[0], use_cache=True)
+    out = model(query, **with_cache(cache), position_ids=position, cache_position=position[0], use_cache=True)
     return out.logits[:, -1].argmax(-1)
 
 
@@ -66,12 +67,12 @@ def test_compiled_fixture_answers_like_the_reference(fixture_model):
     position = torch.full((32, 1), n)
     with torch.no_grad():
         reference = reference_prefill(fixture_model, context, options)
-        expected = fixture_model(query, past_key_values=reference.cache, position_ids=position,
+        expected = fixture_model(query, **with_cache(reference.cache), position_ids=position,
                                  cache_position=position[0], use_cache=True).logits[:, -1].argmax(-1)
         compiled = torch.compile(fixture_model, backend="kvc", options=options, dynamic=True)
         cache = CompressedCache()
-        compiled(context, past_key_values=cache, use_cache=True)
-        got = compiled(query, past_key_values=cache, position_ids=position, cache_position=position[0],
+        compiled(context, **with_cache(cache), use_cache=True)
+        got = compiled(query, **with_cache(cache), position_ids=position, cache_position=position[0],
                        use_cache=True).logits[:, -1].argmax(-1)
     for layer, positions in zip(cache.layers, reference.kept_indices, strict=True):
         assert torch.equal(layer.positions[..., : positions.shape[-1]], positions)  # then the query's entry

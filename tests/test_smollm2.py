@@ -6,6 +6,7 @@ import torch
 from kvc_compile import CompressionConfig, reference_generate, reference_prefill
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 from kvc_compile.methods.base import gather_kept
+from kvc_compile.transformers_compat import output_cache
 
 pytestmark = pytest.mark.smollm2
 
@@ -38,9 +39,9 @@ def test_compiled_generate_keeps_reference_tokens(compiled_smollm2):
     n_kept = CompressionConfig.from_options(PAPER_SNAPKV).kept_length(n)
     reference = reference_prefill(model, ids, PAPER_SNAPKV)
     with torch.no_grad():
-        full = model.forward(ids, use_cache=True).past_key_values  # eager, uncompressed
+        full = output_cache(model.forward(ids, use_cache=True))  # eager, uncompressed
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     assert len(layers) == 30
     for layer_idx, layer in enumerate(layers):
         assert layer.keys.shape == (1, 3, n_kept + NEW_TOKENS - 1, 64)

@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from kvc_compile import CompressedCache, CompressionConfig, lookahead_generate
 from kvc_compile.lookahead import decode_step, lookahead_stage, prompt_position_ids
 from kvc_compile.reference import reference_decode
+from kvc_compile.transformers_compat import with_cache
 
 pytestmark = pytest.mark.smollm2
 
@@ -62,7 +63,7 @@ def test_laq_keeps_the_references_entries_and_tokens(kvc_attention, story_prompt
     cache = CompressedCache()
     with torch.no_grad():
         out = model(story_prompt, attention_mask=mask, position_ids=prompt_position_ids(story_prompt, mask),
-                    past_key_values=cache, use_cache=True)
+                    **with_cache(cache), use_cache=True)
         first = out.logits[:, -1].argmax(-1, keepdim=True)
         lookahead_stage(CompressionConfig.from_options(options), decode_step(model, cache), cache, first, mask, eos)
     for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):

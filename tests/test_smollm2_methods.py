@@ -8,6 +8,7 @@ import torch
 
 from kvc_compile import CompressedCache, reference_generate, reference_prefill
 from kvc_compile.eval.passkey import passkey_inputs
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 pytestmark = pytest.mark.smollm2
 NEW_TOKENS = 6
@@ -36,7 +37,7 @@ def reference_and_compiled(model, prompt, options):
         model.compile(backend="kvc", options=options, dynamic=True)
         with torch.no_grad():
             out = model.generate(
-                prompt, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=CompressedCache(),
+                prompt, max_new_tokens=NEW_TOKENS, do_sample=False, **with_cache(CompressedCache()),
                 return_dict_in_generate=True,
             )
     finally:
@@ -54,13 +55,13 @@ def test_method_generate_equals_reference(smollm2, prompt, method):
     assert torch.equal(out.sequences[:, n:], expected)
     kv_heads = model.config.num_key_value_heads
     entries = 0
-    for layer, positions, heads in zip(out.past_key_values.layers, reference.kept_indices, reference.kept_heads,
+    for layer, positions, heads in zip(output_cache(out).layers, reference.kept_indices, reference.kept_heads,
                                        strict=True):
         assert torch.equal(layer.positions[..., : positions.shape[-1]], positions)
         assert torch.equal(layer.heads[..., : heads.shape[-1]], heads)
         entries += heads.numel()
     # Whatever the layout, the layers together keep the budget: kv_heads x n // 2 entries per layer.
-    assert entries == len(out.past_key_values.layers) * kv_heads * (n // 2)
+    assert entries == len(output_cache(out).layers) * kv_heads * (n // 2)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,6 @@ def test_snapkv_with_kqsvd_generate_equals_reference(smollm2, prompt, smollm2_pr
     n = prompt.shape[1]
     _, expected, out = reference_and_compiled(model, prompt, options)
     assert torch.equal(out.sequences[:, n:], expected)
-    layer = out.past_key_values.layers[0]
+    layer = output_cache(out).layers[0]
     assert layer.keys.shape[-1] == 32 and layer.values.shape[-1] == 48
     assert layer.keys.shape[-2] == n // 2 + NEW_TOKENS - 1  # half the prompt, then the decoded tokens

@@ -51,6 +51,7 @@ from transformers import DynamicCache, PreTrainedModel
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
 from kvc_compile.reference import attention_implementation, reference_prefill
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 FORMAT = "kvc-context-calibration"
 FORMAT_VERSION = 1
@@ -226,7 +227,7 @@ def continuation_nll(model: PreTrainedModel, cache, continuation: Tensor, split:
             attention_mask=torch.ones(batch, split + length, dtype=torch.long, device=continuation.device),
             position_ids=positions.expand(batch, length),
             cache_position=positions,
-            past_key_values=cache,
+            **with_cache(cache),
             use_cache=True,
         )
     return context_nll(out.logits, continuation)
@@ -257,9 +258,9 @@ def measure_quality(
             f"for {total} tokens"
         )
     context, continuation = input_ids[:, :split], input_ids[:, split:]
-    full = model.forward(input_ids=context, past_key_values=DynamicCache(), use_cache=True)
+    full = model.forward(input_ids=context, **with_cache(DynamicCache()), use_cache=True)
     nll_context = context_nll(full.logits, context)
-    nll_full = continuation_nll(model, full.past_key_values, continuation, split)
+    nll_full = continuation_nll(model, output_cache(full), continuation, split)
     qualities = []
     for retention in retentions:
         if not 0 < retention <= 1:

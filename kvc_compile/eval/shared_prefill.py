@@ -39,6 +39,7 @@ from kvc_compile.reference import (
     compress_prefill,
     prefill_scores,
 )
+from kvc_compile.transformers_compat import with_cache
 
 FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention_forward at each call
 Step = Callable[[Tensor, Tensor], Tensor]  # (ids [batch, q], mask [batch, length]) -> last logits [batch, vocab]
@@ -50,7 +51,7 @@ def chunk_step(model: PreTrainedModel, cache: CompressedCache) -> Step:
 
     def step(ids: Tensor, mask: Tensor) -> Tensor:
         position_ids = mask.long().cumsum(-1)[:, -ids.shape[1]:] - 1
-        out = model.forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        out = model.forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, **with_cache(cache),
                             use_cache=True)
         return out.logits[:, -1]
 
