@@ -313,3 +313,24 @@ def test_demo_runs_methods_that_need_the_compressed_cache(capsys, monkeypatch, s
     assert demo.main([*argv, "--samples", "1", "--context-tokens", "64", "--inner-backend", "eager"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "compressed back to 40 while decoding" in out if "morphkv" in argv else "after prefill: [" in out
+
+
+def test_a_refusal_of_the_kvc_pass_is_one_line(capsys):
+    """Dynamo wraps what the backend raises; a refusal inside it is still a user error."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from kvc_compile.cli.common import user_errors
+    from kvc_compile.passes.prefill_compression import CacheLayoutError
+
+    @user_errors("kvc-x")
+    def refused(argv: list[str]) -> int:
+        raise BackendCompilerFailed(refused, CacheLayoutError("kvc: use a CompressedCache"), None)
+
+    assert user_error(capsys, refused, []) == "kvc-x: error: kvc: use a CompressedCache"
+
+    @user_errors("kvc-x")
+    def bug(argv: list[str]) -> int:
+        raise BackendCompilerFailed(bug, KeyError("a bug"), None)
+
+    with pytest.raises(BackendCompilerFailed):
+        bug([])

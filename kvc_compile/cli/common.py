@@ -44,6 +44,13 @@ def user_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]
             except _user_error_types() as error:
                 print(f"{prog}: error: {describe(error)}", file=sys.stderr)
                 return 2
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                # The kvc pass refusing a model or cache (e.g. CacheLayoutError) reaches here wrapped by Dynamo.
+                inner = getattr(error, "inner_exception", None)
+                if not isinstance(inner, _user_error_types()):
+                    raise
+                print(f"{prog}: error: {describe(inner)}", file=sys.stderr)
+                return 2
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return 130

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # The compressed cache keeps the entries' positions (and, for MorphKV, recent queries); packed
         # and low-rank layouts need the kvc attention.
         with attention_implementation(model, ATTENTION_IMPLEMENTATION):
-            out = _generate(model, ids, 8, CompressedCache())
+            out = _generate(model, ids, 8, CompressedCache(config=model.config))
         text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
         table.add_row(
             sample.answer,

@@ -101,7 +101,7 @@ def answer_ids(
         config = CompressionConfig.from_options(options)
         lookahead = config.evicts and config.method_impl.lookahead_queries > 0
         if path == "compiled":  # the caller compiled the model with these options
-            cache = CompressedCache()
+            cache = CompressedCache(config=model.config)  # sliding-window layers keep their window
             first = model(context_ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             _check_compressed(config, cache, context_ids.shape[1], model.config.num_key_value_heads)
             if lookahead:  # LAQ: roll out pseudo tokens after the context, then re-score it
