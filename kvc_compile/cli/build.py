@@ -7,40 +7,46 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from kvc_compile.cli.common import check_device, check_out_parent, parse_option, positive_int, user_errors
 from kvc_compile.config import LOWRANK_METHOD, CompressionConfig
-from kvc_compile.engine import TARGETS, EngineError, build
-from kvc_compile.engine.build import check_output_dir
-from kvc_compile.models import PRESETS, WEIGHTS, ModelNotFoundError, load_model
+from kvc_compile.engine import TARGETS, build
+from kvc_compile.engine.build import check_build_request, check_output_dir
+from kvc_compile.models import PRESETS, WEIGHTS, load_model, preset_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_option(item: str) -> tuple[str, object]:
-    """KEY=VALUE: an int, a float, a JSON object or list (nested options), else a string."""
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise EngineError(f"--option {item!r} must look like KEY=VALUE, e.g. --option window_size=32")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    if value.lstrip().startswith(("{", "[")):
-        try:
-            return key, json.loads(value)
-        except json.JSONDecodeError as error:
-            raise EngineError(f"--option {key}: {value!r} is not valid JSON ({error.msg}), e.g. "
-                              f"--option 'kqsvd={{\"projections\": \"smollm2.safetensors\"}}'") from error
-    return key, value
+def _local_model_dir(model: str) -> Path | None:
+    """``--model`` as the checkpoint folder it names, when it is one (a preset name is not)."""
+    if model in PRESETS or not Path(model).exists():
+        return None
+    path = Path(model).resolve()
+    return path if path.is_dir() else path.parent
 
 
+def _max_positions(model: str, weights: str, layers: int | None) -> int | None:
+    """The model's position limit from its configuration alone, when that is cheap to read."""
+    try:
+        if model in PRESETS:
+            config = preset_config(model, layers=layers if weights == "random" else None)
+        elif _local_model_dir(model) is not None and (Path(model) / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model)
+        else:
+            return None
+    except Exception:  # the model load reports a broken configuration with the right message
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+@user_errors("kvc-build")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-build", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), a checkpoint directory "
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, e.g. --option window_size=32 (repeatable)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the engine directory at --out (never a folder of other files)")
     parser.add_argument("--target", default="aoti", choices=TARGETS)
     parser.add_argument("--max-context", type=int, default=2048, help="longest prompt, in tokens")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="decode capacity, in tokens")
@@ -64,26 +71,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    try:
-        options = {"method": args.method, **dict(parse_option(item) for item in args.option)}
-        if args.compression_ratio is not None:
-            options["compression_ratio"] = args.compression_ratio
-        elif args.budget is not None:
-            options["budget"] = args.budget
-        elif args.method != LOWRANK_METHOD:  # kqsvd alone keeps every token
-            options["compression_ratio"] = 0.5
-        config = CompressionConfig.from_options(options)  # bad options fail before the model loads
-        if not args.force:  # before a minutes-long model load; build checks again
-            check_output_dir(Path(args.out), force=False)
-        console.print(f"loading [bold]{args.model}[/bold] ({args.weights} weights) ...")
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype], weights=args.weights, layers=args.layers)
-        model.to(args.device)
-        result = build(model, config, args.out, target=args.target, tokenizer=tokenizer, model_name=args.model,
-                       max_context=args.max_context, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                       force=args.force, console=console)
-    except (EngineError, ModelNotFoundError, ValueError) as error:
-        console.print(f"[red]kvc-build: {error}[/red]")
-        return 2
+    # Everything that can be refused is refused before the model loads (minutes for a large one).
+    device = check_device(args.device)
+    check_out_parent(args.out)
+    positive_int("--layers", args.layers)
+    options = {"method": args.method, **dict(parse_option(item) for item in args.option)}
+    if args.compression_ratio is not None:
+        options["compression_ratio"] = args.compression_ratio
+    elif args.budget is not None:
+        options["budget"] = args.budget
+    elif args.method != LOWRANK_METHOD:  # kqsvd alone keeps every token
+        options["compression_ratio"] = 0.5
+    config = CompressionConfig.from_options(options)
+    check_build_request(config, target=args.target, dtype=DTYPES[args.dtype], max_context=args.max_context,
+                        max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                        max_positions=_max_positions(args.model, args.weights, args.layers))
+    model_dir = _local_model_dir(args.model)
+    check_output_dir(args.out, args.force, [model_dir] if model_dir is not None else [])  # build checks again
+    console.print(f"loading [bold]{args.model}[/bold] ({args.weights} weights) ...")
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], weights=args.weights, layers=args.layers)
+    model.to(device)
+    result = build(model, config, args.out, target=args.target, tokenizer=tokenizer, model_name=args.model,
+                   max_context=args.max_context, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                   force=args.force, console=console)
     report(console, result)
     return 0
 
@@ -107,6 +117,9 @@ def report(console: Console, result) -> None:
               if manifest.decode_target is not None else "")
     console.print(f"decode capacity per layer: {max(manifest.capacity)} slots{evicts}; run it with: kvc-run "
                   f"{result.out} --prompt 'Hello'")
+
+
+__all__ = ["main", "parse_option", "report"]
 
 
 if __name__ == "__main__":

@@ -9,17 +9,26 @@
    longest prompt plus ``max_new_tokens``): shape-static, state updated in place.
 3. Each program is compiled with AOTInductor into a ``.pt2`` package (target ``aoti``) or saved as
    a serialized ``ExportedProgram`` (target ``exported``: no C++ compile, for tests and debugging);
-   target ``onnx`` writes ONNX graphs with the compression as custom-domain nodes.
+   target ``onnx`` writes ONNX graphs with the compression as custom-domain nodes. The programs
+   share one copy of the weights (``weights.safetensors``, or ``weights.onnx.data`` for ONNX).
 4. The tokenizer and ``manifest.json`` go beside them.
+
+Everything is checked before the model is touched, and the engine is written into a temporary
+folder beside ``out`` that replaces ``out`` only once it is complete: a failed or interrupted build
+leaves what was at ``out`` as it was. ``force`` replaces an existing engine directory, never
+another folder (see ``check_output_dir``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import secrets
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +41,14 @@ from torch import Tensor
 
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
-from kvc_compile.engine.manifest import FORMAT_VERSION, EngineError, Manifest, ProgramEntry
-from kvc_compile.engine.programs import DecodeProgram, LookaheadStage2Program, PrefillProgram, StateLayout
+from kvc_compile.engine.manifest import FORMAT_VERSION, MANIFEST, EngineError, Manifest, ProgramEntry
+from kvc_compile.engine.programs import (
+    DecodeProgram,
+    LookaheadStage2Program,
+    PrefillProgram,
+    StateLayout,
+    without_weights,
+)
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.passes import PassManager
 
@@ -49,22 +64,112 @@ class BuildResult:
     nbytes: int  # the engine directory's size
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """``out`` must be creatable and empty, unless ``force`` replaces what is there."""
+def check_output_dir(out: str | Path, force: bool, protected: Sequence[str | Path] = ()) -> Path:
+    """Where the engine will go: ``out`` with symlinks resolved (a symlink to a folder is treated as
+    that folder, and keeps pointing at the engine). Deletes and writes nothing.
+
+    ``out`` may be new, an empty directory, or, with ``force``, an engine directory holding nothing
+    but its engine. Never a folder of other files, the current directory or a parent of it, nor a
+    ``protected`` path (the model's checkpoint) or a parent of one; its parent must exist and be
+    writable (the engine is written beside it first)."""
+    given = out
+    out = Path(out).resolve()
     if out.exists() and not out.is_dir():
-        raise EngineError(f"--out {out} is a file, not a directory; choose another path")
+        raise EngineError(f"--out {given} is a file, not a directory; choose another path")
+    if not out.parent.is_dir():
+        raise EngineError(f"--out {given}: its parent folder {out.parent} does not exist; create it first")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise EngineError(f"--out {given} is the current directory or a folder that holds it; give the engine a "
+                          f"folder of its own, e.g. --out {Path(given) / 'engine'}")
+    for path in protected:
+        path = Path(path).resolve()
+        if out == path or out in path.parents:
+            raise EngineError(f"--out {given} is the model's checkpoint {path} or a folder that holds it; building "
+                              f"there would overwrite the model: choose another --out")
     if out.is_dir() and any(out.iterdir()):
+        foreign = _non_engine_entries(out)
+        if foreign is None:
+            raise EngineError(f"--out {given} is not empty and is not an engine directory (it has no kvc-build "
+                              f"{MANIFEST}); --force replaces only engines: choose a new or empty directory")
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise EngineError(f"--out {given} holds an engine and other files ({shown}); --force replaces only "
+                              f"engines: move those files or choose another directory")
         if not force:
-            raise EngineError(f"--out {out} is not empty; choose an empty directory or pass --force to replace it")
-        shutil.rmtree(out)
+            raise EngineError(f"--out {given} is not empty (it holds an engine); pass --force to replace it or "
+                              f"choose an empty directory")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise EngineError(f"--out {given}: its folder {out.parent} is not writable (the engine is written beside "
+                          f"--out, then moved into place); choose a directory you can write to")
+    return out
+
+
+def _non_engine_entries(folder: Path) -> list[str] | None:
+    """The entries of ``folder`` that are not part of the engine its manifest lists (the manifest,
+    the listed files and their folders); None if it holds no kvc-build manifest."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        raw = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict) or not {"format_version", "target"} <= raw.keys() \
+            or not isinstance(raw.get("files"), dict):
+        return None
+    engine_entries = {MANIFEST} | {Path(name).parts[0] for name in raw["files"] if Path(name).parts}
+    return sorted(entry.name for entry in folder.iterdir() if entry.name not in engine_entries)
+
+
+def _model_paths(model, model_name: str | None) -> list[Path]:
+    """The model's checkpoint on disk, if it came from one: a build must not write over it. A preset's
+    name is not a path (a folder of that name may be an engine built from it)."""
+    from kvc_compile.models import PRESETS
+
+    names = [getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+             None if model_name in PRESETS else model_name]
+    paths = []
+    for name in names:
+        if isinstance(name, (str, os.PathLike)) and str(name) and Path(name).exists():
+            path = Path(name).resolve()
+            paths.append(path if path.is_dir() else path.parent)
+    return paths
+
+
+def _make_staging_dir(out: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.kvc-tmp-", dir=out.parent))
     except OSError as error:
-        raise EngineError(f"--out {out} is not writable ({error.strerror}); choose a directory you can write to") \
-            from error
+        raise EngineError(f"--out {out}: cannot create a folder in {out.parent} ({error.strerror}); choose a "
+                          f"directory you can write to") from error
+
+
+def _normal_permissions(folder: Path) -> None:
+    """The modes ``os.makedirs`` and ``open`` would give (0777/0666 less the umask): ``mkdtemp``
+    makes private folders and some writers private files, and an engine is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(staging: Path, out: Path, force: bool, protected: Sequence[Path]) -> None:
+    """Put the finished engine at ``out``. An engine already there is renamed aside first and removed
+    last, so ``out`` always holds either the old engine or the new one."""
+    check_output_dir(out, force, protected)  # again: the folder may have changed during the build
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        staging.rename(out)
+        return
+    aside = out.with_name(f".{out.name}.kvc-old-{secrets.token_hex(4)}")
+    out.rename(aside)
+    try:
+        staging.rename(out)
+    except BaseException:
+        aside.rename(out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class _Stages:
@@ -87,6 +192,39 @@ def _require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise EngineError(f"--target onnx needs {' and '.join(missing)}: pip install 'kvc-compile[onnx]'")
+
+
+def check_build_request(config: CompressionConfig, *, target: str, dtype: torch.dtype, max_context: int,
+                        max_new_tokens: int, max_batch: int, max_positions: int | None = None) -> None:
+    """Refuse a build that cannot succeed or whose engine could not run, before the model loads:
+    the target and its libraries, the sizes, and what the method needs of an engine."""
+    if target not in TARGETS:
+        raise EngineError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
+    if target == "tensorrt":
+        from kvc_compile.plugins.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    if target == "onnx":
+        _require_onnx()
+        if dtype != torch.float32:
+            name = str(dtype).removeprefix("torch.")
+            raise EngineError(f"--target onnx with --dtype {name}: ONNX Runtime runs the compression plugins in "
+                              f"float32 only, so the engine could not run; build it with --dtype float32, or with "
+                              f"--target aoti for {name}")
+    for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EngineError(f"{name} must be a positive integer, got {value!r}")
+    if max_positions is not None and max_context + max_new_tokens > max_positions:
+        raise EngineError(f"max_context + max_new_tokens ({max_context + max_new_tokens}) exceeds the model's "
+                          f"{max_positions} positions; lower --max-context or --max-new-tokens")
+    _prefill_ranges(config, max_context)
+    layout = StateLayout.of(config)
+    if layout.window and layout.packed:
+        raise EngineError(
+            f"{config.method} stores per-head budgets (packed layout), and engines compress while decoding only "
+            f"dense caches; compile with torch.compile(backend='kvc') for periodic {config.method}, or build "
+            f"without decoding_interval/target_size"
+        )
 
 
 def _prefill_ranges(config: CompressionConfig, max_context: int) -> list[tuple[int, int]]:
@@ -269,12 +407,13 @@ def _decode_capacity(config: CompressionConfig, layout: StateLayout, prompt_slot
 
 
 class SharedWeights:
-    """The weights of every AOTInductor program, stored once in ``weights.safetensors``.
+    """The weights of every AOTInductor or exported program, stored once in ``weights.safetensors``.
 
-    Each package is compiled without its constants; at load time they are handed the tensors of
-    this one file, so the engine holds (on disk and in memory) one copy of the model, not one per
-    program. A tensor is stored once under its first name; a later program's constant that is a
-    different tensor under a taken name is stored under a fresh key."""
+    Each package is compiled without its constants (each exported program saved with data-less
+    placeholders); at load time they are handed the tensors of this one file, so the engine holds
+    (on disk and in memory) one copy of the model, not one per program. A tensor is stored once
+    under its first name; a later program's constant that is a different tensor under a taken name
+    is stored under a fresh key."""
 
     FILE = "weights.safetensors"
 
@@ -307,7 +446,7 @@ class SharedWeights:
 
 def _save_program(exported, path: Path, target: str, weights=None) -> str:
     """Write one program; ``weights`` gathers the constants of every program into one file
-    (``SharedWeights`` for AOTInductor, ``SharedOnnxWeights`` for ONNX)."""
+    (``SharedWeights`` for AOTInductor and exported programs, ``SharedOnnxWeights`` for ONNX)."""
     if target == "onnx":
         from kvc_compile.plugins.onnx import export_onnx
 
@@ -317,7 +456,9 @@ def _save_program(exported, path: Path, target: str, weights=None) -> str:
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
         weights.add(path.with_suffix(".pt2").name, exported)
         return path.with_suffix(".pt2").name
-    torch.export.save(exported, str(path.with_suffix(".ep.pt2")))
+    weights.add(path.with_suffix(".ep.pt2").name, exported)
+    with without_weights(exported):  # torch.export.save would store a copy of the weights in every program
+        torch.export.save(exported, str(path.with_suffix(".ep.pt2")))
     return path.with_suffix(".ep.pt2").name
 
 
@@ -343,32 +484,31 @@ def build(
     """
     started = time.perf_counter()
     console = console or Console(stderr=True)
-    if target not in TARGETS:
-        raise EngineError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
-    if target == "tensorrt":
-        from kvc_compile.plugins.tensorrt import require_tensorrt
-
-        require_tensorrt()
-    if target == "onnx":
-        _require_onnx()
     config = CompressionConfig.from_options(options)
-    for name, value in (("max_context", max_context), ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise EngineError(f"{name} must be a positive integer, got {value!r}")
-    model_limit = getattr(model.config, "max_position_embeddings", None)
-    if model_limit is not None and max_context + max_new_tokens > model_limit:
-        raise EngineError(f"max_context + max_new_tokens ({max_context + max_new_tokens}) exceeds the model's "
-                          f"{model_limit} positions; lower --max-context or --max-new-tokens")
-    out = Path(out)
-    check_output_dir(out, force)
+    check_build_request(config, target=target, dtype=next(model.parameters()).dtype, max_context=max_context,
+                        max_new_tokens=max_new_tokens, max_batch=max_batch,
+                        max_positions=getattr(model.config, "max_position_embeddings", None))
+    protected = _model_paths(model, model_name)
+    out = check_output_dir(out, force, protected)
+    staging = _make_staging_dir(out)
+    try:
+        manifest = _write_engine(model, config, staging, target=target, tokenizer=tokenizer, model_name=model_name,
+                                 max_context=max_context, max_new_tokens=max_new_tokens, max_batch=max_batch,
+                                 progress=progress, console=console)
+        _normal_permissions(staging)
+        nbytes = sum(path.stat().st_size for path in staging.rglob("*") if path.is_file())
+        _move_into_place(staging, out, force, protected)
+    finally:
+        if staging.exists():  # a failed or interrupted build leaves nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(out, manifest, time.perf_counter() - started, nbytes)
+
+
+def _write_engine(model, config: CompressionConfig, out: Path, *, target: str, tokenizer, model_name: str | None,
+                  max_context: int, max_new_tokens: int, max_batch: int, progress: bool, console: Console) -> Manifest:
+    """Export, compile and save every program, the weights, the tokenizer and the manifest into ``out``."""
     ranges = _prefill_ranges(config, max_context)
     layout = StateLayout.of(config)
-    if layout.window and layout.packed:
-        raise EngineError(
-            f"{config.method} stores per-head budgets (packed layout), and engines compress while decoding only "
-            f"dense caches; compile with torch.compile(backend='kvc') for periodic {config.method}, or build "
-            f"without decoding_interval/target_size"
-        )
     model = model.eval()
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     device = next(model.parameters()).device
@@ -377,7 +517,7 @@ def build(
     extra_stages = 2 if layout.window else 2 + len(ranges) if layout.lookahead else 0
     stages = _Stages(console, total=2 * len(ranges) + 2 + extra_stages, enabled=progress)
     prefill_entries: list[ProgramEntry] = []
-    weights = SharedWeights() if target == "aoti" else None
+    weights = SharedWeights() if target in ("aoti", "exported") else None
     if target == "onnx":
         from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
 
@@ -418,7 +558,7 @@ def build(
             with stages.stage(f"compile decode_evict ({target})"):
                 decode_evict = ProgramEntry(_save_program(evicting, out / "decode_evict", target, weights),
                                             1, max(capacity))
-    shared_weights = weights.save(out) if target == "aoti" else None
+    shared_weights = weights.save(out) if isinstance(weights, SharedWeights) else None
     if target == "onnx":
         shared_weights = {"file": weights.path.name}  # the graphs name it as their external data
     tokenizer_dir = None
@@ -452,8 +592,7 @@ def build(
         weights=shared_weights,
     )
     manifest.write(out)
-    nbytes = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
-    return BuildResult(out, manifest, time.perf_counter() - started, nbytes)
+    return manifest
 
 
 def model_summary(model, name: str | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -504,4 +643,4 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-__all__ = ["TARGETS", "BuildResult", "EngineError", "build", "check_output_dir"]
+__all__ = ["TARGETS", "BuildResult", "EngineError", "build", "check_build_request", "check_output_dir"]

@@ -25,6 +25,8 @@ decoding_interval``, so the evicting step scores exactly the entries the compile
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -248,5 +250,45 @@ class LookaheadStage2Program(nn.Module):
         return tuple(outputs)
 
 
+def _placeholder(tensor: Tensor) -> Tensor:
+    """A tensor with ``tensor``'s shape, dtype and parameter-ness and no data (the meta device)."""
+    empty = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
+
+
+@contextmanager
+def without_weights(exported: torch.export.ExportedProgram) -> Iterator[None]:
+    """``exported`` with every tensor of its state dict and constants replaced by a data-less
+    placeholder, for saving: an engine's programs share one copy of the weights in its weights file
+    (``SharedWeights``), put back by ``with_weights`` at load. Restored on exit."""
+    stores = (exported.state_dict, exported.constants)
+    saved = [dict(store) for store in stores]
+    try:
+        for store in stores:
+            store.update({name: _placeholder(value) for name, value in store.items() if isinstance(value, Tensor)})
+        yield
+    finally:
+        for store, original in zip(stores, saved, strict=True):
+            store.update(original)
+
+
+def with_weights(exported: torch.export.ExportedProgram, keys: Mapping[str, str],
+                 tensors: Mapping[str, Tensor]) -> nn.Module:
+    """The runnable module of an exported program saved ``without_weights``: each state-dict entry
+    and tensor constant ``name`` becomes ``tensors[keys[name]]`` (the tensors are shared, not copied)."""
+    for store in (exported.state_dict, exported.constants):
+        for name, value in store.items():
+            if not isinstance(value, Tensor):
+                continue
+            if name not in keys or keys[name] not in tensors:
+                raise KeyError(f"no stored tensor for {name}")
+            tensor = tensors[keys[name]]
+            if tensor.shape != value.shape or tensor.dtype != value.dtype:
+                raise ValueError(f"the stored tensor for {name} is {tensor.dtype} {tuple(tensor.shape)}, and the "
+                                 f"program expects {value.dtype} {tuple(value.shape)}")
+            store[name] = nn.Parameter(tensor, requires_grad=False) if isinstance(value, nn.Parameter) else tensor
+    return exported.module()
+
+
 __all__ = ["DecodeProgram", "LookaheadStage2Program", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout",
-           "WindowLayer"]
+           "WindowLayer", "with_weights", "without_weights"]

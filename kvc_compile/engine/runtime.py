@@ -69,18 +69,46 @@ PREFILL_ARGS = ("input_ids", "attention_mask")
 DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "step")
 
 
+# What an AOTInductor package may hold. torch._inductor.aoti_load_package (torch 2.13) goes through
+# torch.export.pt2_archive._package.load_pt2, which deserializes every exported program the archive
+# holds under models/ (their weights and constants with torch.load(weights_only=False) and
+# pickle.loads, their sample inputs with a fallback to weights_only=False), and with
+# load_weights_from_disk (off here) reads data/weights/ with torch.load. The packages kvc-build
+# writes hold only data/aotinductor/ (the compiled library, compiled without its constants), so an
+# archive with other model payloads is refused before torch reads it. Loading the library itself
+# runs its native code, like loading any shared library: that is why an engine must be trusted.
+_AOTI_PICKLED_ENTRIES = ("models/", "data/weights/", "data/constants/", "data/sample_inputs/")
+
+
 def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_ARGS,
-                  written: Sequence[int] | None = None, onnx_weights=None):
+                  written: Sequence[int] | None = None, onnx_weights=None, trusted: bool = False):
     """A program file as a callable. ONNX programs name their inputs (``arg_names``, in call order);
     ``written`` lists the arguments that are buffers the program writes in place, and
-    ``onnx_weights`` is the engine's shared weights file, read once for every program."""
+    ``onnx_weights`` is the engine's shared weights file, read once for every program.
+
+    An exported program is returned as the ``ExportedProgram`` without its weights:
+    ``_load_shared_weights`` replaces it with its runnable module. Reading one unpickles parts of
+    the file (``torch.export.load``), which can run any code a crafted file holds, so it is refused
+    unless ``trusted``."""
     if target == "onnx":
         from kvc_compile.plugins.onnx.runtime import OnnxProgram
 
         return OnnxProgram(path, arg_names, written=written, weights=onnx_weights)
     if target == "aoti":
+        from torch.export.pt2_archive._package import PT2ArchiveReader
+
+        with PT2ArchiveReader(str(path)) as archive:
+            pickled = [name for name in archive.get_file_names() if name.startswith(_AOTI_PICKLED_ENTRIES)]
+        if pickled:
+            raise EngineError(f"{path} is not an AOTInductor package written by kvc-build: it holds {pickled[0]}, "
+                              f"which torch would unpickle on load; rebuild the engine with kvc-build")
         return torch._inductor.aoti_load_package(str(path))
-    return torch.export.load(str(path)).module()
+    if not trusted:
+        raise EngineError(f"engine {path.parent} was built with --target exported, and loading it unpickles parts "
+                          f"of its .pt2 files (torch.export.load), which runs any code a crafted file holds; if you "
+                          f"built it or trust who did, load it with Engine.load({str(path.parent)!r}, trusted=True) "
+                          f"or kvc-run --trust-engine")
+    return torch.export.load(str(path))
 
 
 def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], list[int] | None]]:
@@ -108,16 +136,25 @@ def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], 
 
 
 def _load_shared_weights(folder: Path, manifest: Manifest, programs: dict) -> dict[str, Tensor]:
-    """Hand each AOTInductor program its constants from the engine's one weights file."""
-    if manifest.weights is None or manifest.target != "aoti":  # ONNX graphs read theirs as external data
+    """Hand each AOTInductor or exported program its constants from the engine's one weights file
+    (safetensors: no pickle). Exported programs are replaced in ``programs`` by their runnable
+    modules, which hold these tensors (not copies)."""
+    if manifest.target == "onnx":  # ONNX graphs read theirs as external data
         return {}
-    from safetensors.torch import load_file
+    tensors: dict[str, Tensor] = {}
+    if manifest.weights is not None:
+        from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / manifest.weights["file"]), device=manifest.device)
+        tensors = load_file(str(folder / manifest.weights["file"]), device=manifest.device)
     for file, program in programs.items():
-        names = manifest.weights["programs"][file]
-        program.load_constants({name: tensors[names[name]] for name in program.get_constant_fqns()},
-                               check_full_update=True, user_managed=True)
+        names = manifest.weights["programs"][file] if manifest.weights is not None else {}
+        if manifest.target == "exported":
+            from kvc_compile.engine.programs import with_weights
+
+            programs[file] = with_weights(program, names, tensors)
+        elif manifest.weights is not None:
+            program.load_constants({name: tensors[names[name]] for name in program.get_constant_fqns()},
+                                   check_full_update=True, user_managed=True)
     return tensors
 
 
@@ -143,7 +180,14 @@ class Engine:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, folder: str | Path) -> Engine:
+    def load(cls, folder: str | Path, *, trusted: bool = False) -> Engine:
+        """Load the engine directory ``folder``, after checking its manifest and files' SHA-256.
+
+        Loading runs code from the engine's files: an AOTInductor engine (the default target) is a
+        compiled library whose native code runs as it loads, like any shared library, and an
+        ``exported`` engine's ``.pt2`` files are partly unpickled. Load only engines you built or
+        trust. ``exported`` engines are refused unless ``trusted=True`` (``kvc-run --trust-engine``).
+        """
         folder = Path(folder)
         manifest = Manifest.read(folder)
         if manifest.target not in ("aoti", "exported", "onnx"):
@@ -170,9 +214,11 @@ class Engine:
 
                 onnx_weights = SharedOnnxWeightsReader(folder)
             programs = {entry.file: _load_program(folder / entry.file, manifest.target, *signatures[entry.file],
-                                                  onnx_weights=onnx_weights)
+                                                  onnx_weights=onnx_weights, trusted=trusted)
                         for entry in manifest.programs}
             weights = _load_shared_weights(folder, manifest, programs)
+        except EngineError:  # already says what is wrong and how to fix it
+            raise
         except Exception as error:  # a package from another torch build fails in many ways
             raise EngineError(f"engine {folder} could not be loaded ({type(error).__name__}: {error}); it was built "
                               f"with {manifest.versions}: rebuild it with this machine's libraries") from error
