@@ -141,8 +141,6 @@ def refuse_padded_rows(compiled: Callable, mask_index: int, config: CompressionC
     The check reads the attention mask (one host sync per prefill, only on this path); the graph
     itself stays free of data-dependent control flow.
     """
-    boxed = getattr(compiled, "_boxed_call", False)
-
     def check(args) -> None:
         mask = args[mask_index]
         n = mask.shape[-1]
@@ -154,15 +152,7 @@ def refuse_padded_rows(compiled: Callable, mask_index: int, config: CompressionC
                 f"(to generate() or the forward call)"
             )
 
-    if boxed:
-        def run_boxed(args):
-            check(args)
-            return compiled(args)
-
-        run_boxed._boxed_call = True
-        return run_boxed
-
-    def run(*args):
+    def run(*args):  # Dynamo calls a backend's result with the graph inputs as positional arguments
         check(args)
         return compiled(*args)
 
