@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from kvc_compile.cache import CompressedCache, cache_nbytes
 from kvc_compile.reference import attention_implementation
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def measure(
         token = out.logits[:, -1:].argmax(-1)
         for step in range(steps):
             position = torch.tensor([[n + step]], device=device)
-            out = forward(token, past_key_values=out.past_key_values, use_cache=True, position_ids=position,
+            out = forward(token, **with_cache(output_cache(out)), use_cache=True, position_ids=position,
                           cache_position=position[0])
             token = out.logits[:, -1:].argmax(-1)
         _sync(device)
@@ -66,17 +67,17 @@ def measure(
     if announce:
         print(announce, file=sys.stderr, flush=True)
     start = time.perf_counter()
-    decode(forward(input_ids, past_key_values=new_cache(), use_cache=True), 3)
+    decode(forward(input_ids, **with_cache(new_cache()), use_cache=True), 3)
     compile_s = time.perf_counter() - start
     prefill_times, decode_rates, cache_bytes = [], [], 0
     for _ in range(repeats):
         cache = new_cache()
         _sync(device)
         start = time.perf_counter()
-        out = forward(input_ids, past_key_values=cache, use_cache=True)
+        out = forward(input_ids, **with_cache(cache), use_cache=True)
         _sync(device)
         prefill_times.append(time.perf_counter() - start)
-        cache_bytes = cache_nbytes(out.past_key_values)
+        cache_bytes = cache_nbytes(output_cache(out))
         start = time.perf_counter()
         decode(out, new_tokens)
         decode_rates.append(new_tokens / (time.perf_counter() - start))

@@ -20,6 +20,7 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
 from kvc_compile.models import load_model
 from kvc_compile.reference import attention_implementation
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 MARK = {True: "[green]✓[/green]", False: "[red]✗[/red]"}
 
@@ -27,7 +28,7 @@ MARK = {True: "[green]✓[/green]", False: "[red]✗[/red]"}
 def _generate(model, input_ids, max_new_tokens: int, cache=None):
     with torch.no_grad():
         return model.generate(
-            input_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids, **with_cache(cache), max_new_tokens=max_new_tokens, do_sample=False,
             return_dict_in_generate=True,
         )
 
@@ -88,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             sample.answer,
             f"{MARK[answer_is_correct(full_text, sample)]} {full_text.strip()!r}",
             f"{MARK[answer_is_correct(text, sample)]} {text.strip()!r}",
-            f"{cache_nbytes(full_out.past_key_values):,} -> {cache_nbytes(out.past_key_values):,}",
+            f"{cache_nbytes(output_cache(full_out)):,} -> {cache_nbytes(output_cache(out)):,}",
         )
         last = out, ids.shape[1]
     console.print(table)
     out, prompt_len = last
-    held = [layer.entries_per_head for layer in out.past_key_values.layers]  # packed: the heads' mean
+    held = [layer.entries_per_head for layer in output_cache(out).layers]  # packed: the heads' mean
     generated = out.sequences.shape[1] - prompt_len - 1  # the last token is never written to the cache
     if config.decode_target is None:
         console.print(f"prompt tokens: {prompt_len}; tokens kept per KV head, per layer, after prefill: "

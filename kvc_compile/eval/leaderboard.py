@@ -34,6 +34,7 @@ from kvc_compile.eval.tasks import TaskSample, make_sample, score_cell, string_m
 from kvc_compile.lookahead import decode_step, lookahead_stage
 from kvc_compile.methods import method_class
 from kvc_compile.reference import attention_implementation, reference_prefill
+from kvc_compile.transformers_compat import with_cache
 
 FULL_CACHE = "full cache"
 NEW_TOKENS = {"niah_multivalue": 48, "niah_multiquery": 48, "variable_tracking": 32}
@@ -102,7 +103,7 @@ def answer_ids(
         lookahead = config.evicts and config.method_impl.lookahead_queries > 0
         if path == "compiled":  # the caller compiled the model with these options
             cache = CompressedCache(config=model.config)  # sliding-window layers keep their window
-            first = model(context_ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            first = model(context_ids, **with_cache(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             _check_compressed(config, cache, context_ids.shape[1], model.config.num_key_value_heads)
             if lookahead:  # LAQ: roll out pseudo tokens after the context, then re-score it
                 mask = torch.ones_like(context_ids)
@@ -120,7 +121,7 @@ def answer_ids(
         # generate() feeds only what the cache has not seen: the question (or the first answer
         # token), then the answer.
         with attention_implementation(model, ATTENTION_IMPLEMENTATION):
-            out = model.generate(full_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(full_ids, **with_cache(cache), max_new_tokens=max_new_tokens, do_sample=False)
         if appended_ids is None:
             return out[:, context_ids.shape[1]:]
     return out[:, full_ids.shape[1]:]
