@@ -83,6 +83,28 @@ def test_exported_engines_keep_the_reference_tokens(engine):
     assert tokens == reference_generate(tiny_model("llama", **BIG_WEIGHTS), ids, OPTIONS, 4).tolist()
 
 
+def test_exported_engines_with_their_weights_inside_still_load(engine, tmp_path):
+    from safetensors.torch import load_file
+
+    from kvc_compile.engine.manifest import Manifest
+    from kvc_compile.engine.programs import with_weights
+
+    inside = shutil.copytree(engine, tmp_path / "engine")
+    manifest = Manifest.read(inside)
+    # Clones: torch.export.save cannot store views into the one buffer safetensors may load into.
+    tensors = {key: tensor.clone() for key, tensor in load_file(str(inside / manifest.weights["file"])).items()}
+    for file, keys in manifest.weights["programs"].items():
+        exported = torch.export.load(str(inside / file))
+        with_weights(exported, keys, tensors)  # puts the weights back into the program
+        torch.export.save(exported, str(inside / file))
+    (inside / manifest.weights["file"]).unlink()
+    manifest.weights = None
+    manifest.write(inside)
+    prompt = [list(range(5, 25))]
+    assert Engine.load(inside, trusted=True).generate(prompt, 4).tokens == \
+        Engine.load(engine, trusted=True).generate(prompt, 4).tokens
+
+
 def test_exported_engines_load_only_when_trusted(engine, monkeypatch):
     def unpickle(*args, **kwargs):
         raise AssertionError("torch.export.load ran on an untrusted engine")

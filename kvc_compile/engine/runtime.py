@@ -151,7 +151,8 @@ def _load_shared_weights(folder: Path, manifest: Manifest, programs: dict) -> di
         if manifest.target == "exported":
             from kvc_compile.engine.programs import with_weights
 
-            programs[file] = with_weights(program, names, tensors)
+            # An engine without a weights file keeps its weights inside its programs.
+            programs[file] = with_weights(program, names, tensors) if manifest.weights is not None else program.module()
         elif manifest.weights is not None:
             program.load_constants({name: tensors[names[name]] for name in program.get_constant_fqns()},
                                    check_full_update=True, user_managed=True)
