@@ -31,6 +31,7 @@ from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, raw_site_scores, score_site
 from kvc_compile.ops.decode import compress_decode_packed_site, compress_decode_site, last_queries, shift_in
 from kvc_compile.passes.manager import SLIDING_LAYERS_NOTE, NoAttentionSiteError
+from kvc_compile.transformers_compat import with_cache
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
 _captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
@@ -149,7 +150,7 @@ def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=CompressedCache(config=model.config),
+            **with_cache(CompressedCache(config=model.config)),
             use_cache=True,
         )
     windows = sliding_windows(model.config)

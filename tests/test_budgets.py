@@ -11,7 +11,7 @@ from kvc_compile.cache import CompressedLayer
 from kvc_compile.methods.base import ScoreInputs, compress_layer, select_head_adaptive
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.pyramidkv import PyramidKV
-from kvc_compile.transformers_compat import output_cache, with_cache
+from kvc_compile.transformers_compat import CACHE_ARG, output_cache, with_cache
 
 PROMPT = 40
 ADAKV = {"method": "adakv", "scorer_options": {"window_size": 8}, "compression_ratio": 0.5, "inner_backend": "eager"}
@@ -164,7 +164,7 @@ def test_head_budgets_with_left_padding_generate_like_the_reference():
 def test_packed_layout_needs_compressed_cache():
     model = tiny_model("llama", attn_implementation="kvc")
     compiled = torch.compile(model, backend="kvc", options=ADAKV)
-    with torch.no_grad(), pytest.raises(Exception, match="past_key_values=kvc_compile.CompressedCache"):
+    with torch.no_grad(), pytest.raises(Exception, match=f"{CACHE_ARG}=kvc_compile.CompressedCache"):
         compiled(random_prompt(1, PROMPT), use_cache=True)
 
 

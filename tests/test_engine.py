@@ -90,7 +90,7 @@ def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
 def engine_and_compiled_tokens(engine_dir, options: dict, length: int = 40, steps: int = STEPS) -> tuple[list, list]:
     """Greedy tokens of a tiny-Llama engine and of the kvc-compiled model on the padded batch."""
     ids, mask, prompts = padded_batch(length)
-    engine_tokens = Engine.load(engine_dir).generate(prompts, steps).tokens
+    engine_tokens = Engine.load(engine_dir, trusted=True).generate(prompts, steps).tokens
     torch._dynamo.reset()
     compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
                                          {**options, "inner_backend": "eager"}, ids, mask, steps)
@@ -119,7 +119,7 @@ def test_lowrank_engines_keep_the_compiled_tokens(options, target, tmp_path):
     assert result.manifest.prefill[0].min_length == 2  # a one-token prompt would trace as a decode step
     engine_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options)
     assert engine_tokens == compiled_tokens
-    engine = Engine.load(tmp_path / "engine")
+    engine = Engine.load(tmp_path / "engine", trusted=True)
     ids, mask, _ = padded_batch()
     outputs = engine._prefill_program(ids.shape[1])(ids, mask)
     per_layer = len(result.manifest.state_names) + 1
@@ -139,7 +139,7 @@ def test_laq_engine_keeps_the_compiled_tokens(tmp_path):
     stage2 = onnx.load(str(tmp_path / "engine" / lookahead["stage2"][-1]["file"]))
     assert [node.op_type for node in plugin_nodes(stage2)] == ["KvcLookaheadStage2"] * 2  # one per layer
     assert not plugin_nodes(onnx.load(str(tmp_path / "engine" / lookahead["rollout"])))
-    engine = Engine.load(tmp_path / "engine")
+    engine = Engine.load(tmp_path / "engine", trusted=True)
     ids, mask, prompts = padded_batch()
     model = tiny_model("llama", attn_implementation="kvc")
     model.compile(backend="kvc", options={**LAQ, "inner_backend": "eager"}, dynamic=True)
@@ -197,7 +197,7 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
         assert {f"model.{name}" for name in parameters} <= set(stored.keys())
     parameter_bytes = sum(p.nbytes for p in parameters.values())
     assert (tmp_path / "engine" / weights["file"]).stat().st_size < 1.2 * parameter_bytes
-    engine = Engine.load(tmp_path / "engine")
+    engine = Engine.load(tmp_path / "engine", trusted=True)
     ids, mask, prompts = padded_batch()
     tokens = engine.generate(prompts, STEPS).tokens
     model = tiny_model("qwen3", attn_implementation="kvc")
@@ -207,7 +207,7 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
     # The same model as an ONNX engine, run by ONNX Runtime, keeps the AOTInductor engine's tokens.
     onnx_engine = quiet_build(tiny_model("qwen3", attn_implementation="kvc"), options, tmp_path / "onnx",
                               target="onnx").manifest
-    assert Engine.load(tmp_path / "onnx").generate(prompts, STEPS).tokens == tokens
+    assert Engine.load(tmp_path / "onnx", trusted=True).generate(prompts, STEPS).tokens == tokens
     # Its graphs keep their weights in one shared external-data file, each weight stored once.
     shared = tmp_path / "onnx" / onnx_engine.weights["file"]
     assert shared.stat().st_size < 1.2 * parameter_bytes
@@ -226,7 +226,7 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
 
 
 def test_sampling_is_seeded_and_eos_stops_a_row(built_engine):
-    engine = Engine.load(built_engine)
+    engine = Engine.load(built_engine, trusted=True)
     _, _, prompts = padded_batch()
     first = engine.generate(prompts, STEPS, temperature=1.0, top_k=20, top_p=0.9, seed=3).tokens
     assert first == engine.generate(prompts, STEPS, temperature=1.0, top_k=20, top_p=0.9, seed=3).tokens
@@ -290,9 +290,10 @@ def test_cli_errors_not_tracebacks(built_engine, tmp_path, capsys):
         (build_cli, ["--model", "smollm2-135m", "--method", "snapkv", "--option", "window_size=-3", "--out",
                      str(tmp_path / "b")], "window_size"),
         (run_cli, [str(tmp_path / "missing"), "--token-ids", "5 6 7"], "does not exist"),
-        (run_cli, [str(built_engine), "--token-ids", " ".join(["5"] * 97)], "max context of 96"),
-        (run_cli, [str(built_engine), "--prompt", "hello"], "no tokenizer"),
-        (run_cli, [str(built_engine), "--token-ids", "5 6", "--max-new-tokens", "13"], "--max-new-tokens 13"),
+        (run_cli, [str(built_engine), "--trust-engine", "--token-ids", " ".join(["5"] * 97)], "max context of 96"),
+        (run_cli, [str(built_engine), "--trust-engine", "--prompt", "hello"], "no tokenizer"),
+        (run_cli, [str(built_engine), "--trust-engine", "--token-ids", "5 6", "--max-new-tokens", "13"],
+         "--max-new-tokens 13"),
     ]
     for main, argv, message in cases:
         assert main(argv) == 2, argv
@@ -304,25 +305,25 @@ def test_damaged_engines_are_reported(built_engine, tmp_path):
     program = next(corrupted.glob("decode*"))
     program.write_bytes(program.read_bytes()[:-1] + b"x")
     with pytest.raises(EngineError, match="corrupted: decode"):
-        Engine.load(corrupted)
+        Engine.load(corrupted, trusted=True)
     incomplete = copy_engine(built_engine, tmp_path / "incomplete")
     next(incomplete.glob("prefill*")).unlink()
     with pytest.raises(EngineError, match="incomplete: prefill"):
-        Engine.load(incomplete)
+        Engine.load(incomplete, trusted=True)
     no_manifest = copy_engine(built_engine, tmp_path / "no-manifest")
     (no_manifest / MANIFEST).unlink()
     with pytest.raises(EngineError, match="no manifest.json"):
-        Engine.load(no_manifest)
+        Engine.load(no_manifest, trusted=True)
     future = copy_engine(built_engine, tmp_path / "future")
     manifest = json.loads((future / MANIFEST).read_text())
     manifest["format_version"] = 99
     (future / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="format version 99"):
-        Engine.load(future)
+        Engine.load(future, trusted=True)
     garbled = copy_engine(built_engine, tmp_path / "garbled")
     (garbled / MANIFEST).write_text("{")
     with pytest.raises(EngineError, match="corrupted"):
-        Engine.load(garbled)
+        Engine.load(garbled, trusted=True)
 
 
 def test_manifest_records_what_the_engine_is(built_engine):
@@ -354,19 +355,21 @@ def test_random_weight_presets_build_from_the_cli(tmp_path, capsys):
                       "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "bytes saved per prompt token" in err and "32 entries per KV head" in err
-    assert run_cli([str(out), "--token-ids", "5 6 7 8", "--token-ids", "9 10", "--max-new-tokens", "3"]) == 0
+    assert run_cli([str(out), "--trust-engine", "--token-ids", "5 6 7 8", "--token-ids", "9 10",
+                    "--max-new-tokens", "3"]) == 0
     printed = capsys.readouterr().out
     assert "#0" in printed and "#1" in printed
 
 
 def test_build_options_take_numbers_json_and_strings():
     from kvc_compile.cli.build import parse_option
+    from kvc_compile.cli.common import UsageError
 
     assert parse_option("window_size=32") == ("window_size", 32)
     assert parse_option("pooling=max") == ("pooling", "max")
     assert parse_option('kqsvd={"projections": "p.safetensors", "key_rank": 16}') == (
         "kqsvd", {"projections": "p.safetensors", "key_rank": 16})
-    with pytest.raises(EngineError, match="not valid JSON"):
+    with pytest.raises(UsageError, match="not valid JSON"):
         parse_option("kqsvd={projections: p}")
-    with pytest.raises(EngineError, match="KEY=VALUE"):
+    with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_option("window_size")

@@ -7,7 +7,7 @@ from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes, reference_generate, reference_prefill
 from kvc_compile.eval.lowrank import CalibrationMismatchError, calibrate_lowrank
-from kvc_compile.transformers_compat import output_cache, with_cache
+from kvc_compile.transformers_compat import CACHE_ARG, output_cache, with_cache
 
 PROMPT, NEW = 40, 8
 
@@ -140,7 +140,7 @@ def test_projections_of_another_model_are_refused(projections_file):
         reference_prefill(tiny_model("llama", seed=1), ids, options)
     deeper = tiny_model("llama", attn_implementation="kvc", num_hidden_layers=3)
     compiled = torch.compile(deeper, backend="kvc", options=options)
-    with torch.no_grad(), pytest.raises(Exception, match="has 2 layers but the model has 3 attention layers"):
+    with torch.no_grad(), pytest.raises(Exception, match="num_hidden_layers: file 2 vs model 3"):
         compiled(ids, use_cache=True, **with_cache(CompressedCache()))
 
 
@@ -148,7 +148,7 @@ def test_lowrank_needs_compressed_cache_and_kvc_attention(projections_file):
     options = {"method": "kqsvd", "projections": projections_file, "inner_backend": "eager"}
     ids = random_prompt(1, PROMPT)
     compiled = torch.compile(tiny_model("llama", attn_implementation="kvc"), backend="kvc", options=options)
-    with torch.no_grad(), pytest.raises(Exception, match="past_key_values=kvc_compile.CompressedCache"):
+    with torch.no_grad(), pytest.raises(Exception, match=f"{CACHE_ARG}=kvc_compile.CompressedCache"):
         compiled(ids, use_cache=True)
     model = tiny_model("llama", attn_implementation="sdpa")
     prefill = reference_prefill(model, ids, options)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import random_prompt, tiny_model
 
-from kvc_compile import CompressedCache, list_methods, lookahead_generate, reference_prefill
+from kvc_compile import CompressedCache, lookahead_generate, reference_prefill
+from kvc_compile.methods import list_methods
 from kvc_compile.reference import reference_decode
 from kvc_compile.transformers_compat import output_cache, with_cache
 

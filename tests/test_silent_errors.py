@@ -13,6 +13,7 @@ from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes, refere
 from kvc_compile.backend import PaddedBatchError, RecompileLimitWarning
 from kvc_compile.eval.lowrank import CalibrationMismatchError, calibrate_lowrank
 from kvc_compile.methods import METHODS
+from kvc_compile.transformers_compat import CACHE_ARG, output_cache, with_cache
 
 PROMPT = 40
 KNORM = {"method": "knorm", "compression_ratio": 0.5, "inner_backend": "eager", "verbose": False}
@@ -20,7 +21,7 @@ KNORM = {"method": "knorm", "compression_ratio": 0.5, "inner_backend": "eager", 
 
 def generate(model, ids, cache, new_tokens=8, **kwargs):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **with_cache(cache),
                               return_dict_in_generate=True, **kwargs)
 
 
@@ -35,7 +36,7 @@ def test_projections_of_another_model_are_refused_by_the_compiled_path_too(tmp_p
     compiled = torch.compile(other, backend="kvc", options=options)
     with torch.no_grad(), pytest.raises(Exception, match="CalibrationMismatchError: .*calibrated for another model"
                                                          ".*weights_sha256"):
-        compiled(ids, use_cache=True, past_key_values=CompressedCache())
+        compiled(ids, use_cache=True, **with_cache(CompressedCache()))
 
 
 def test_reaching_the_recompile_limit_says_the_cache_goes_uncompressed():
@@ -54,7 +55,7 @@ def test_dynamic_compilation_stays_below_the_limit():
         warnings.simplefilter("error", RecompileLimitWarning)
         for length in (20, 30, 40):
             out = compiled(random_prompt(1, length), use_cache=True)
-            assert out.past_key_values.layers[0].keys.shape[-2] == length // 2
+            assert output_cache(out).layers[0].keys.shape[-2] == length // 2
 
 
 def padded_batch():
@@ -69,7 +70,7 @@ def test_left_padded_batch_with_a_plain_dynamic_cache_is_refused_with_the_fix():
     model = tiny_model("qwen2")
     ids, mask = padded_batch()
     model.compile(backend="kvc", options=KNORM)
-    with pytest.raises(PaddedBatchError, match=r"left-padded.*past_key_values=kvc_compile.CompressedCache\(\)"):
+    with pytest.raises(PaddedBatchError, match=rf"left-padded.*{CACHE_ARG}=kvc_compile.CompressedCache\(\)"):
         generate(model, ids, None, attention_mask=mask)
     # The fix gives the reference's tokens; an unpadded batch still works with the default cache.
     expected = reference_generate(model, ids, KNORM, max_new_tokens=8, attention_mask=mask)
@@ -90,25 +91,25 @@ def test_sliding_window_layers_keep_only_their_window():
     model = mixed_qwen2()
     ids = random_prompt(1, PROMPT)
     with torch.no_grad():
-        plain = model(ids, use_cache=True).past_key_values  # transformers' own cache: the window, uncompressed
+        plain = output_cache(model(ids, use_cache=True))  # transformers' own cache: the window, uncompressed
     compiled = torch.compile(model, backend="kvc", options=KNORM, dynamic=True)
     with torch.no_grad():
-        out = compiled(ids, use_cache=True, past_key_values=CompressedCache(config=model.config))
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [20, 15]
-    assert cache_nbytes(out.past_key_values) < cache_nbytes(plain)
+        out = compiled(ids, use_cache=True, **with_cache(CompressedCache(config=model.config)))
+    assert [layer.keys.shape[-2] for layer in output_cache(out).layers] == [20, 15]
+    assert cache_nbytes(output_cache(out)) < cache_nbytes(plain)
     # Decoding keeps the window and the reference's tokens (the reference treats the layer the same way).
     expected = reference_generate(model, ids, KNORM, max_new_tokens=20)
     model.compile(backend="kvc", options=KNORM, dynamic=True)
     generated = generate(model, ids, CompressedCache(config=model.config), new_tokens=20)
     assert torch.equal(generated.sequences[:, PROMPT:], expected)
-    assert [layer.keys.shape[-2] for layer in generated.past_key_values.layers] == [20 + 19, 15]
+    assert [layer.keys.shape[-2] for layer in output_cache(generated).layers] == [20 + 19, 15]
 
 
 def test_a_cache_that_ignores_sliding_windows_is_refused_with_the_fix():
     model = mixed_qwen2()
     compiled = torch.compile(model, backend="kvc", options=KNORM, dynamic=True)
     with torch.no_grad(), pytest.raises(Exception, match=r"sliding-window.*CompressedCache\(config=model.config\)"):
-        compiled(random_prompt(1, PROMPT), use_cache=True, past_key_values=CompressedCache())
+        compiled(random_prompt(1, PROMPT), use_cache=True, **with_cache(CompressedCache()))
 
 
 def test_a_model_whose_every_layer_slides_is_refused_on_both_paths():
@@ -117,7 +118,7 @@ def test_a_model_whose_every_layer_slides_is_refused_on_both_paths():
     compiled = torch.compile(model, backend="kvc", options=KNORM, dynamic=True)
     for cache in (CompressedCache(), CompressedCache(config=model.config)):
         with torch.no_grad(), pytest.raises(Exception, match="(?i)sliding-window"):
-            compiled(ids, use_cache=True, past_key_values=cache)
+            compiled(ids, use_cache=True, **with_cache(cache))
     with pytest.raises(Exception, match="every layer slides"):
         reference_prefill(model, ids, KNORM)
 

@@ -28,6 +28,7 @@ from kvc_compile.backend.grad_mode import builds_backward, compile_for_inference
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes import PassManager
 from kvc_compile.passes.attention_sites import compiled_code, root_module_name
+from kvc_compile.transformers_compat import CACHE_ARG
 
 
 class RecompileLimitWarning(UserWarning):
@@ -148,7 +149,7 @@ def refuse_padded_rows(compiled: Callable, mask_index: int, config: CompressionC
             raise PaddedBatchError(
                 f"kvc: this batch is left-padded and {config.method} compresses its cache, which a plain "
                 f"DynamicCache cannot represent (it would line the attention mask up with the wrong entries and "
-                f"decode wrong tokens for the padded rows): pass past_key_values=kvc_compile.CompressedCache() "
+                f"decode wrong tokens for the padded rows): pass {CACHE_ARG}=kvc_compile.CompressedCache() "
                 f"(to generate() or the forward call)"
             )
 

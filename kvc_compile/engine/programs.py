@@ -40,6 +40,7 @@ from kvc_compile.lookahead import prompt_position_ids
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops.decode import append_positions_at, lookahead_stage2, push_query
 from kvc_compile.ops.lowrank import FACTOR_NAMES, lowrank_project
+from kvc_compile.transformers_compat import with_cache
 
 assert LOWRANK_STATE[:len(FACTOR_NAMES)] == FACTOR_NAMES  # the prefill returns the factors in the op's order
 
@@ -107,7 +108,7 @@ class PrefillProgram(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         cache = CompressedCache()
         out = self.model(input_ids, attention_mask=attention_mask,
-                         position_ids=prompt_position_ids(input_ids, attention_mask), past_key_values=cache,
+                         position_ids=prompt_position_ids(input_ids, attention_mask), **with_cache(cache),
                          use_cache=True, logits_to_keep=1)
         outputs = [out.logits[:, -1]]
         for layer in cache.layers:
@@ -226,7 +227,7 @@ class DecodeProgram(nn.Module):
             layers = [SlotLayer(self.layout, layer_state, step + prompt_slots // entries_per_token, self.kv_heads)
                       for layer_state, prompt_slots in zip(layer_states, self.prompt_slots, strict=True)]
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=SlotCache(layers), use_cache=True)
+                         **with_cache(SlotCache(layers)), use_cache=True)
         if self.return_state:  # the buffers a step changes (not the per-layer constants)
             changed = [name for name in names if name not in self.layout.constant_names]
             return (out.logits[:, -1], *(layer.state[name] for layer in layers for name in changed))

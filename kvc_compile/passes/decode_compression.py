@@ -62,6 +62,7 @@ from kvc_compile.passes.prefill_compression import (
     propagate_meta,
     rotary_tables,
 )
+from kvc_compile.transformers_compat import CACHE_ARG
 
 kvc = torch.ops.kvc
 
@@ -135,7 +136,7 @@ class CompressDecodeCache:
             if positions is None or buffer is None:
                 raise CacheLayoutError(
                     f"kvc: {self.config.method} compresses while decoding, which needs the cache to keep "
-                    f"positions and recent queries: generate with past_key_values=kvc_compile.CompressedCache() "
+                    f"positions and recent queries: generate with {CACHE_ARG}=kvc_compile.CompressedCache() "
                     f"and a single new token per step"
                 )
             rotary = (*self.step_tables(site), inv_freq) if inv_freq is not None else None

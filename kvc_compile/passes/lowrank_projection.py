@@ -39,6 +39,7 @@ from kvc_compile.passes.prefill_compression import (
     propagate_meta,
     rotary_tables,
 )
+from kvc_compile.transformers_compat import CACHE_ARG
 
 FACTORS_MARKER = {torch.ops.kvc.lowrank_factors.default, torch.ops.kvc.lowrank_factors}
 
@@ -91,7 +92,7 @@ class ProjectCacheToLowRank:
             if markers is None or any(m is None for m in markers[:4]):
                 raise CacheLayoutError(
                     "kvc: kqsvd stores rank-R entries, which only kvc_compile.CompressedCache holds: call the "
-                    "model with past_key_values=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
+                    f"model with {CACHE_ARG}=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
                 )
             _, kv_heads, _, head_dim = fake_value(site.cached_keys).shape
             factors = [getattr(projections, name)[index] for name in FACTOR_NAMES]

@@ -30,6 +30,7 @@ from kvc_compile.passes.lowrank_projection import (
     ProjectCacheToLowRank,
 )
 from kvc_compile.passes.prefill_compression import PREFILL_ENTRIES, CacheLayoutError, InsertPrefillCompression
+from kvc_compile.transformers_compat import CACHE_ARG
 
 SLIDING_LAYERS_NOTE = (
     "Sliding-window layers cache only a slice of what attention reads and are left uncompressed: a model whose "
@@ -163,7 +164,7 @@ class PassManager:
             raise CacheLayoutError(
                 f"kvc: {type(model).__name__} has sliding-window layers (window {max(windows.values())}), but the "
                 f"{cache} it was called with keeps every token of them, so compressing them would store more than "
-                f"the window: pass past_key_values=kvc_compile.CompressedCache(config=model.config) (or "
+                f"the window: pass {CACHE_ARG}=kvc_compile.CompressedCache(config=model.config) (or "
                 f"DynamicCache(config=model.config)), which keeps only the window of a sliding layer"
             )
 

@@ -35,6 +35,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv, compute_unbacked_bin
 import kvc_compile.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import ADD_TARGETS, AttentionSite, fake_value
+from kvc_compile.transformers_compat import CACHE_ARG
 
 MUL_TARGETS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 PREFILL_ENTRIES = {torch.ops.kvc.prefill_entries.default, torch.ops.kvc.prefill_entries}
@@ -145,7 +146,7 @@ class InsertPrefillCompression:
             raise CacheLayoutError(
                 f"kvc: {self.config.method} gives KV heads or layers different budgets and stores them in "
                 f"the packed layout, which only kvc_compile.CompressedCache holds: call the model with "
-                f"past_key_values=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
+                f"{CACHE_ARG}=kvc_compile.CompressedCache() (and attn_implementation='kvc')"
             )
         args = (
             site.query, site.cached_keys, site.cached_values, site.mask, cos, sin, site.layer_idx, n_layers, self.spec,
