@@ -253,6 +253,28 @@ def test_calibrate_checks_its_files_before_loading(capsys, tmp_path, no_model_lo
     assert f"--text {latin} is not UTF-8" in err
     err = user_error(capsys, calibrate.main, ["--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "p")])
     assert "nope.txt: no such file" in err
+    existing = tmp_path / "mine.safetensors"
+    existing.write_bytes(b"a file the user owns")
+    assert "pass --force to replace it" in user_error(capsys, calibrate.main, ["--out", str(existing)])
+    assert existing.read_bytes() == b"a file the user owns"
+
+
+def test_projections_are_saved_whole_and_shareable(tmp_path):
+    """Saved beside and renamed into place (no temporary file left), with the mode ``open`` gives."""
+    import os
+
+    from conftest import random_prompt, tiny_model
+
+    from kvc_compile.eval.lowrank import LowRankProjections, calibrate_lowrank
+
+    path = tmp_path / "p.safetensors"
+    model = tiny_model("llama")
+    calibrate_lowrank(model, [random_prompt(1, 32)], rank=4).save(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+    assert LowRankProjections.load(path, model).key_ranks == [4, 4]
 
 
 # Model loading

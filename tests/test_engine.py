@@ -355,6 +355,8 @@ def test_random_weight_presets_build_from_the_cli(tmp_path, capsys):
                       "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "bytes saved per prompt token" in err and "32 entries per KV head" in err
+    # The printed run command works for this engine: no tokenizer (random weights), exported (trust).
+    assert f"kvc-run {out} --trust-engine --token-ids '1 2 3'" in " ".join(err.split())
     assert run_cli([str(out), "--trust-engine", "--token-ids", "5 6 7 8", "--token-ids", "9 10",
                     "--max-new-tokens", "3"]) == 0
     printed = capsys.readouterr().out

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -115,8 +116,15 @@ def report(console: Console, result) -> None:
                   f"{(full - kept) / manifest.max_context:.0f} bytes saved per prompt token")
     evicts = (f" (compressed back to {manifest.decode_target} while decoding)"
               if manifest.decode_target is not None else "")
-    console.print(f"decode capacity per layer: {max(manifest.capacity)} slots{evicts}; run it with: kvc-run "
-                  f"{result.out} --prompt 'Hello'")
+    console.print(f"decode capacity per layer: {max(manifest.capacity)} slots{evicts}; run it with: "
+                  f"{run_command(result.out, manifest)}", markup=False)
+
+
+def run_command(out, manifest) -> str:
+    """The kvc-run line that works for this engine: token ids without a tokenizer, trust for exported."""
+    trust = " --trust-engine" if manifest.target == "exported" else ""
+    prompt = "--prompt 'Hello'" if manifest.tokenizer is not None else "--token-ids '1 2 3'"
+    return f"kvc-run {shlex.quote(str(out))}{trust} {prompt}"
 
 
 __all__ = ["main", "parse_option", "report"]

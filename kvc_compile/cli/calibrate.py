@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="preset, local directory or cached HF id")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--method", default="kqsvd", choices=LOWRANK_METHODS)
     parser.add_argument("--text", nargs="*", default=[], metavar="FILE",
                         help="calibration text files (default: Python's pydoc topics)")
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a folder; give the .safetensors file to write")
     check_out_parent(args.out)
+    if Path(args.out).exists() and not args.force:
+        raise UsageError(f"--out {args.out} exists; choose another file or pass --force to replace it")
     texts = calibration_texts(args.text)
 
     model, tokenizer = load_model(args.model, require_tokenizer=True)

@@ -266,7 +266,8 @@ def _export_rewritten(program: torch.nn.Module, example: tuple, shapes, config: 
     shapes and guards are re-derived. Returns the export and the rewritten module."""
     traced = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
     rewritten = traced.module()
-    PassManager(config, decode_eviction=decode_eviction).run(rewritten)
+    # ``program`` holds the transformers model: the pass checks KQ-SVD projections against its weights.
+    PassManager(config, decode_eviction=decode_eviction, model=program).run(rewritten)
     # The rewritten module takes its inputs flat: a ``*state`` argument's shapes come out of their tuple.
     flat_shapes = tuple(item for shape in shapes for item in (shape if isinstance(shape, tuple) else (shape,)))
     return torch.export.export(rewritten, example, dynamic_shapes=flat_shapes, strict=False), rewritten

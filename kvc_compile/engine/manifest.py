@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 # 2: AOTInductor packages without constants, beside one weights file; 3: compression while decoding
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: exported programs without their weights; every loaded file hashed
 MANIFEST = "manifest.json"
 # Per-layer state of the window layout (compression while decoding, LAQ's rollout) and of LAQ's
 # prefill (the stage-1 cache, the full prompt entries, the buffer of recent queries).

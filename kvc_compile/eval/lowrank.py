@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +120,20 @@ class LowRankProjections:
             "identity": json.dumps(self.identity, sort_keys=True),
             "settings": json.dumps(self.settings, sort_keys=True),
         }
-        save_file(tensors, str(path), metadata=metadata)
+        # Written beside ``path`` and renamed over it: an interrupted save never leaves half a file. safetensors
+        # writes 0600; a projections file is meant to be shared, so it gets what ``open`` would give.
+        path = Path(path)
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, staging, metadata=metadata)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o666 & ~umask)
+            os.replace(staging, path)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
 
     @classmethod
     def load(cls, path: str | Path, model: PreTrainedModel | None = None) -> LowRankProjections:
