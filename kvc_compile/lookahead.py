@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kvc_compile.cache import CompressedCache, CompressedLayer
 from kvc_compile.config import CompressionConfig
+from kvc_compile.inputs import check_prompt_ids
 from kvc_compile.methods.base import CompressedKV, keep_dense, prefill_entries, select_uniform
 from kvc_compile.transformers_compat import with_cache
 
@@ -150,6 +151,7 @@ def lookahead_generate(
     config = options if isinstance(options, CompressionConfig) else CompressionConfig.from_options(options)
     if not config.evicts or not config.method_impl.lookahead_queries:
         raise ValueError(f"lookahead_generate runs LAQ (method='laq'); got method={config.method!r}")
+    check_prompt_ids(input_ids, attention_mask)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     cache = CompressedCache()

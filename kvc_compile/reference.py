@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvc_compile.cache import CachedKeys, CompressedCache, CompressedLayer, sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, kvc_attention
 from kvc_compile.config import CompressionConfig
+from kvc_compile.inputs import check_prompt_ids
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
 from kvc_compile.methods.base import CompressedKV, prefill_entries
 from kvc_compile.methods.kqsvd import project_entries
@@ -143,6 +144,7 @@ def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
     Compression never changes the prefill's hidden states (each layer attends to its full prompt
     before its cache is compressed), so one capture serves every configuration of a prompt.
     """
+    check_prompt_ids(input_ids, attention_mask)
     position_ids = prompt_position_ids(input_ids, attention_mask)
     with capture_prefill_attention(model) as captured:
         # .forward, not __call__: a model compiled in place must still run eagerly here.

@@ -69,3 +69,20 @@ def test_grad_mode_runs_without_gradients_and_says_so():
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, mask, message", [
+    ((1, 0), None, "the prompt is empty"),
+    ((0, 10), None, "the batch holds no prompt"),
+    ((2, 6), torch.tensor([[1] * 6, [0] * 6]), r"prompt rows \[1\] are all padding"),
+])
+def test_empty_prompts_are_refused_with_the_reason(shape, mask, message):
+    from kvc_compile import reference_generate, reference_prefill
+
+    model = tiny_model("llama")
+    ids = random_prompt(*shape)
+    options = {"method": "snapkv", "window_size": WINDOW, "compression_ratio": 0.5}
+    with pytest.raises(ValueError, match=message):
+        reference_prefill(model, ids, options, attention_mask=mask)
+    with pytest.raises(ValueError, match=message):
+        reference_generate(model, ids, options, max_new_tokens=2, attention_mask=mask)
