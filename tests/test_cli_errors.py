@@ -147,6 +147,16 @@ def test_bench_refuses_cuda_on_a_cpu_build(capsys, no_model_load):
     assert "sees no CUDA GPU" in user_error(capsys, bench.main, ["--device", "cuda"])
 
 
+def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
+    from kvc_compile.cli.common import UsageError, check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UsageError, match="has 1 CUDA GPU"):
+        check_device("cuda:5")
+
+
 def test_bench_checks_out_before_the_work(capsys, tmp_path, no_model_load):
     (tmp_path / "file").write_text("")
     err = user_error(capsys, bench.main, ["--out", str(tmp_path / "file" / "sub" / "bench.md")])
