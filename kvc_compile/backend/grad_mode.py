@@ -8,7 +8,6 @@ inference graph: its outputs carry no gradient, and a warning says so once.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -39,9 +38,10 @@ def compile_for_inference(compile_graph: Callable[[], Callable]) -> Callable:
     with torch.no_grad():
         compiled = compile_graph()
 
-    @functools.wraps(compiled)
     def run(*args):
         with torch.no_grad():
             return compiled(*args)
 
+    # Inductor's result may take its inputs boxed (one list, ``_boxed_call``): keep the convention.
+    run._boxed_call = getattr(compiled, "_boxed_call", False)
     return run
