@@ -1,8 +1,9 @@
 """The name transformers gives the cache argument and output, on every version we run on.
 
 transformers 5.25 renamed ``past_key_values`` (and ``cache_params``) to ``cache``, warns on every
-call that uses the old name and announces its removal (5.40 for ``generate``, 6.0 for ``forward``); 5.17 (on the GPU machines) knows
-only ``past_key_values``. Code here passes and reads the cache through these two helpers.
+call that uses the old name and announces its removal (5.40 for ``generate``, 6.0 for ``forward``);
+5.17 (on the GPU machines) knows only ``past_key_values``. Code here passes and reads the cache
+through these two helpers.
 """
 
 from __future__ import annotations
