@@ -52,7 +52,7 @@ def until_eos(row: list[int], eos: int) -> list[int]:
 def test_kvc_run_tokens_equal_compiled_and_reference(smollm2, engine, capsys):
     """One kvc-run call (loading SmolLM2's programs takes a while) on a padded batch of two prompts."""
     model, tokenizer = smollm2
-    argv = [str(engine), "--chat", "--max-new-tokens", str(NEW_TOKENS), "--json"]
+    argv = [str(engine), "--trust-engine", "--chat", "--max-new-tokens", str(NEW_TOKENS), "--json"]
     for question in QUESTIONS:
         argv += ["--prompt", question]
     assert run_cli(argv) == 0
