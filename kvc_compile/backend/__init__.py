@@ -51,8 +51,8 @@ def kvc_backend(
     # torch.compile refuses mode together with options, so ``mode`` only arrives alone; accepting it
     # lets that call reach the clear "needs options" error instead of a TypeError.
     config = CompressionConfig.from_options(options)  # validate before touching the graph
-    if builds_backward(example_inputs):
-        return compile_for_inference(lambda: kvc_backend(gm, example_inputs, options, mode))
+    if builds_backward(gm, example_inputs):
+        return compile_for_inference(gm, lambda: kvc_backend(gm, example_inputs, options, mode))
     started = time.perf_counter()
     warn_at_recompile_limit(gm)
     manager = PassManager(config)
