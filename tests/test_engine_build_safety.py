@@ -229,3 +229,12 @@ def test_bad_out_paths_are_refused_before_the_model_loads(out, message, tmp_path
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "engine")
     assert build_cli([*RANDOM_PRESET, "--out", str(tmp_path / out)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sliding_window_models_are_refused_before_anything_is_written(tmp_path):
+    """Engines have no windowed cache layers: the build says so and names the compiled path instead."""
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    with pytest.raises(EngineError, match=r"sliding-window layers \(1 of 2, window 16\).*CompressedCache\(config="):
+        build(model, {"method": "knorm", "compression_ratio": 0.5}, tmp_path / "engine", target="exported",
+              max_context=64, max_new_tokens=8)
+    assert not any(tmp_path.iterdir())

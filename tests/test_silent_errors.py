@@ -70,7 +70,7 @@ def test_left_padded_batch_with_a_plain_dynamic_cache_is_refused_with_the_fix():
     model = tiny_model("qwen2")
     ids, mask = padded_batch()
     model.compile(backend="kvc", options=KNORM)
-    with pytest.raises(PaddedBatchError, match=rf"left-padded.*{CACHE_ARG}=kvc_compile.CompressedCache\(\)"):
+    with pytest.raises(PaddedBatchError, match=rf"batch is padded.*{CACHE_ARG}=kvc_compile.CompressedCache\(\)"):
         generate(model, ids, None, attention_mask=mask)
     # The fix gives the reference's tokens; an unpadded batch still works with the default cache.
     expected = reference_generate(model, ids, KNORM, max_new_tokens=8, attention_mask=mask)

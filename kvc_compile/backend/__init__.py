@@ -147,7 +147,7 @@ def refuse_padded_rows(compiled: Callable, mask_index: int, config: CompressionC
         n = mask.shape[-1]
         if config.kept_length(n) < n and not bool(mask.all()):
             raise PaddedBatchError(
-                f"kvc: this batch is left-padded and {config.method} compresses its cache, which a plain "
+                f"kvc: this batch is padded and {config.method} compresses its cache, which a plain "
                 f"DynamicCache cannot represent (it would line the attention mask up with the wrong entries and "
                 f"decode wrong tokens for the padded rows): pass {CACHE_ARG}=kvc_compile.CompressedCache() "
                 f"(to generate() or the forward call)"

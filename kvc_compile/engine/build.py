@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
+from kvc_compile.cache import sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig
 from kvc_compile.engine.manifest import FORMAT_VERSION, MANIFEST, EngineError, Manifest, ProgramEntry
@@ -489,6 +490,12 @@ def build(
     check_build_request(config, target=target, dtype=next(model.parameters()).dtype, max_context=max_context,
                         max_new_tokens=max_new_tokens, max_batch=max_batch,
                         max_positions=getattr(model.config, "max_position_embeddings", None))
+    windows = sliding_windows(model.config)
+    if windows:  # the engines' cache layouts have no windowed layers yet: they would store every token
+        raise EngineError(f"{type(model).__name__} has sliding-window layers ({len(windows)} of "
+                          f"{model.config.num_hidden_layers}, window {max(windows.values())}), which engines do not "
+                          f"support yet; compress it with torch.compile instead: model.compile(backend='kvc', "
+                          f"options=...) and generate with kvc_compile.CompressedCache(config=model.config)")
     protected = _model_paths(model, model_name)
     out = check_output_dir(out, force, protected)
     staging = _make_staging_dir(out)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import operator
-import re
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from kvc_compile.engine.manifest import (
     Manifest,
     ProgramEntry,
 )
+from kvc_compile.ops.compress import ShortPromptWarning
 
 TokenCallback = Callable[[int, Tensor], None]  # (step, tokens [batch]) after each generated token
 # One prompt (a string, or token ids) or a batch of them (see Engine.encode).
@@ -95,10 +96,11 @@ def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_AR
 
         return OnnxProgram(path, arg_names, written=written, weights=onnx_weights)
     if target == "aoti":
-        from torch.export.pt2_archive._package import PT2ArchiveReader
-
-        with PT2ArchiveReader(str(path)) as archive:
-            pickled = [name for name in archive.get_file_names() if name.startswith(_AOTI_PICKLED_ENTRIES)]
+        # A .pt2 package is a zip archive whose entries sit under one top folder: read the names with
+        # zipfile (public, on every torch version) rather than torch's private archive reader.
+        with zipfile.ZipFile(path) as archive:
+            names = [name.split("/", 1)[-1] for name in archive.namelist()]
+        pickled = [name for name in names if name.startswith(_AOTI_PICKLED_ENTRIES)]
         if pickled:
             raise EngineError(f"{path} is not an AOTInductor package written by kvc-build: it holds {pickled[0]}, "
                               f"which torch would unpickle on load; rebuild the engine with kvc-build")
@@ -538,19 +540,15 @@ def _check_sampling(manifest: Manifest, max_new_tokens, temperature, top_k, top_
 
 # What kvc::compress_kv warns (kvc_compile.ops.compress.site_inputs) for a prompt it keeps whole. Its
 # advice, to lower window_size, is for torch.compile users: an engine's window is fixed when it is built.
-_KEPT_WHOLE = re.compile(r"kvc: a (\d+)-token prompt is not longer than (.+)'s observation window \((\d+) tokens\)")
-
-
 def _prefill_notes(caught: list[warnings.WarningMessage], batch: int) -> list[str]:
     """The prefill's warnings: a prompt kept whole becomes one note in engine terms (the op warns once
-    per layer); any other warning is shown as it was."""
+    per layer, advising an option the engine cannot change); any other warning is shown as it was."""
     notes: list[str] = []
     for warning in caught:
-        match = _KEPT_WHOLE.match(str(warning.message))
-        if match is None:
+        if not isinstance(warning.message, ShortPromptWarning):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
             continue
-        length, method, window = match.group(1), match.group(2), int(match.group(3))
+        length, method, window = warning.message.length, warning.message.method, warning.message.window
         prompt = "the prompt is" if batch == 1 else "the batch's longest prompt is"
         note = (f"{prompt} {length} tokens long, not longer than {method}'s observation window of {window} tokens "
                 f"built into this engine, so its cache is kept whole (uncompressed); prompts of {window + 1} tokens "

@@ -50,6 +50,14 @@ def valid_keys_from_mask(attn_mask: Tensor | None, batch: int, n: int, device: t
     return last_row.expand(batch, n)
 
 
+class ShortPromptWarning(UserWarning):
+    """A prompt no longer than the method's observation window: its cache is kept whole."""
+
+    def __init__(self, message: str, length: int, method: str, window: int) -> None:
+        super().__init__(message)
+        self.length, self.method, self.window = length, method, window
+
+
 def site_inputs(
     config: CompressionConfig,
     query: Tensor,
@@ -66,9 +74,12 @@ def site_inputs(
     method = config.method_impl
     if 0 < n <= method.min_uncompressed_length:
         warnings.warn(
-            f"kvc: a {n}-token prompt is not longer than {config.method}'s observation window "
-            f"({method.min_uncompressed_length} tokens); its cache is left uncompressed. Lower window_size "
-            f"to compress prompts this short.",
+            ShortPromptWarning(
+                f"kvc: a {n}-token prompt is not longer than {config.method}'s observation window "
+                f"({method.min_uncompressed_length} tokens); its cache is left uncompressed. Lower window_size "
+                f"to compress prompts this short.",
+                int(n), config.method, method.min_uncompressed_length,
+            ),
             stacklevel=2,
         )
     valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
