@@ -22,7 +22,7 @@ from pathlib import Path
 from kvc_compile import load_model
 from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.eval.leaderboard import FULL_CACHE, SHARED_PREFILL, TextTasks, read_records, run_grid
-from kvc_compile.methods import list_methods
+from kvc_compile.methods import list_token_methods
 
 
 def read_predictions(cells: Path, filename: str, seeds: int) -> list[str]:
@@ -55,7 +55,7 @@ def main() -> None:
     settings = json.loads((args.leaderboard / "settings.json").read_text())
     if settings.get("path") != SHARED_PREFILL:
         raise SystemExit(f"{args.leaderboard} was not made with --path {SHARED_PREFILL} (settings: {settings})")
-    methods = list_methods() if args.methods == "all" else args.methods.split(",")
+    methods = list_token_methods() if args.methods == "all" else args.methods.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
     tasks = args.tasks.split(",")
 

@@ -10,7 +10,7 @@ from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, packed_attenti
 from kvc_compile.config import CompressionConfig
 from kvc_compile.engine import Engine, EngineError, build
 from kvc_compile.lookahead import lookahead_generate
-from kvc_compile.methods import list_all_methods as list_methods  # every name method= accepts, kqsvd too
+from kvc_compile.methods import list_methods  # every name method= accepts, kqsvd too
 from kvc_compile.models import ModelNotFoundError, load_model
 from kvc_compile.reference import reference_generate, reference_prefill
 

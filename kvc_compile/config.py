@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvc_compile.methods import LOWRANK_METHOD, Method, build_method, list_all_methods, list_methods, method_class
+from kvc_compile.methods import LOWRANK_METHOD, Method, build_method, list_methods, list_token_methods, method_class
 
 INNER_BACKENDS = ("inductor", "eager")
 COMMON_OPTIONS = (
@@ -74,7 +74,7 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
             raise ValueError(f"method must be a method name (a string), got {self.method!r}; valid methods: "
-                             f"{', '.join(list_all_methods())}")
+                             f"{', '.join(list_methods())}")
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(
                 f"unknown inner_backend {self.inner_backend!r}; valid choices: {', '.join(INNER_BACKENDS)}"
@@ -146,7 +146,7 @@ class CompressionConfig:
                 f"target_size), or drop kqsvd"
             )
         if problem is not None:
-            able = [name for name in list_methods() if decoding_problem(method_class(name)()) is None]
+            able = [name for name in list_token_methods() if decoding_problem(method_class(name)()) is None]
             raise ValueError(
                 f"{self.method} cannot compress while decoding: {problem}. Methods that can: {', '.join(able)}"
             )
@@ -205,7 +205,7 @@ class CompressionConfig:
         if not options:
             raise ValueError(
                 f"the kvc backend needs options, e.g. options={{'method': 'snapkv', 'compression_ratio': 0.5}}; "
-                f"valid methods: {', '.join(list_all_methods())}"
+                f"valid methods: {', '.join(list_methods())}"
             )
         if isinstance(options, CompressionConfig):
             return options
@@ -214,7 +214,7 @@ class CompressionConfig:
                              f"got {options!r}")
         options = dict(options)
         if "method" not in options:
-            raise ValueError(f"options must name a 'method'; valid methods: {', '.join(list_all_methods())}")
+            raise ValueError(f"options must name a 'method'; valid methods: {', '.join(list_methods())}")
         method = options.pop("method")
         common = {key: options.pop(key) for key in COMMON_OPTIONS[1:-1] if key in options}
         lowrank = options.pop(LOWRANK_METHOD, None)

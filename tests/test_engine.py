@@ -15,7 +15,7 @@ import torch
 from conftest import compiled_greedy_steps, random_prompt, tiny_model
 from safetensors import safe_open
 
-from kvc_compile import list_methods, lookahead_generate, reference_generate
+from kvc_compile import lookahead_generate, reference_generate
 from kvc_compile.cli.build import main as build_cli
 from kvc_compile.cli.run import main as run_cli
 from kvc_compile.config import CompressionConfig
@@ -23,6 +23,7 @@ from kvc_compile.engine import Engine, EngineError, build
 from kvc_compile.engine.build import _prefill_ranges
 from kvc_compile.engine.manifest import MANIFEST
 from kvc_compile.engine.runtime import _SlotSteps
+from kvc_compile.methods import list_token_methods
 from kvc_compile.models import preset_config
 from kvc_compile.plugins.onnx import plugin_nodes
 
@@ -78,7 +79,7 @@ CORE_METHODS = {"snapkv", "knorm"}
 
 @pytest.mark.parametrize("method", [
     method if method in CORE_METHODS else pytest.param(method, marks=pytest.mark.extended)
-    for method in sorted(set(list_methods()) - NOT_IN_ENGINES)
+    for method in sorted(set(list_token_methods()) - NOT_IN_ENGINES)
 ])
 def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
     options = method_options(method)

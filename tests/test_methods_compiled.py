@@ -6,7 +6,7 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, lookahead_generate, reference_prefill
-from kvc_compile.methods import list_methods
+from kvc_compile.methods import list_token_methods
 from kvc_compile.reference import reference_decode
 from kvc_compile.transformers_compat import output_cache, with_cache
 
@@ -34,7 +34,7 @@ METHOD_OPTIONS = {
 
 
 def test_every_registered_method_is_covered():
-    assert sorted(METHOD_OPTIONS) == list_methods()
+    assert sorted(METHOD_OPTIONS) == list_token_methods()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

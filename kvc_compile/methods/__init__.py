@@ -38,13 +38,12 @@ def register(cls: type[Method]) -> type[Method]:
 LOWRANK_METHOD = "kqsvd"
 
 
-def list_methods() -> list[str]:
-    """Names of every registered token-eviction method (the scorers; ``kqsvd`` is listed by
-    ``list_all_methods``)."""
+def list_token_methods() -> list[str]:
+    """Names of every registered token-eviction method (the scorers; ``list_methods`` adds ``kqsvd``)."""
     return sorted(METHODS)
 
 
-def list_all_methods() -> list[str]:
+def list_methods() -> list[str]:
     """Every name ``method=`` accepts: the token-eviction methods and rank compression (``kqsvd``)."""
     return sorted([*METHODS, LOWRANK_METHOD])
 
@@ -53,7 +52,7 @@ def method_class(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_all_methods())}") from None
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}") from None
 
 
 def _default(field: dataclasses.Field) -> Any:
@@ -93,8 +92,8 @@ __all__ = [
     "Method",
     "ScoreInputs",
     "build_method",
-    "list_all_methods",
     "list_methods",
+    "list_token_methods",
     "method_class",
     "register",
 ]
