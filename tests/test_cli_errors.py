@@ -366,3 +366,10 @@ def test_a_refusal_of_the_kvc_pass_is_one_line(capsys):
 
     with pytest.raises(BackendCompilerFailed):
         bug([])
+
+
+def test_kvc_debug_shows_the_traceback_of_a_user_error(capsys, no_model_load, monkeypatch):
+    assert "--samples must be at least 1" in user_error(capsys, demo.main, ["--samples", "0"])
+    monkeypatch.setenv("KVC_DEBUG", "1")
+    with pytest.raises(ValueError, match="--samples must be at least 1"):
+        demo.main(["--samples", "0"])

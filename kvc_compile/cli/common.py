@@ -2,7 +2,8 @@
 
 A command's ``main`` is wrapped with :func:`user_errors`; anything it raises from
 :data:`USER_ERRORS` is a problem with the user's input and is printed as ``kvc-xxx: error: ...``
-on stderr, never as a traceback. Other exceptions are bugs and keep their traceback.
+on stderr, never as a traceback (``KVC_DEBUG=1`` shows it). Other exceptions are bugs and keep
+their traceback.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def user_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]
             try:
                 return main(*args, **kwargs)
             except _user_error_types() as error:
+                if os.environ.get("KVC_DEBUG"):  # the whole traceback, when a one-line error hides a bug
+                    raise
                 print(f"{prog}: error: {describe(error)}", file=sys.stderr)
                 return 2
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 # The kvc pass refusing a model or cache (e.g. CacheLayoutError) reaches here wrapped by Dynamo.
                 inner = getattr(error, "inner_exception", None)
-                if not isinstance(inner, _user_error_types()):
+                if not isinstance(inner, _user_error_types()) or os.environ.get("KVC_DEBUG"):
                     raise
                 print(f"{prog}: error: {describe(inner)}", file=sys.stderr)
                 return 2
