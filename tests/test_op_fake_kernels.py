@@ -89,6 +89,7 @@ WINDOW = {"window_size": 8}
 # Per method: the options, and whether it compresses while decoding (then decode steps run too).
 METHODS = {
     "snapkv": ({"method": "snapkv", **WINDOW}, False),
+    "lava (scores across layers)": ({"method": "lava", **WINDOW}, False),
     "snapkv + kqsvd": ({"method": "snapkv", **WINDOW, "kqsvd": {"key_rank": 6, "value_rank": 4}}, False),
     "h2o while decoding": ({"method": "h2o", "decoding_window": 4, "decoding_interval": 2, "target_size": 6}, True),
     "adakv while decoding (packed)": (
@@ -96,7 +97,6 @@ METHODS = {
 }
 EXTENDED = {
     "adakv (packed)": ({"method": "adakv", "scorer_options": WINDOW}, False),
-    "lava (scores across layers)": ({"method": "lava", **WINDOW}, False),
     "streamingllm": ({"method": "streamingllm"}, False),
     "pyramidkv (layer budgets)": ({"method": "pyramidkv", **WINDOW}, False),
     "expected attention while decoding": (
@@ -111,6 +111,8 @@ BUDGETS = (
     ({"budget": 64}, (20,)),
     ({"compression_ratio": 0.95}, (20,)),
 )
+# MorphKV keeps a constant cache: a budget the prompt fits in, then one it exceeds.
+CONSTANT_CACHE_BUDGETS = (({"budget": 12}, (1, 5, 20)), ({"budget": 64}, (20,)))
 
 
 def relaid(value):
@@ -136,8 +138,9 @@ def run_method(method: str, options: dict, decodes: bool, tmp_dir: str) -> None:
     if "kqsvd" in options:
         options = {**options, "kqsvd": {**options["kqsvd"], "projections": projections_file(tmp_dir)}}
     model = tiny_model("llama", attn_implementation="kvc" if "packed" in method else "sdpa")
-    for budget, lengths in BUDGETS:
-        if decodes and "budget" in budget:
+    budgets = CONSTANT_CACHE_BUDGETS if options["method"] == "morphkv" else BUDGETS
+    for budget, lengths in budgets:
+        if decodes and "budget" in budget and budgets is BUDGETS:
             continue  # decode-time compression states its own target_size
         torch._dynamo.reset()  # one dynamic graph serves the lengths, recompiling only where guards ask
         for length in lengths:
