@@ -88,3 +88,12 @@ def test_snapkv_with_kqsvd_generate_equals_reference(smollm2, prompt, smollm2_pr
     layer = output_cache(out).layers[0]
     assert layer.keys.shape[-1] == 32 and layer.values.shape[-1] == 48
     assert layer.keys.shape[-2] == n // 2 + NEW_TOKENS - 1  # half the prompt, then the decoded tokens
+
+
+def test_the_tokenizer_ends_and_pads_with_the_models_tokens(smollm2):
+    """On every transformers version we run on (5.17 reads the GGUF tokenizer's end token as <|im_start|>)."""
+    model, tokenizer = smollm2
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == model.generation_config.eos_token_id
+    assert tokenizer.pad_token_id == model.generation_config.pad_token_id
+    batch = tokenizer(["Hi", "How are you today?"], return_tensors="pt", padding=True)
+    assert batch.input_ids.shape[0] == 2

@@ -112,6 +112,18 @@ def _converted_copy(preset_name: str, gguf: Path) -> Path:
     return cache_dir() / f"{preset_name}-{key}"
 
 
+def _special_tokens_from_model(tokenizer, model) -> None:
+    """Give the tokenizer the model's end and padding tokens. transformers 5.17 reads SmolLM2's GGUF
+    tokenizer with ``<|im_start|>`` as its end token and no padding token (5.25 reads both as the
+    model's ``<|im_end|>``), so batches could not be padded and a chat would end at the wrong token."""
+    config = model.generation_config
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos is not None and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if tokenizer.pad_token_id is None and config.pad_token_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+
+
 def _load_gguf_preset(name: str, preset: GGUFWheelPreset, dtype: torch.dtype):
     from safetensors.torch import load_model, save_model
 
@@ -123,9 +135,11 @@ def _load_gguf_preset(name: str, preset: GGUFWheelPreset, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         load_model(model, weights)
         tokenizer = AutoTokenizer.from_pretrained(converted)
+        _special_tokens_from_model(tokenizer, model)
         return model.to(dtype), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _special_tokens_from_model(tokenizer, model)
     try:
         tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
