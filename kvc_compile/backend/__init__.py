@@ -27,7 +27,7 @@ from torch import fx
 from kvc_compile.backend.grad_mode import builds_backward, compile_for_inference
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes import PassManager
-from kvc_compile.passes.attention_sites import compiled_code, root_module_name
+from kvc_compile.passes.attention_sites import compiled_code, dynamo_compile_frame, root_module_name
 from kvc_compile.transformers_compat import CACHE_ARG
 
 
@@ -103,13 +103,10 @@ def recompile_limit() -> int:
 def compilations_before() -> int | None:
     """How many compiled entries Dynamo already holds for the frame it is compiling (counted as its
     recompile limit counts them: for the same module object), or None outside Dynamo."""
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_compile" and "convert_frame" in frame.f_code.co_filename:
-            cache_size = frame.f_locals.get("cache_size")
-            return getattr(cache_size, "num_cache_entries_with_same_id_matched_objs", None)
-        frame = frame.f_back
-    return None
+    frame = dynamo_compile_frame()
+    if frame is None:
+        return None
+    return getattr(frame.f_locals.get("cache_size"), "num_cache_entries_with_same_id_matched_objs", None)
 
 
 def warn_at_recompile_limit(gm: fx.GraphModule) -> None:

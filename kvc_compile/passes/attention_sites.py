@@ -225,7 +225,7 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
     return sites
 
 
-def _dynamo_compile_frame():
+def dynamo_compile_frame():
     """The frame of Dynamo's ``_compile`` converting the user's frame, if this call is inside one."""
     frame = sys._getframe()
     while frame is not None:
@@ -242,7 +242,7 @@ def traced_module(gm: fx.GraphModule | None = None) -> torch.nn.Module | None:
     converts: its ``self``, or the first argument of a wrapper (``model.compile`` and transformers'
     argument-renaming decorators trace ``wrapped(*args)`` with the module first).
     """
-    frame = _dynamo_compile_frame()
+    frame = dynamo_compile_frame()
     frame_locals = frame.f_locals.get("locals") if frame is not None else None
     if not isinstance(frame_locals, dict):
         return None
@@ -260,7 +260,7 @@ def traced_config(gm: fx.GraphModule | None = None):
     config = getattr(module, "config", None)
     if config is not None:
         return config
-    frame = _dynamo_compile_frame()
+    frame = dynamo_compile_frame()
     frame_locals = frame.f_locals.get("locals") if frame is not None else None
     if not isinstance(frame_locals, dict):
         return None
@@ -269,7 +269,7 @@ def traced_config(gm: fx.GraphModule | None = None):
 
 def compiled_code():
     """The code object Dynamo is compiling (None outside Dynamo)."""
-    frame = _dynamo_compile_frame()
+    frame = dynamo_compile_frame()
     return None if frame is None else frame.f_locals.get("code")
 
 
