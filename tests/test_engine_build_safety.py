@@ -238,3 +238,13 @@ def test_sliding_window_models_are_refused_before_anything_is_written(tmp_path):
         build(model, {"method": "knorm", "compression_ratio": 0.5}, tmp_path / "engine", target="exported",
               max_context=64, max_new_tokens=8)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_build_does_not_warn_about_its_own_short_example_prompts(tmp_path):
+    from kvc_compile.ops.compress import ShortPromptWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(tiny_model("llama"), {"method": "snapkv", "window_size": 8, "compression_ratio": 0.5},
+              tmp_path / "engine", target="exported", progress=False, **SIZES)
+    assert not [w for w in caught if issubclass(w.category, ShortPromptWarning)]

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -51,6 +52,7 @@ from kvc_compile.engine.programs import (
     without_weights,
 )
 from kvc_compile.methods.base import INDEX_DTYPE
+from kvc_compile.ops.compress import ShortPromptWarning
 from kvc_compile.passes import PassManager
 
 TARGETS = ("aoti", "exported", "onnx", "tensorrt")
@@ -500,9 +502,12 @@ def build(
     out = check_output_dir(out, force, protected)
     staging = _make_staging_dir(out)
     try:
-        manifest = _write_engine(model, config, staging, target=target, tokenizer=tokenizer, model_name=model_name,
-                                 max_context=max_context, max_new_tokens=max_new_tokens, max_batch=max_batch,
-                                 progress=progress, console=console)
+        with warnings.catch_warnings():
+            # The build traces short example prompts on purpose; the op's advice about them is for users' prompts.
+            warnings.simplefilter("ignore", ShortPromptWarning)
+            manifest = _write_engine(model, config, staging, target=target, tokenizer=tokenizer,
+                                     model_name=model_name, max_context=max_context, max_new_tokens=max_new_tokens,
+                                     max_batch=max_batch, progress=progress, console=console)
         _normal_permissions(staging)
         nbytes = sum(path.stat().st_size for path in staging.rglob("*") if path.is_file())
         _move_into_place(staging, out, force, protected)
