@@ -18,6 +18,7 @@ import torch
 from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.bench.speed import bench_variants, markdown
 from kvc_compile.cli.common import (
+    DTYPES,
     UsageError,
     check_device,
     check_out_dir,
@@ -28,8 +29,6 @@ from kvc_compile.cli.common import (
 )
 from kvc_compile.config import LOWRANK_METHOD, CompressionConfig
 from kvc_compile.models import PRESETS, WEIGHTS, load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def bench_options(method: str, compression_ratio: float | None, budget: int | None, items: list[str]) -> dict:

@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from kvc_compile.cli.common import check_device, check_out_parent, parse_option, positive_int, user_errors
+from kvc_compile.cli.common import DTYPES, check_device, check_out_parent, parse_option, positive_int, user_errors
 from kvc_compile.config import LOWRANK_METHOD, CompressionConfig
 from kvc_compile.engine import TARGETS, build
 from kvc_compile.engine.build import check_build_request, check_output_dir
 from kvc_compile.models import PRESETS, WEIGHTS, load_model, preset_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _local_model_dir(model: str) -> Path | None:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+#: The ``--dtype`` choices of the commands that load a model.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class UsageError(ValueError):
     """Bad input to a command: the message names the problem and the fix."""

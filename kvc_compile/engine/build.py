@@ -51,6 +51,7 @@ from kvc_compile.engine.programs import (
     StateLayout,
     without_weights,
 )
+from kvc_compile.files import default_mode
 from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops.compress import ShortPromptWarning
 from kvc_compile.passes import PassManager
@@ -148,12 +149,11 @@ def _make_staging_dir(out: Path) -> Path:
 def _normal_permissions(folder: Path) -> None:
     """The modes ``os.makedirs`` and ``open`` would give (0777/0666 less the umask): ``mkdtemp``
     makes private folders and some writers private files, and an engine is meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
+    modes = {True: default_mode(directory=True), False: default_mode()}
     for path in [folder, *folder.rglob("*")]:
         if path.is_symlink():
             continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod(modes[path.is_dir()])
 
 
 def _move_into_place(staging: Path, out: Path, force: bool, protected: Sequence[Path]) -> None:

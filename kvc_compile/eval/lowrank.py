@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kvc_compile.files import default_mode
 from kvc_compile.methods.kqsvd import (
     KEY_FACTORS,
     LOWRANK_METHODS,
@@ -127,9 +128,7 @@ class LowRankProjections:
         os.close(handle)
         try:
             save_file(tensors, staging, metadata=metadata)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o666 & ~umask)
+            os.chmod(staging, default_mode())
             os.replace(staging, path)
         finally:
             if os.path.exists(staging):
