@@ -38,11 +38,11 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from kvc_compile.bench import provenance_lines, write_report
-from kvc_compile.cache.attention import packed_attention
-from kvc_compile.methods import base
-from kvc_compile.methods.base import ScoreInputs, compress_layer
+from kvc_compile.compression.prefill import compress_layer
+from kvc_compile.methods.base import ScoreInputs
+from kvc_compile.methods.kernels import REFERENCE, Kernels, using_kernels
 from kvc_compile.methods.snapkv import SnapKV
-from kvc_compile.ops.kernels import score_kernels
+from kvc_compile.ops.kernels import GPU_KERNELS, packed_attention, use_kernels
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              num_hidden_layers=1, max_position_embeddings=40000)
@@ -93,14 +93,10 @@ def graph_timed(fn, repeats: int, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def pure_torch_selection_timed(fn, repeats: int) -> float:
-    """``timed`` with ``top_positions`` on its PyTorch path (no radix select registered)."""
-    previous = base._top_positions_kernel
-    base.register_top_positions_kernel(None)
-    try:
+def timed_with(kernels: Kernels, fn, repeats: int) -> float:
+    """``timed`` with scoring and selection running ``kernels`` (``REFERENCE``: PyTorch alone)."""
+    with using_kernels(kernels):
         return timed(fn, repeats)
-    finally:
-        base.register_top_positions_kernel(previous)
 
 
 def kvpress_style(queries, keys, values, n_kept: int, window: int = 32, kernel: int = 7):
@@ -132,13 +128,12 @@ def measure(
     keys = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=dtype)
     values = torch.randn_like(keys)
     valid = torch.ones(1, n, dtype=torch.bool, device=device)
-    kernels = score_kernels(keys)
-    fused = ScoreInputs(queries, keys, values, valid, 0, **kernels)
-    plain = ScoreInputs(queries, keys, values, valid, 0)
+    kernels = GPU_KERNELS if use_kernels(keys) else REFERENCE
+    inputs = ScoreInputs(queries, keys, values, valid, 0)
     times = {
-        "fused" if kernels else "fused (no kernels here: reference)": timed(
-            lambda: compress_layer(METHOD, n // 2, fused), repeats),
-        "reference": pure_torch_selection_timed(lambda: compress_layer(METHOD, n // 2, plain), repeats),
+        "fused" if kernels is GPU_KERNELS else "fused (no kernels here: reference)": timed_with(
+            kernels, lambda: compress_layer(METHOD, n // 2, inputs), repeats),
+        "reference": timed_with(REFERENCE, lambda: compress_layer(METHOD, n // 2, inputs), repeats),
         "kvpress-style": timed(lambda: kvpress_style(queries, keys, values, n // 2), repeats),
     }
     rows = [f"| {n} | {name} | {prefill * 1e3:.2f} | {seconds * 1e3:.2f} | {seconds / prefill:.2%} |"

@@ -316,7 +316,7 @@ def check_lowrank_options(lowrank: dict[str, Any]) -> None:
 def _load_projections(path: str, mtime_ns: int, key_rank: int | None, value_rank: int | None):
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from kvc_compile.eval.lowrank import LowRankProjections
+    from kvc_compile.compression.lowrank import LowRankProjections
 
     with unset_fake_temporarily():  # may first be needed inside a fake implementation
         return LowRankProjections.load(path).truncated(key_rank, value_rank)

@@ -24,13 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.cache import CompressedCache, CompressedLayer
+from kvc_compile.compression.lookahead import stage2_entries
 from kvc_compile.config import CompressionConfig
 from kvc_compile.inputs import check_prompt_ids
-from kvc_compile.methods.base import CompressedKV, keep_dense, prefill_entries, select_uniform
+from kvc_compile.ops.kernels import device_kernels
 from kvc_compile.transformers_compat import with_cache
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (token [batch, 1], mask [batch, length]) -> logits [batch, vocab]
@@ -82,27 +82,13 @@ def rollout(step: Step, first_token: Tensor, mask: Tensor, steps: int, eos_token
     return torch.stack(voting, dim=1)
 
 
-def stage2_entries(config: CompressionConfig, keys: Tensor, values: Tensor, recent_queries: Tensor,
-                   prompt_mask: Tensor, pseudo_valid: Tensor) -> CompressedKV:
-    """Stage 2 on one layer's full prompt ``keys``/``values``: the entries the buffered queries vote for."""
-    method = config.method_impl
-    batch, kv_heads, n, _ = keys.shape
-    valid = prompt_mask.bool()
-    # The buffer's first rows are the last window_size prompt queries (zeros before a short prompt).
-    padded = F.pad(valid, (method.window_size, 0), value=False)
-    voter_valid = torch.cat([padded[:, padded.shape[1] - method.window_size :], pseudo_valid], dim=1)
-    n_kept = config.kept_length(n)
-    if n_kept >= n:
-        return CompressedKV(keys, values, *prefill_entries(batch, kv_heads, n, keys.device))
-    scores = method.lookahead_scores(keys, valid, recent_queries, voter_valid)
-    return keep_dense(keys, values, select_uniform(scores, valid, n_kept))
-
-
 def rescore_layer(config: CompressionConfig, layer: CompressedLayer, prompt_mask: Tensor, pseudo_valid: Tensor) -> None:
     """Stage 2 for one layer: keep the prompt entries the buffered queries vote for; forget the rest."""
     keys = layer.prompt_keys
     batch, kv_heads, n, _ = keys.shape
-    compressed = stage2_entries(config, keys, layer.prompt_values, layer.recent_queries, prompt_mask, pseudo_valid)
+    with device_kernels(keys):
+        compressed = stage2_entries(config.method_impl, config.kept_length(n), keys, layer.prompt_values,
+                                    layer.recent_queries, prompt_mask, pseudo_valid)
     no_queries = layer.recent_queries.new_empty(batch, 0, 0, layer.recent_queries.shape[-1])
     layer.set_compressed(compressed, logical_length=n, kv_heads=kv_heads, recent_queries=no_queries)
     layer.prompt_keys = layer.prompt_values = None

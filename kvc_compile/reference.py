@@ -24,11 +24,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvc_compile.cache import CachedKeys, CompressedCache, CompressedLayer, sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION, kvc_attention
+from kvc_compile.compression.layout import CompressedKV, prefill_entries
+from kvc_compile.compression.lowrank import project_entries
 from kvc_compile.config import CompressionConfig
 from kvc_compile.inputs import check_prompt_ids
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
-from kvc_compile.methods.base import CompressedKV, prefill_entries
-from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import compress_scored_layers, compress_site, raw_site_scores, score_site
 from kvc_compile.ops.decode import compress_decode_packed_site, compress_decode_site, last_queries, shift_in
 from kvc_compile.passes.manager import SLIDING_LAYERS_NOTE, NoAttentionSiteError

@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, random_prompt, tiny_model
 from torch._dynamo.utils import counters
 
 from kvc_compile import CompressedCache, CompressionConfig, reference_generate, reference_prefill
-from kvc_compile.methods.base import gather_kept
+from kvc_compile.compression.layout import gather_kept
 from kvc_compile.passes import NoAttentionSiteError
 from kvc_compile.transformers_compat import output_cache, with_cache
 

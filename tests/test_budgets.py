@@ -8,9 +8,11 @@ from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, CompressionConfig, packed_attention, reference_generate, reference_prefill
 from kvc_compile.cache import CompressedLayer
-from kvc_compile.methods.base import ScoreInputs, compress_layer, select_head_adaptive
+from kvc_compile.compression.prefill import compress_layer
+from kvc_compile.methods.base import ScoreInputs
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.pyramidkv import PyramidKV
+from kvc_compile.methods.selection import select_head_adaptive
 from kvc_compile.transformers_compat import CACHE_ARG, output_cache, with_cache
 
 PROMPT = 40

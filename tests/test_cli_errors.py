@@ -275,7 +275,8 @@ def test_projections_are_saved_whole_and_shareable(tmp_path):
 
     from conftest import random_prompt, tiny_model
 
-    from kvc_compile.eval.lowrank import LowRankProjections, calibrate_lowrank
+    from kvc_compile.compression.lowrank import LowRankProjections
+    from kvc_compile.eval.lowrank import calibrate_lowrank
 
     path = tmp_path / "p.safetensors"
     model = tiny_model("llama")

@@ -6,7 +6,8 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes, reference_generate, reference_prefill
-from kvc_compile.eval.lowrank import CalibrationMismatchError, calibrate_lowrank
+from kvc_compile.compression.lowrank import CalibrationMismatchError
+from kvc_compile.eval.lowrank import calibrate_lowrank
 from kvc_compile.transformers_compat import CACHE_ARG, output_cache, with_cache
 
 PROMPT, NEW = 40, 8

@@ -7,9 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvc_compile.methods.base import ScoreInputs, compress_layer, select_uniform
+from kvc_compile.compression.prefill import compress_layer
+from kvc_compile.methods.base import ScoreInputs
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.random import Random
+from kvc_compile.methods.selection import select_uniform
 from kvc_compile.methods.snapkv import SnapKV
 from kvc_compile.methods.streamingllm import StreamingLLM
 

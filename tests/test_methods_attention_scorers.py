@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvc_compile.compression.prefill import compress_layer
 from kvc_compile.methods import h2o as h2o_module
-from kvc_compile.methods.base import PROTECTED, ScoreInputs, compress_layer, rotate_half
+from kvc_compile.methods.base import PROTECTED, ScoreInputs
 from kvc_compile.methods.expected_attention import ExpectedAttention
 from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.obcache import OBCache
+from kvc_compile.methods.rotary import rotate_half
 from kvc_compile.methods.tova import TOVA
 
 LN3 = math.log(3)

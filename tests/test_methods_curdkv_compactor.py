@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import random_prompt, tiny_model
 
+from kvc_compile.compression.prefill import compress_layer
 from kvc_compile.eval.calibration import (
     ContextCalibration,
     context_nll,
@@ -16,7 +17,7 @@ from kvc_compile.eval.calibration import (
 )
 from kvc_compile.methods import compactor
 from kvc_compile.methods.adacurdkv import AdaCurDKV
-from kvc_compile.methods.base import RotaryNotFoundError, ScoreInputs, compress_layer, rotate_half
+from kvc_compile.methods.base import ScoreInputs
 from kvc_compile.methods.compactor import (
     Compactor,
     chunk_attention,
@@ -26,6 +27,7 @@ from kvc_compile.methods.compactor import (
     row_zscore,
 )
 from kvc_compile.methods.curdkv import CurDKV
+from kvc_compile.methods.rotary import RotaryNotFoundError, rotate_half
 from kvc_compile.transformers_compat import output_cache, with_cache
 
 

@@ -5,13 +5,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kvc_compile.eval.lowrank import (
-    CalibrationMismatchError,
-    LowRankProjections,
-    calibrate_lowrank,
-    collect_activations,
-    projection_quality,
-)
+from kvc_compile.compression.lowrank import CalibrationMismatchError, LowRankProjections
+from kvc_compile.eval.lowrank import calibrate_lowrank, collect_activations, projection_quality
 from kvc_compile.methods.kqsvd import (
     eigen_factors,
     kqsvd_factors,

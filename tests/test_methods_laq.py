@@ -8,8 +8,9 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, CompressionConfig, lookahead_generate
+from kvc_compile.compression.layout import CompressedKV, gather_kept
 from kvc_compile.lookahead import decode_step, greedy_tokens, lookahead_stage, prompt_position_ids
-from kvc_compile.methods.base import PROTECTED, CompressedKV, gather_kept
+from kvc_compile.methods.base import PROTECTED
 from kvc_compile.methods.laq import LAQ
 from kvc_compile.reference import reference_decode
 from kvc_compile.transformers_compat import output_cache, with_cache

@@ -8,7 +8,8 @@ import torch
 from conftest import random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, CompressionConfig, reference_prefill
-from kvc_compile.methods.base import PROTECTED, ScoreInputs, compress_layers_jointly
+from kvc_compile.compression.prefill import compress_layers_jointly
+from kvc_compile.methods.base import PROTECTED, ScoreInputs
 from kvc_compile.methods.lava import LAVa, normalized_entropy
 from kvc_compile.transformers_compat import with_cache
 

@@ -9,19 +9,15 @@ from conftest import compiled_greedy_steps, random_prompt, tiny_model
 from torch._dynamo.utils import counters
 
 from kvc_compile import CompressionConfig
-from kvc_compile.methods.base import PROTECTED, ScoreInputs, rotary_tables_before, rotate_half
+from kvc_compile.compression.decoding import decode_score_inputs
+from kvc_compile.compression.layout import unpack_per_head
+from kvc_compile.methods.base import PROTECTED, ScoreInputs
 from kvc_compile.methods.compactor import recent_attention
 from kvc_compile.methods.expected_attention import ExpectedAttention, mean_future_rotation, rotation_matrix
 from kvc_compile.methods.h2o import H2O
 from kvc_compile.methods.morphkv import MorphKV, morph_scores
-from kvc_compile.ops.decode import (
-    compress_decode_packed_site,
-    compress_decode_site,
-    decode_score_inputs,
-    last_queries,
-    shift_in,
-    unpack_per_head,
-)
+from kvc_compile.methods.rotary import rotary_tables_before, rotate_half
+from kvc_compile.ops.decode import compress_decode_packed_site, compress_decode_site, last_queries, shift_in
 from kvc_compile.reference import reference_decode
 
 LN3 = math.log(3.0)
@@ -307,7 +303,7 @@ def test_decode_time_keys_are_unrotated_at_their_own_positions():
     step_cos, step_sin = (t[:, None] for t in rotary(torch.zeros(1, 1), torch.tensor([[9]])))
     config = CompressionConfig.from_options({"method": "compactor", "budget": 3, "decoding_window": 2,
                                              "decoding_interval": 1, "target_size": 3})
-    inputs = decode_score_inputs(config, torch.zeros(1, 4, 2, 16), keys, keys, torch.ones(1, 4, dtype=torch.bool),
+    inputs = decode_score_inputs(config.method_impl, torch.zeros(1, 4, 2, 16), keys, keys, torch.ones(1, 4, dtype=torch.bool),
                                  positions, 0, 1, (step_cos, step_sin, rotary.inv_freq))
     torch.testing.assert_close(inputs.unrotate_keys(), pre_rope, atol=1e-5, rtol=0)
 

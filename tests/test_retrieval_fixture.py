@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kvc_compile import CompressedCache
+from kvc_compile.compression.layout import CompressedKV
 from kvc_compile.eval.retrieval import PAIRS, VALUES, load_fixture, retrieval_accuracy, retrieval_batch
-from kvc_compile.methods.base import CompressedKV
 from kvc_compile.transformers_compat import with_cache
 
 SAMPLES = 256

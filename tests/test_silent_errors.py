@@ -11,7 +11,8 @@ from transformers import DynamicCache
 import kvc_compile
 from kvc_compile import CompressedCache, CompressionConfig, cache_nbytes, reference_generate, reference_prefill
 from kvc_compile.backend import PaddedBatchError, RecompileLimitWarning
-from kvc_compile.eval.lowrank import CalibrationMismatchError, calibrate_lowrank
+from kvc_compile.compression.lowrank import CalibrationMismatchError
+from kvc_compile.eval.lowrank import calibrate_lowrank
 from kvc_compile.methods import METHODS
 from kvc_compile.transformers_compat import CACHE_ARG, output_cache, with_cache
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kvc_compile import CompressionConfig, reference_generate, reference_prefill
+from kvc_compile.compression.layout import gather_kept
 from kvc_compile.eval.passkey import answer_is_correct, passkey_inputs
-from kvc_compile.methods.base import gather_kept
 from kvc_compile.transformers_compat import output_cache
 
 pytestmark = pytest.mark.smollm2

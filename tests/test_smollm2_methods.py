@@ -75,7 +75,7 @@ def smollm2_projections(smollm2, tmp_path_factory):
 
 
 def test_snapkv_with_kqsvd_generate_equals_reference(smollm2, prompt, smollm2_projections):
-    from kvc_compile.eval.lowrank import LowRankProjections
+    from kvc_compile.compression.lowrank import LowRankProjections
 
     model, _ = smollm2
     projections = LowRankProjections.load(smollm2_projections, model)  # calibrated on this very model

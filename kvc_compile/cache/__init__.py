@@ -34,7 +34,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from kvc_compile.methods.base import INDEX_DTYPE
+from kvc_compile.compression.layout import INDEX_DTYPE
 from kvc_compile.ops import prefill_entries
 from kvc_compile.ops.decode import append_positions, prompt_kv, push_query, recent_queries, refuse_stage1_decoding
 from kvc_compile.ops.lowrank import lowrank_factors, lowrank_project

@@ -20,52 +20,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvc_compile.cache import CachedKeys
-from kvc_compile.ops.compress import valid_keys_from_mask
-from kvc_compile.ops.kernels import lowrank_decode_attention, use_kernels
+from kvc_compile.compression.layout import valid_keys_from_mask
+from kvc_compile.ops.kernels import lowrank_decode_attention, packed_attention, use_kernels
 from kvc_compile.ops.lowrank import lowrank_lift
 
 ATTENTION_IMPLEMENTATION = "kvc"
-
-
-def packed_attention_reference(
-    query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
-) -> Tensor:
-    """Attention of ``q`` new tokens over a packed layer whose last entries are those tokens.
-
-    ``query`` [batch, q_heads, q, d]; ``keys``/``values`` [batch, 1, T, d]; ``heads`` [batch, 1, T]
-    (entry's KV head, -1 for padding). Query head ``h`` reads only the entries of KV head
-    ``h // (q_heads / kv_heads)``; the i-th new token does not see the new tokens after it (the
-    last ``q * kv_heads`` entries, token-major). Returns [batch, q, q_heads, d] like transformers'
-    attention functions. Computed in fp32, returned in the query's dtype.
-    """
-    batch, q_heads, q_len, _ = query.shape
-    owner = heads[:, 0]  # [batch, T]
-    total = owner.shape[-1]
-    group_of_head = torch.arange(q_heads, device=query.device) // (q_heads // kv_heads)
-    visible = owner[:, None, None, :] == group_of_head[None, :, None, None]  # [batch, q_heads, 1, T]
-    # Entry t of the new tokens belongs to token (t - first_new) // kv_heads.
-    entry_token = (torch.arange(total, device=query.device) - (total - q_len * kv_heads)).div(
-        kv_heads, rounding_mode="floor"
-    )
-    causal = entry_token[None, :] <= torch.arange(q_len, device=query.device)[:, None]  # [q, T]
-    logits = torch.einsum("bhqd,btd->bhqt", query.float(), keys[:, 0].float()) * scaling
-    weights = logits.masked_fill(~(visible & causal), float("-inf")).softmax(dim=-1)
-    out = torch.einsum("bhqt,btd->bhqd", weights, values[:, 0].float())
-    return out.transpose(1, 2).to(query.dtype).contiguous()
-
-
-@torch.library.triton_op("kvc::packed_attention", mutates_args=())
-def packed_attention(
-    query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
-) -> Tensor:
-    """``packed_attention_reference`` as an op, so compiled decode graphs show where the packed
-    layout is read; on the GPU it runs the variable-length Triton kernel
-    (``kvc_compile.plugins.triton.decode_attention``), elsewhere the reference."""
-    if not use_kernels(query):
-        return packed_attention_reference(query, keys, values, heads, kv_heads, scaling)
-    from kvc_compile.plugins.triton.decode_attention import packed_attention_triton
-
-    return packed_attention_triton(query, keys, values, heads, kv_heads, scaling)
 
 
 def per_kv_head(x: Tensor, factor: Tensor, equation: str) -> Tensor:

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from kvc_compile.cache import sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.compression.layout import INDEX_DTYPE
 from kvc_compile.config import CompressionConfig
 from kvc_compile.engine.manifest import FORMAT_VERSION, MANIFEST, EngineError, Manifest, ProgramEntry
 from kvc_compile.engine.programs import (
@@ -52,9 +53,10 @@ from kvc_compile.engine.programs import (
     without_weights,
 )
 from kvc_compile.files import default_mode
-from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops.compress import ShortPromptWarning
 from kvc_compile.passes import PassManager
+from kvc_compile.plugins import TargetUnavailableError
+from kvc_compile.version import __version__
 
 TARGETS = ("aoti", "exported", "onnx", "tensorrt")
 EXAMPLE_BATCH = 2  # an example batch of 1 would specialise the batch dimension
@@ -206,7 +208,10 @@ def check_build_request(config: CompressionConfig, *, target: str, dtype: torch.
     if target == "tensorrt":
         from kvc_compile.plugins.tensorrt import require_tensorrt
 
-        require_tensorrt()
+        try:
+            require_tensorrt()
+        except TargetUnavailableError as missing:
+            raise EngineError(str(missing)) from None
     if target == "onnx":
         _require_onnx()
         if dtype != torch.float32:
@@ -643,9 +648,7 @@ def pad_id(model, tokenizer) -> int:
 def library_versions() -> dict[str, str]:
     import transformers
 
-    import kvc_compile
-
-    versions = {"kvc_compile": kvc_compile.__version__, "torch": torch.__version__,
+    versions = {"kvc_compile": __version__, "torch": torch.__version__,
                 "transformers": transformers.__version__}
     try:
         import triton

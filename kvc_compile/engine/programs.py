@@ -34,12 +34,13 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvc_compile.cache import CachedKeys, CompressedCache
+from kvc_compile.compression.layout import INDEX_DTYPE
+from kvc_compile.compression.lowrank import FACTOR_NAMES
 from kvc_compile.config import CompressionConfig
 from kvc_compile.engine.manifest import LOOKAHEAD_PREFILL_STATE, LOWRANK_STATE, WINDOW_STATE
 from kvc_compile.lookahead import prompt_position_ids
-from kvc_compile.methods.base import INDEX_DTYPE
 from kvc_compile.ops.decode import append_positions_at, lookahead_stage2, push_query
-from kvc_compile.ops.lowrank import FACTOR_NAMES, lowrank_project
+from kvc_compile.ops.lowrank import lowrank_project
 from kvc_compile.transformers_compat import with_cache
 
 assert LOWRANK_STATE[:len(FACTOR_NAMES)] == FACTOR_NAMES  # the prefill returns the factors in the op's order

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import kvc_compile.cache.attention  # noqa: F401  (registers the kvc ops the programs call)
 import kvc_compile.ops  # noqa: F401
 from kvc_compile.engine.manifest import (
     LOOKAHEAD_PREFILL_STATE,

@@ -10,20 +10,14 @@ settings, and a file that does not fit the model it is used with is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from kvc_compile.files import default_mode
+from kvc_compile.compression.lowrank import LowRankProjections
 from kvc_compile.methods.kqsvd import (
     KEY_FACTORS,
     LOWRANK_METHODS,
@@ -32,31 +26,8 @@ from kvc_compile.methods.kqsvd import (
     rank_for_error,
     relative_error,
 )
+from kvc_compile.models.identity import model_identity
 from kvc_compile.reference import capture_prefill_attention
-
-FORMAT = "kvc-compile/lowrank-projections/1"
-
-
-class CalibrationMismatchError(ValueError):
-    """A projections file used with a model (or settings) it was not calibrated for."""
-
-
-def model_identity(model: PreTrainedModel) -> dict[str, str | int]:
-    """What a projections file must match: the attention shapes and a fingerprint of the weights."""
-    config = model.config
-    attention = model.base_model.layers[0].self_attn
-    digest = hashlib.sha256()
-    last_output = model.base_model.layers[-1].self_attn.o_proj.weight
-    for weight in (attention.k_proj.weight, attention.q_proj.weight, last_output):
-        digest.update(weight.detach().float().cpu().numpy().tobytes())
-    return {
-        "name": str(getattr(config, "name_or_path", "") or config.model_type),
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": attention.head_dim,
-        "weights_sha256": digest.hexdigest()[:16],
-    }
 
 
 @dataclass
@@ -90,113 +61,6 @@ def output_blocks(model: PreTrainedModel, layer_idx: int) -> Tensor:
     weight = attention.o_proj.weight.detach().float()  # [hidden, q_heads * d]
     q_heads, d = model.config.num_attention_heads, attention.head_dim
     return weight.T.reshape(q_heads, d, weight.shape[0])
-
-
-@dataclass
-class LowRankProjections:
-    """Per layer: key factors ``key_down``/``key_up`` and value factors ``value_down``/``value_up``,
-    each [kv_heads, d, d] with columns ordered by singular value (truncate to use a rank), and the
-    ranks chosen per layer."""
-
-    method: str
-    key_down: list[Tensor]
-    key_up: list[Tensor]
-    value_down: list[Tensor]
-    value_up: list[Tensor]
-    key_ranks: list[int]
-    value_ranks: list[int]
-    identity: dict[str, str | int]
-    settings: dict[str, object]
-
-    def save(self, path: str | Path) -> None:
-        tensors = {}
-        for layer in range(len(self.key_down)):
-            for name in ("key_down", "key_up", "value_down", "value_up"):
-                tensors[f"layer{layer}.{name}"] = getattr(self, name)[layer].float().contiguous()
-        metadata = {
-            "format": FORMAT,
-            "method": self.method,
-            "key_ranks": json.dumps(self.key_ranks),
-            "value_ranks": json.dumps(self.value_ranks),
-            "identity": json.dumps(self.identity, sort_keys=True),
-            "settings": json.dumps(self.settings, sort_keys=True),
-        }
-        # Written beside ``path`` and renamed over it: an interrupted save never leaves half a file. safetensors
-        # writes 0600; a projections file is meant to be shared, so it gets what ``open`` would give.
-        path = Path(path)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, staging, metadata=metadata)
-            os.chmod(staging, default_mode())
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
-
-    @classmethod
-    def load(cls, path: str | Path, model: PreTrainedModel | None = None) -> LowRankProjections:
-        """Read a file written by ``save``; with ``model``, refuse it unless it was calibrated on that model."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no projections file at {path}; produce one with: kvc-calibrate --model MODEL --out {path}"
-            )
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise CalibrationMismatchError(f"{path} is not a kvc-compile projections file (format {FORMAT})")
-        tensors = load_file(str(path))
-        n_layers = len(json.loads(metadata["key_ranks"]))
-        projections = cls(
-            method=metadata["method"],
-            **{
-                name: [tensors[f"layer{layer}.{name}"] for layer in range(n_layers)]
-                for name in ("key_down", "key_up", "value_down", "value_up")
-            },
-            key_ranks=json.loads(metadata["key_ranks"]),
-            value_ranks=json.loads(metadata["value_ranks"]),
-            identity=json.loads(metadata["identity"]),
-            settings=json.loads(metadata["settings"]),
-        )
-        if model is not None:
-            projections.check_model(model, path)
-        return projections
-
-    def check_model(self, model: PreTrainedModel, source: str | Path = "these projections") -> None:
-        expected = model_identity(model)
-        # The name records where the weights came from; the same weights load from several places.
-        different = {key: (self.identity.get(key), value) for key, value in expected.items()
-                     if key != "name" and self.identity.get(key) != value}
-        if different:
-            details = ", ".join(f"{key}: file {file!r} vs model {now!r}" for key, (file, now) in different.items())
-            raise CalibrationMismatchError(
-                f"{source} was calibrated for another model ({details}; calibrated on "
-                f"{self.identity.get('name')!r}); calibrate on this one: kvc-calibrate --model MODEL --out FILE"
-            )
-
-    def truncated(self, key_rank: int | None = None, value_rank: int | None = None) -> LowRankProjections:
-        """The same projections with every layer at the given ranks (None: the calibrated ranks)."""
-        head_dim = self.key_down[0].shape[-1]
-        for rank in (key_rank, value_rank):
-            if rank is not None:
-                check_rank(rank, head_dim)
-        n_layers = len(self.key_down)
-        key_ranks = [key_rank] * n_layers if key_rank else list(self.key_ranks)
-        value_ranks = [value_rank] * n_layers if value_rank else list(self.value_ranks)
-        return LowRankProjections(
-            self.method,
-            [self.key_down[i][..., : key_ranks[i]] for i in range(n_layers)],
-            [self.key_up[i][..., : key_ranks[i]] for i in range(n_layers)],
-            [self.value_down[i][..., : value_ranks[i]] for i in range(n_layers)],
-            [self.value_up[i][..., : value_ranks[i]] for i in range(n_layers)],
-            key_ranks,
-            value_ranks,
-            dict(self.identity),
-            dict(self.settings),
-        )
 
 
 @torch.no_grad()

@@ -27,9 +27,9 @@ from transformers import PreTrainedModel
 
 from kvc_compile.cache import CompressedCache, CompressedLayer
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
+from kvc_compile.compression.layout import CompressedKV
 from kvc_compile.config import CompressionConfig
 from kvc_compile.lookahead import lookahead_stage
-from kvc_compile.methods.base import CompressedKV
 from kvc_compile.reference import (
     CapturedPrefill,
     RecordingStep,

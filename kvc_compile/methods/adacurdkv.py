@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kvc_compile.methods.adakv import check_alpha
-from kvc_compile.methods.base import select_head_adaptive
 from kvc_compile.methods.curdkv import CurDKV
+from kvc_compile.methods.selection import select_head_adaptive
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kvc_compile.methods.base import select_head_adaptive
+from kvc_compile.methods.selection import select_head_adaptive
 from kvc_compile.methods.wrapped import ScorerWrapper
 
 

@@ -40,14 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvc_compile.methods.base import (
-    PROTECTED,
-    Method,
-    ScoreInputs,
-    check_decoding_window,
-    positions_from_first_valid,
-    rotate_half,
-)
+from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, check_decoding_window, positions_from_first_valid
+from kvc_compile.methods.rotary import rotate_half
 
 
 def mean_future_rotation(cos: Tensor, sin: Tensor, valid: Tensor, n_future: int) -> Tensor:

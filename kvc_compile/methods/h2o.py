@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kvc_compile.methods.base import Method, ScoreInputs, check_decoding_window, gqa_mean
-from kvc_compile.methods.snapkv import window_attention, window_logits
+from kvc_compile.methods.scoring import window_attention, window_logits
 
 # Queries per attention chunk: bounds the [batch, q_heads, chunk, n] fp32 slice held at once.
 QUERY_CHUNK = 128

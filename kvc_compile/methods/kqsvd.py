@@ -118,19 +118,3 @@ def rank_for_error(spectra: Tensor, max_error: float) -> int:
 def relative_error(approx: Tensor, exact: Tensor) -> float:
     """``||approx - exact||_F^2 / ||exact||_F^2`` (the paper's projection-quality metric)."""
     return ((approx.double() - exact.double()).pow(2).sum() / exact.double().pow(2).sum()).item()
-
-
-def project_entries(x: Tensor, heads: Tensor | None, down: Tensor) -> Tensor:
-    """Cached entries ``x`` [batch, A, T, d] times their KV head's ``down`` [kv_heads, d, R].
-
-    Dense layout (``heads`` None): axis ``A`` is the KV head. Packed layout (``A`` = 1): ``heads``
-    [batch, 1, T] names each entry's KV head (-1 padding slots are projected with head 0's factor;
-    nobody reads them). Returns [batch, A, T, R] in ``x``'s dtype.
-    """
-    down = down.to(x.dtype)
-    if heads is None:
-        return torch.einsum("batd,adr->batr", x, down)
-    kv_heads, d, rank = down.shape
-    every_head = (x @ down.permute(1, 0, 2).reshape(d, kv_heads * rank)).unflatten(-1, (kv_heads, rank))
-    index = heads.clamp(min=0).long()[..., None, None].expand(*heads.shape, 1, rank)
-    return every_head.gather(-2, index).squeeze(-2)

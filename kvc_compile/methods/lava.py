@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.methods.adakv import check_alpha
-from kvc_compile.methods.base import PROTECTED, ScoreInputs, gqa_max, select_head_adaptive
+from kvc_compile.methods.base import PROTECTED, ScoreInputs, gqa_max
+from kvc_compile.methods.selection import select_head_adaptive
 from kvc_compile.methods.snapkv import SnapKV
 
 LAYER_ALLOCATIONS = ("entropy", "uniform")

@@ -33,53 +33,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_max, gqa_mean
-from kvc_compile.methods.snapkv import check_window_options, window_attention, window_logits
+from kvc_compile.methods.snapkv import check_window_options
 
 VARIANTS = ("v", "k", "kv")
 BASES = ("h2o", "snapkv", "tova")
 GQA_AGGREGATIONS = ("mean", "max")
-
-
-def output_saliency(attention: Tensor, logits: Tensor, values: Tensor, variant: str) -> Tensor:
-    """OBD saliency of every key for the voting queries' outputs, summed over them: [batch, q_heads, n].
-
-    ``attention``/``logits`` [batch, q_heads, window, n]; ``values`` [batch, kv_heads, n, d].
-    """
-    batch, q_heads, window, n = attention.shape
-    kv_heads = values.shape[1]
-    group = q_heads // kv_heads
-    values = values.float()
-    value_sq = values.square().sum(dim=-1)[:, :, None, None, :]  # ||v_j||^2, broadcast over group and queries
-    grouped = attention.view(batch, kv_heads, group, window, n)
-    attention_sq = grouped.square()
-    if variant == "v":
-        return (attention_sq.sum(dim=3) * value_sq[:, :, :, 0]).reshape(batch, q_heads, n)
-    outputs = torch.einsum("bhgwn,bhnd->bhgwd", grouped, values)  # o_i
-    value_dot_output = torch.einsum("bhgwd,bhnd->bhgwn", outputs, values)  # v_j . o_i
-    output_sq = outputs.square().sum(dim=-1, keepdim=True)  # ||o_i||^2
-    z = logits.view(batch, kv_heads, group, window, n)
-    # ||v_j - o_i||^2 expanded, so no [window, n, d] difference tensor is built.
-    key_term = attention_sq * z.square() * (value_sq + output_sq - 2 * value_dot_output)
-    if variant == "k":
-        return key_term.sum(dim=3).reshape(batch, q_heads, n)
-    cross = 2 * attention_sq * z * (value_sq - value_dot_output)
-    return (attention_sq * value_sq + key_term + cross).sum(dim=3).reshape(batch, q_heads, n)
-
-
-def window_output_saliency(
-    queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor, window: int, variant: str
-) -> Tensor:
-    """``output_saliency`` of the last ``window`` queries (the reference of the fused Triton kernel,
-    ``kvc_compile.plugins.triton.window_scores.output_saliency_triton``)."""
-    window = min(window, keys.shape[2])
-    # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
-    attention = window_attention(queries, keys, valid, window)
-    return output_saliency(attention, window_logits(queries, keys, window), values, variant)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvc_compile.methods.base import select_uniform
+from kvc_compile.methods.selection import select_uniform
 from kvc_compile.methods.snapkv import SnapKV
 
 

@@ -10,52 +10,14 @@ the paper's LongBench setting is ``window_size=32, kernel_size=7, pooling="max"`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_mean
 
 POOLINGS = ("avg", "max")
-
-
-def window_logits(queries: Tensor, keys: Tensor, window_size: int) -> Tensor:
-    """Logits ``q_i.k_j / sqrt(d)`` of the last ``window_size`` queries over all keys, unmasked,
-    [batch, q_heads, window, n] fp32. KV heads are repeated lazily through a grouped view."""
-    batch, q_heads, n, head_dim = queries.shape
-    kv_heads = keys.shape[1]
-    window = queries[:, :, n - window_size :].float().view(batch, kv_heads, q_heads // kv_heads, window_size, head_dim)
-    logits = torch.einsum("bhgwd,bhnd->bhgwn", window, keys.float())
-    return logits.reshape(batch, q_heads, window_size, n) / math.sqrt(head_dim)
-
-
-def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, window_size: int) -> Tensor:
-    """Attention of the last ``window_size`` queries over all keys, fp32, causal inside the window.
-
-    Returns [batch, q_heads, window, n]; padding keys get zero weight and padding queries a zero row.
-    """
-    n = queries.shape[2]
-    logits = window_logits(queries, keys, window_size)
-    query_pos = torch.arange(n - window_size, n, device=keys.device)
-    key_pos = torch.arange(n, device=keys.device)
-    visible = (key_pos[None, :] <= query_pos[:, None])[None, None] & valid[:, None, None, :]
-    weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    # A padding query may see no real key at all (softmax of nothing is NaN): zero it, not multiply it.
-    query_valid = valid[:, n - window_size :]
-    return weights.masked_fill(~query_valid[:, None, :, None], 0.0)
-
-
-def window_votes(queries: Tensor, keys: Tensor, valid: Tensor, window_size: int) -> Tensor:
-    """Attention of the last ``window_size`` queries summed over them: [batch, q_heads, n] fp32.
-
-    The reference of the fused Triton kernel (``kvc_compile.plugins.triton.window_scores``), which
-    never materialises the window's attention matrix; scorers read it through
-    ``ScoreInputs.window_votes`` so the kernel can stand in for it on the GPU.
-    """
-    return window_attention(queries, keys, valid, min(window_size, keys.shape[2])).sum(dim=2)
 
 
 def check_window_options(method: str, window_size: int, kernel_size: int, pooling: str) -> None:

@@ -8,12 +8,11 @@ from typing import Any
 from torch import Tensor
 
 from kvc_compile.methods.base import Method, ScoreInputs
+from kvc_compile.methods.registry import build_method
 
 
 def build_scorer(wrapper: str, scorer: str, scorer_options: dict[str, Any]) -> Method:
     """The inner scorer of a wrapper, validated like a top-level method."""
-    from kvc_compile.methods import build_method  # the registry imports the wrappers
-
     if not isinstance(scorer_options, dict):
         raise ValueError(f"{wrapper}: scorer_options must be a dict of the scorer's options, got {scorer_options!r}")
     inner = build_method(scorer, scorer_options)

@@ -1,7 +1,13 @@
 """``torch.library`` custom ops (``kvc::...``) with fake implementations, so Dynamo, AOTAutograd,
 Inductor and ``torch.export`` see their output shapes (symbolic in the prompt length, or
-data-dependent where a budget comes from the scores)."""
+data-dependent where a budget comes from the scores).
 
+Each op is a thin registration: it parses its configuration, picks the kernels for its tensors'
+device (``ops.kernels.device_kernels``) and calls the pure code of ``kvc_compile.compression`` or a
+Triton kernel of ``kvc_compile.plugins.triton``. Importing this package registers every op.
+"""
+
+from kvc_compile.ops import decode, kernels
 from kvc_compile.ops.compress import (
     compress_kv,
     compress_layers,
@@ -10,7 +16,6 @@ from kvc_compile.ops.compress import (
     prefill_entries,
     score_kv,
     score_site,
-    valid_keys_from_mask,
 )
 from kvc_compile.ops.lowrank import lowrank_factors, lowrank_project
 
@@ -19,10 +24,11 @@ __all__ = [
     "compress_layers",
     "compress_scored_layers",
     "compress_site",
+    "decode",
+    "kernels",
     "lowrank_factors",
     "lowrank_project",
     "prefill_entries",
     "score_kv",
     "score_site",
-    "valid_keys_from_mask",
 ]

@@ -22,32 +22,12 @@ import warnings
 import torch
 from torch import Tensor
 
+from kvc_compile.compression.layout import INDEX_DTYPE, CompressedKV, valid_keys_from_mask
+from kvc_compile.compression.layout import prefill_entries as dense_entries
+from kvc_compile.compression.prefill import compress_layer, compress_layers_jointly, compressed_shapes
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import (
-    INDEX_DTYPE,
-    CompressedKV,
-    ScoreInputs,
-    compress_layer,
-    compress_layers_jointly,
-    compressed_shapes,
-)
-from kvc_compile.methods.base import prefill_entries as dense_entries
-from kvc_compile.ops.kernels import score_kernels
-
-
-def valid_keys_from_mask(attn_mask: Tensor | None, batch: int, n: int, device: torch.device) -> Tensor:
-    """[batch, n] bool: False where the key is padding.
-
-    Read from the mask row of the last query: with left padding (what generation uses) that query
-    is a real token and sees every real key. Boolean masks mark allowed keys with True, additive
-    masks with 0 (and the dtype's minimum or -inf elsewhere).
-    """
-    if attn_mask is None:
-        return torch.ones(batch, n, dtype=torch.bool, device=device)
-    last_row = attn_mask[:, 0, -1, :n]
-    if last_row.dtype != torch.bool:
-        last_row = last_row > torch.finfo(last_row.dtype).min / 2
-    return last_row.expand(batch, n)
+from kvc_compile.methods.base import ScoreInputs
+from kvc_compile.ops.kernels import device_kernels
 
 
 class ShortPromptWarning(UserWarning):
@@ -83,14 +63,15 @@ def site_inputs(
             stacklevel=2,
         )
     valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
-    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin, **score_kernels(keys))
+    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin)
 
 
 def compress_site(config: CompressionConfig, *site: Tensor | int | None, scores: Tensor | None = None) -> CompressedKV:
     """What ``kvc::compress_kv`` computes (arguments as ``site_inputs``); the eager reference calls it.
     ``scores``: the method's raw scores of this site, when already computed (``raw_site_scores``)."""
     inputs = site_inputs(config, *site)
-    return compress_layer(config.method_impl, config.kept_length(inputs.keys.shape[2]), inputs, scores)
+    with device_kernels(inputs.keys):
+        return compress_layer(config.method_impl, config.kept_length(inputs.keys.shape[2]), inputs, scores)
 
 
 def raw_site_scores(config: CompressionConfig, *site: Tensor | int | None) -> Tensor | None:
@@ -99,7 +80,8 @@ def raw_site_scores(config: CompressionConfig, *site: Tensor | int | None) -> Te
     inputs = site_inputs(config, *site)
     if inputs.keys.shape[2] <= config.method_impl.min_uncompressed_length:
         return None
-    return config.method_impl.score(inputs)
+    with device_kernels(inputs.keys):
+        return config.method_impl.score(inputs)
 
 
 def score_site(config: CompressionConfig, *site: Tensor | int | None) -> Tensor:
@@ -108,7 +90,8 @@ def score_site(config: CompressionConfig, *site: Tensor | int | None) -> Tensor:
     batch, kv_heads, n, _ = inputs.keys.shape
     if n <= config.method_impl.min_uncompressed_length:  # kept whole: no window to score with
         return inputs.keys.new_zeros(batch, kv_heads, n, dtype=torch.float32)
-    return config.method_impl.score(inputs).float()
+    with device_kernels(inputs.keys):
+        return config.method_impl.score(inputs).float()
 
 
 def compress_scored_layers(
@@ -117,7 +100,8 @@ def compress_scored_layers(
     """What ``kvc::compress_layers`` computes: every layer at once, from every layer's scores."""
     batch, _, n, _ = keys[0].shape
     valid = valid_keys_from_mask(attn_mask, batch, n, keys[0].device)
-    return compress_layers_jointly(config.method_impl, config.kept_length(n), scores, keys, values, valid)
+    with device_kernels(keys[0]):
+        return compress_layers_jointly(config.method_impl, config.kept_length(n), scores, keys, values, valid)
 
 
 @torch.library.custom_op("kvc::compress_kv", mutates_args=())

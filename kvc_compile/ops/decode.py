@@ -10,7 +10,8 @@ from captured queries.
 
 ``kvc::append_positions`` records the logical position of every decoded entry, so a layer knows
 which token each entry holds after decode-time eviction too. ``kvc::compress_decode`` is that
-eviction: the method's scorer over the whole layer, fed the buffer as the newest queries.
+eviction (``kvc_compile.compression.decoding``): the method's scorer over the whole layer, fed the
+buffer as the newest queries.
 """
 
 from __future__ import annotations
@@ -19,17 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvc_compile.compression.decoding import Rotary, evict_dense, evict_packed
+from kvc_compile.compression.layout import INDEX_DTYPE
+from kvc_compile.compression.lookahead import stage2_entries
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.base import (
-    EXCLUDED,
-    INDEX_DTYPE,
-    ScoreInputs,
-    gather_kept,
-    rotary_tables_back,
-    rotary_tables_before,
-)
-from kvc_compile.ops.compress import valid_keys_from_mask
-from kvc_compile.ops.kernels import score_kernels
+from kvc_compile.ops.kernels import device_kernels
 
 
 @torch.library.custom_op("kvc::recent_queries", mutates_args=())
@@ -80,13 +75,13 @@ def _(positions):
 def lookahead_stage2(
     keys: Tensor, values: Tensor, recent_queries: Tensor, prompt_mask: Tensor, pseudo_valid: Tensor, spec: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LAQ's stage 2 on one layer as an op (``kvc_compile.lookahead.stage2_entries``): kept keys,
-    values and positions. An engine's stage-2 program calls it, so the kept count stays a formula
+    """LAQ's stage 2 on one layer as an op (``kvc_compile.compression.lookahead.stage2_entries``): kept
+    keys, values and positions. An engine's stage-2 program calls it, so the kept count stays a formula
     of the prompt length instead of a traced constant."""
-    from kvc_compile.lookahead import stage2_entries  # the lookahead loop imports the cache, which imports this
-
     config = CompressionConfig.from_spec(spec)
-    kept = stage2_entries(config, keys, values, recent_queries, prompt_mask, pseudo_valid)
+    with device_kernels(keys):
+        kept = stage2_entries(config.method_impl, config.kept_length(keys.shape[2]), keys, values, recent_queries,
+                              prompt_mask, pseudo_valid)
     fresh = torch.contiguous_format  # the fake kernel's layout, whatever the inputs' strides
     return (kept.keys.clone(memory_format=fresh), kept.values.clone(memory_format=fresh),
             kept.positions.to(INDEX_DTYPE).clone(memory_format=fresh))
@@ -190,47 +185,6 @@ def _(positions, key_states, start):
     return positions.new_empty(*positions.shape[:-1], positions.shape[-1] + key_states.shape[2])
 
 
-def decode_score_inputs(
-    config: CompressionConfig,
-    buffer: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    valid: Tensor,
-    positions: Tensor,
-    layer_idx: int,
-    n_layers: int,
-    rotary: tuple[Tensor, Tensor, Tensor] | None,
-) -> ScoreInputs:
-    """What a scorer reads of a layer of ``m`` entries per row while decoding.
-
-    The buffer of recent queries stands as the queries of the newest entries (a window the scorer
-    reads is always kept, so they line up), earlier queries as zeros it never reads
-    (``Method.queries_read``; ``ScoreInputs.query_valid`` marks the buffer's rows). Scorers of
-    pre-RoPE queries also get ``rotary``: the newest tokens' cos/sin tables and the inverse
-    frequencies, from which the tables of the buffer's positions are counted back. Rows of
-    ``keys`` may be (row, KV head) pairs of a packed layer: the tables are repeated to match.
-    """
-    m = keys.shape[2]
-    window = buffer.shape[2]
-    queries = F.pad(buffer, (0, 0, m - window, 0)) if m >= window else buffer[:, :, window - m :]
-    query_valid = valid & (torch.arange(m, device=keys.device) >= m - window)
-    method = config.method_impl
-    cos = sin = key_tables = None
-    if method.needs_rotary:
-        if rotary is None:
-            raise ValueError(f"{config.method} un-rotates queries or keys while decoding and needs the rotary "
-                             f"tables of the newest tokens and the inverse frequencies")
-        step_cos, step_sin, inv_freq = rotary
-        rows_per_table = keys.shape[0] // step_cos.shape[0]
-        step_cos, step_sin = (table.repeat_interleave(rows_per_table, 0) for table in (step_cos, step_sin))
-        cos, sin = rotary_tables_before(step_cos, step_sin, inv_freq, m)
-        if method.unrotates_keys:
-            # The newest entry holds the step's token: each entry is that many positions before it.
-            key_tables = rotary_tables_back(step_cos, step_sin, inv_freq, positions[..., -1:] - positions)
-    return ScoreInputs(queries, keys, values, valid, layer_idx, n_layers, cos, sin, query_valid=query_valid,
-                       positions=positions, key_tables=key_tables, **score_kernels(keys))
-
-
 def compress_decode_site(
     config: CompressionConfig,
     buffer: Tensor,
@@ -240,34 +194,12 @@ def compress_decode_site(
     attn_mask: Tensor | None,
     layer_idx: int,
     n_layers: int,
-    rotary: tuple[Tensor, Tensor, Tensor] | None = None,
+    rotary: Rotary | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Bring a dense layer of ``m`` entries back to ``config.decode_target`` per KV head, scored as
-    ``decode_score_inputs`` says. Returns kept keys, values and positions, in cache order."""
-    batch, _, m, _ = keys.shape
-    valid = valid_keys_from_mask(attn_mask, batch, m, keys.device)
-    inputs = decode_score_inputs(config, buffer, keys, values, valid, positions, layer_idx, n_layers, rotary)
-    method = config.method_impl
-    kept = method.select(method.score(inputs), valid, config.decode_target)
-    return gather_kept(keys, kept), gather_kept(values, kept), positions.gather(2, kept).to(INDEX_DTYPE)
-
-
-def unpack_per_head(heads: Tensor, kv_heads: int) -> tuple[Tensor, Tensor]:
-    """Where each entry of a packed row goes when every KV head's entries are laid out in a row of its
-    own, right-aligned, in run order (ascending positions), so every head's newest entries end its row.
-
-    ``heads`` [batch, 1, T] (-1: padding). Returns ``slot`` [batch, T], an index into [batch, (kv_heads + 1)
-    * T] (row ``kv_heads`` takes the padding entries), and ``valid`` [batch, kv_heads, T] (False left
-    of a head's entries).
-    """
-    total = heads.shape[-1]
-    owner = heads[:, 0].long().masked_fill(heads[:, 0] < 0, kv_heads)
-    member = owner[..., None] == torch.arange(kv_heads + 1, device=heads.device)  # [batch, T, kv_heads + 1]
-    count = member.sum(1)  # [batch, kv_heads + 1]
-    rank = member.long().cumsum(1).gather(2, owner[..., None])[..., 0] - 1
-    slot = owner * total + total - count.gather(1, owner) + rank
-    valid = torch.arange(total, device=heads.device) >= total - count[:, :kv_heads, None]
-    return slot, valid
+    """What ``kvc::compress_decode`` computes: ``compression.decoding.evict_dense`` to ``config.decode_target``."""
+    with device_kernels(keys):
+        return evict_dense(config.method_impl, config.decode_target, buffer, keys, values, positions, attn_mask,
+                           layer_idx, n_layers, rotary)
 
 
 def compress_decode_packed_site(
@@ -280,44 +212,14 @@ def compress_decode_packed_site(
     kv_heads: int,
     layer_idx: int,
     n_layers: int,
-    rotary: tuple[Tensor, Tensor, Tensor] | None = None,
+    rotary: Rotary | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bring a packed layer (``keys`` [batch, 1, T, d], ``heads``/``positions`` [batch, 1, T]) back to
-    ``kv_heads * config.layer_decode_target(layer_idx, n_layers)`` entries per row, shared between heads as the
-    method's selection shares them at prefill (AdaKV: by score, with a per-head floor).
-
-    Each head's entries are unpacked into a row of their own, right-aligned like a left-padded batch,
-    and the (row, head) pairs are scored as rows of one KV head each, with the buffered queries of
-    that head's GQA group. Returns kept keys, values, heads and positions, in the packed layout.
-    """
-    batch, _, total, _ = keys.shape
-    slot, valid = unpack_per_head(heads, kv_heads)
-
-    def per_head(x: Tensor) -> Tensor:  # [batch, 1, T, *] -> [batch * kv_heads, 1, T, *]
-        rows = x.new_zeros(batch, (kv_heads + 1) * total, *x.shape[3:])
-        index = slot.view(batch, total, *[1] * (x.dim() - 3)).expand(batch, total, *x.shape[3:])
-        rows = rows.scatter(1, index, x[:, 0])
-        return rows.view(batch, kv_heads + 1, total, *x.shape[3:])[:, :kv_heads].reshape(
-            batch * kv_heads, 1, total, *x.shape[3:])
-
-    q_heads = buffer.shape[1]
-    grouped = buffer.reshape(batch * kv_heads, q_heads // kv_heads, *buffer.shape[2:])
-    inputs = decode_score_inputs(config, grouped, per_head(keys), per_head(values), valid.reshape(-1, total),
-                                 per_head(positions), layer_idx, n_layers, rotary)
-    method = config.method_impl
-    scores = method.score(inputs).reshape(batch, kv_heads, total).float().masked_fill(~valid, EXCLUDED)
+    """What ``kvc::compress_decode_packed`` computes: ``compression.decoding.evict_packed`` to the layer's
+    share of ``config.decode_target``."""
     target = config.layer_decode_target(layer_idx, n_layers)
-    # Validity is per head here, already in the scores; ``select`` masks per row.
-    flat = method.select(scores, torch.ones_like(valid[:, 0]), target)  # head * T + slot, ascending
-
-    def gather(x: Tensor) -> Tensor:  # [batch * kv_heads, 1, T, *] -> the kept [batch, 1, kept, *]
-        rows = x.reshape(batch, kv_heads * total, *x.shape[3:])
-        index = flat.view(*flat.shape, *[1] * (x.dim() - 3)).expand(*flat.shape, *x.shape[3:])
-        return rows.gather(1, index).unsqueeze(1)
-
-    kept_heads = (flat // total).masked_fill(~valid.reshape(batch, -1).gather(1, flat), -1)
-    return (gather(inputs.keys), gather(inputs.values), kept_heads.to(heads.dtype).unsqueeze(1),
-            gather(inputs.positions).to(INDEX_DTYPE))
+    with device_kernels(keys):
+        return evict_packed(config.method_impl, target, buffer, keys, values, heads, positions, kv_heads, layer_idx,
+                            n_layers, rotary)
 
 
 def _decoded_layer(keys: Tensor, values: Tensor, positions: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor]:

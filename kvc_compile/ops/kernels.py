@@ -9,9 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvc_compile.methods.base import register_top_positions_kernel
-from kvc_compile.methods.snapkv import window_votes as window_votes_reference
+from kvc_compile.compression.attention import packed_attention_reference
+from kvc_compile.compression.layout import gather_kept
+from kvc_compile.methods.kernels import REFERENCE, Kernels, using_kernels
+from kvc_compile.methods.scoring import window_output_saliency
+from kvc_compile.methods.scoring import window_votes as window_votes_reference
 from kvc_compile.plugins.triton import TRITON_AVAILABLE
+from kvc_compile.plugins.triton.compaction import stable_select_reference
 
 
 def use_kernels(tensor: Tensor) -> bool:
@@ -36,9 +40,6 @@ def select_and_gather(scores: Tensor, keys: Tensor, values: Tensor, k: int) -> t
     Ties go to the lowest positions on every device.
     """
     if not use_kernels(scores):
-        from kvc_compile.methods.base import gather_kept
-        from kvc_compile.plugins.triton.compaction import stable_select_reference
-
         kept = stable_select_reference(scores, k)
         return gather_kept(keys, kept), gather_kept(values, kept), kept.to(torch.int32)
     from kvc_compile.plugins.triton.compaction import select_and_gather_triton
@@ -50,8 +51,6 @@ def select_and_gather(scores: Tensor, keys: Tensor, values: Tensor, k: int) -> t
 def output_saliency(queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor, window: int, variant: str) -> Tensor:
     """OBCache's fused saliency (``kvc_compile.plugins.triton.window_scores``)."""
     if not use_kernels(queries):
-        from kvc_compile.methods.obcache import window_output_saliency
-
         return window_output_saliency(queries, keys, values, valid, window, variant)
     from kvc_compile.plugins.triton.window_scores import output_saliency_triton
 
@@ -62,27 +61,20 @@ def output_saliency(queries: Tensor, keys: Tensor, values: Tensor, valid: Tensor
 def top_positions_op(scores: Tensor, k: int) -> Tensor:
     """The ``k`` best positions per row, ties to the lowest (``plugins.triton.compaction``)."""
     if not use_kernels(scores):
-        from kvc_compile.plugins.triton.compaction import stable_select_reference
-
         return stable_select_reference(scores, k)
     from kvc_compile.plugins.triton.compaction import top_positions_triton
 
     return top_positions_triton(scores, k)
 
 
-def _top_positions_on_gpu(scores: Tensor, k) -> Tensor | None:
-    return top_positions_op(scores, int(k)) if use_kernels(scores) else None
+GPU_KERNELS = Kernels(window_votes=window_votes, output_saliency=output_saliency,
+                      select_and_gather=select_and_gather, top_positions=top_positions_op)
 
 
-# Every selection (uniform or head-adaptive) of GPU scores goes through the radix select.
-register_top_positions_kernel(_top_positions_on_gpu)
-
-
-def score_kernels(tensor: Tensor) -> dict:
-    """``ScoreInputs`` fields that route scoring and selection to the kernels when ``tensor`` is on the GPU."""
-    if not use_kernels(tensor):
-        return {}
-    return {"votes_kernel": window_votes, "select_kernel": select_and_gather, "saliency_kernel": output_saliency}
+def device_kernels(tensor: Tensor):
+    """A context in which scoring and selection run the kernels for ``tensor``'s device: the Triton
+    ones on CUDA, the references elsewhere. Every op that scores or selects runs inside one."""
+    return using_kernels(GPU_KERNELS if use_kernels(tensor) else REFERENCE)
 
 
 @torch.library.triton_op("kvc::rope_lowrank_project", mutates_args=())
@@ -105,3 +97,17 @@ def lowrank_decode_attention(
     if not use_kernels(query):
         return lowrank.lowrank_decode_attention_reference(query, key_up, keys, values, valid, scaling)
     return lowrank.lowrank_decode_attention_triton(query, key_up, keys, values, valid, scaling)
+
+
+@torch.library.triton_op("kvc::packed_attention", mutates_args=())
+def packed_attention(
+    query: Tensor, keys: Tensor, values: Tensor, heads: Tensor, kv_heads: int, scaling: float
+) -> Tensor:
+    """``packed_attention_reference`` as an op, so compiled decode graphs show where the packed
+    layout is read; on the GPU it runs the variable-length Triton kernel
+    (``kvc_compile.plugins.triton.decode_attention``), elsewhere the reference."""
+    if not use_kernels(query):
+        return packed_attention_reference(query, keys, values, heads, kv_heads, scaling)
+    from kvc_compile.plugins.triton.decode_attention import packed_attention_triton
+
+    return packed_attention_triton(query, keys, values, heads, kv_heads, scaling)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvc_compile.compression.lowrank import FACTOR_NAMES, fold_heads, project_entries
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.kqsvd import project_entries
-
-FACTOR_NAMES = ("key_down", "key_up", "value_down", "value_up")  # the calibrated ones; then output_fold
 
 
 @torch.library.custom_op("kvc::lowrank_project", mutates_args=())
@@ -47,17 +45,6 @@ def lowrank_factors(key_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor,
 @lowrank_factors.register_fake
 def _(key_states):
     return _no_factors(key_states)
-
-
-def fold_heads(output_weight: Tensor, value_up: Tensor) -> Tensor:
-    """``o_proj``'s weight [hidden, q_heads * d] with each head's block times its KV head's ``B_v``:
-    [hidden, q_heads * R_v], so that ``o_proj(lift(o)) == o @ folded^T`` for rank-R_v outputs ``o``."""
-    hidden = output_weight.shape[0]
-    kv_heads, head_dim, rank = value_up.shape
-    q_heads = output_weight.shape[1] // head_dim
-    blocks = output_weight.reshape(hidden, kv_heads, q_heads // kv_heads, head_dim)
-    folded = torch.einsum("okgd,kdr->okgr", blocks.float(), value_up.float())
-    return folded.reshape(hidden, q_heads * rank).to(output_weight.dtype)
 
 
 @torch.library.custom_op("kvc::fold_output_projection", mutates_args=())

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import fx
 
 import kvc_compile.ops.kernels  # noqa: F401  (registers torch.ops.kvc.rope_lowrank_project)
+from kvc_compile.compression.lowrank import FACTOR_NAMES
 from kvc_compile.config import CompressionConfig
-from kvc_compile.ops.lowrank import FACTOR_NAMES
 from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_layout_op
 from kvc_compile.passes.prefill_compression import (
     CacheLayoutError,

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 from transformers import PreTrainedModel
 
-import kvc_compile.cache.attention  # noqa: F401  (registers torch.ops.kvc.packed_attention)
+import kvc_compile.ops  # noqa: F401  (registers every kvc:: op)
 from kvc_compile.cache import sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.config import CompressionConfig

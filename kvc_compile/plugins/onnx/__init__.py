@@ -29,13 +29,12 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-import kvc_compile.cache.attention  # noqa: F401  (registers kvc::packed_attention)
-import kvc_compile.ops  # noqa: F401  (registers the compression ops)
+import kvc_compile.ops  # noqa: F401  (registers every kvc:: op)
+from kvc_compile.compression.lowrank import FACTOR_NAMES, fold_heads, project_entries
 from kvc_compile.config import CompressionConfig
-from kvc_compile.methods.kqsvd import project_entries
 from kvc_compile.ops.compress import prefill_entries_aten
 from kvc_compile.ops.decode import append_positions_at_aten, last_queries_aten, shift_in_aten
-from kvc_compile.ops.lowrank import FACTOR_NAMES, fold_heads, lowrank_lift_aten
+from kvc_compile.ops.lowrank import lowrank_lift_aten
 from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
 
 PLUGIN_DOMAIN = "trt.plugins"

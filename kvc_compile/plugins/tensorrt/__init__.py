@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from kvc_compile.engine.manifest import EngineError
+from kvc_compile.plugins import TargetUnavailableError
 
 
 def require_tensorrt() -> None:
@@ -21,10 +21,12 @@ def require_tensorrt() -> None:
     if not torch.cuda.is_available():
         missing.append("an NVIDIA GPU")
     if missing:
-        raise EngineError(f"--target tensorrt needs {' and '.join(missing)}, which this machine lacks; build with "
-                          f"--target aoti instead, or --target onnx for the ONNX graphs TensorRT would parse")
-    raise EngineError("--target tensorrt: the TensorRT plugins for the compression ops are not implemented in this "
-                      "version; build with --target aoti, or --target onnx for the ONNX graphs with the plugin nodes")
+        raise TargetUnavailableError(
+            f"--target tensorrt needs {' and '.join(missing)}, which this machine lacks; build with --target aoti "
+            f"instead, or --target onnx for the ONNX graphs TensorRT would parse")
+    raise TargetUnavailableError(
+        "--target tensorrt: the TensorRT plugins for the compression ops are not implemented in this version; build "
+        "with --target aoti, or --target onnx for the ONNX graphs with the plugin nodes")
 
 
 __all__ = ["require_tensorrt"]

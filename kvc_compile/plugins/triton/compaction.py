@@ -16,7 +16,7 @@ Two kernels, one program per (row, head) each:
    or equal to it and among the first of those ties still needed; running counts (a cumulative
    sum per block) give each kept entry its output slot, where its key and value rows are written.
 
-Ties at the threshold go to the lowest positions, as in ``kvc_compile.methods.base.top_positions``
+Ties at the threshold go to the lowest positions, as in ``kvc_compile.methods.selection.top_positions``
 (whose PyTorch path is the reference, ``stable_select_reference``): every device keeps the same entries.
 """
 
@@ -142,7 +142,7 @@ def select_and_gather_triton(
 
 def top_positions_triton(scores: Tensor, k: int, block: int = 256) -> Tensor:
     """Positions [..., k] (int64, ascending) of the ``k`` best of ``scores`` [..., N]: the selection
-    alone (``kvc_compile.methods.base.top_positions``), e.g. AdaKV's top-k over a layer's heads."""
+    alone (``kvc_compile.methods.selection.top_positions``), e.g. AdaKV's top-k over a layer's heads."""
     require_triton()
     n = scores.shape[-1]
     rows = scores.reshape(-1, n).float().contiguous()

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
-from kvc_compile.methods.base import rotate_half
-from kvc_compile.methods.kqsvd import project_entries
+from kvc_compile.compression.lowrank import project_entries
+from kvc_compile.methods.rotary import rotate_half
 from kvc_compile.plugins.triton import TRITON_AVAILABLE, require_triton
 from kvc_compile.plugins.triton.decode_attention import merge_partials
 

@@ -13,7 +13,7 @@ Two kernels, neither of which writes the ``[heads, window, n]`` attention matrix
    every query head of the GQA group and every block of window rows recomputes the logits,
    normalises them with the statistics and sums over the window.
 
-Keys are read twice in all; the reference (``kvc_compile.methods.snapkv.window_votes``)
+Keys are read twice in all; the reference (``kvc_compile.methods.scoring.window_votes``)
 materialises the matrix.
 """
 
@@ -222,7 +222,7 @@ if TRITON_AVAILABLE:
 def window_votes_triton(
     queries: Tensor, keys: Tensor, valid: Tensor, window: int, block_rows: int = 16, block_keys: int = 128
 ) -> Tensor:
-    """The Triton path of ``kvc_compile.methods.snapkv.window_votes``: ``queries`` [b, q_heads, n, d]
+    """The Triton path of ``kvc_compile.methods.scoring.window_votes``: ``queries`` [b, q_heads, n, d]
     (every query; the last ``window`` vote), ``keys`` [b, kv_heads, n, d], ``valid`` [b, n] bool.
 
     128-key blocks: 1.4x faster than 64 on an H100 at 32K keys (bf16, head_dim 128)."""
