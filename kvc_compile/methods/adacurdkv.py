@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from kvc_compile.methods.adakv import check_alpha
+from kvc_compile.methods.capabilities import PackedLayout
 from kvc_compile.methods.curdkv import CurDKV
 from kvc_compile.methods.selection import select_head_adaptive
 
 
 @dataclass(frozen=True)
-class AdaCurDKV(CurDKV):
+class AdaCurDKV(PackedLayout, CurDKV):
     name = "adacurdkv"
     paper = "arXiv 2509.15038"
-    layout = "packed"
 
     alpha_safeguard: float = 0.2
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from kvc_compile.methods.capabilities import PackedLayout
 from kvc_compile.methods.selection import select_head_adaptive
 from kvc_compile.methods.wrapped import ScorerWrapper
 
@@ -26,10 +27,9 @@ def check_alpha(method: str, alpha: float) -> None:
 
 
 @dataclass(frozen=True)
-class AdaKV(ScorerWrapper):
+class AdaKV(PackedLayout, ScorerWrapper):
     name = "adakv"
     paper = "arXiv 2407.11550"
-    layout = "packed"
 
     alpha_safeguard: float = 0.2
 

@@ -86,17 +86,22 @@ class ScoreInputs:
 
 @dataclass(frozen=True)
 class Method(ABC):
-    """A scorer: one dataclass per method, its fields are its options."""
+    """A scorer: one dataclass per method, its fields are its options.
+
+    The class attributes and hooks below are what the framework reads; their defaults describe a
+    plain scorer (uniform budgets at prefill). A method that does more inherits a capability from
+    ``kvc_compile.methods.capabilities``, which sets them.
+    """
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
-    # "packed" when heads or layers keep different numbers of tokens (see the module docstring).
+    # "packed" when heads or layers keep different numbers of tokens (``PackedLayout``).
     layout: ClassVar[str] = "dense"
-    # Methods that read pre-RoPE queries/keys: the pass must find the rotary tables.
+    # Reads pre-RoPE queries/keys: the pass must find the rotary tables (``PreRopeScorer``).
     needs_rotary: ClassVar[bool] = False
-    # Methods that un-rotate keys: while decoding they get the tables of every entry's own position.
+    # Un-rotates keys: while decoding it gets the tables of every entry's own position (``UnrotatesKeys``).
     unrotates_keys: ClassVar[bool] = False
-    # Methods that compress at every decoding step too (MorphKV), back to the prefill budget.
+    # Compresses at every decoding step too, back to the prefill budget (``CompressesWhileDecoding``).
     compresses_while_decoding: ClassVar[bool] = False
 
     @abstractmethod
@@ -134,12 +139,12 @@ class Method(ABC):
 
     @property
     def lookahead_queries(self) -> int:
-        """Queries per layer a lookahead method (LAQ) keeps for its second stage (0: not one)."""
+        """Queries per layer a lookahead method (``Lookahead``) keeps for its second stage (0: not one)."""
         return 0
 
     @property
     def budgets_across_layers(self) -> bool:
-        """True when a layer's budget depends on the scores of every layer (see ``layer_budgets``)."""
+        """True when a layer's budget depends on the scores of every layer (``LayerBudgets``)."""
         return False
 
     def layer_budgets(self, layer_scores: list[Tensor], valid: Tensor, n_kept: int) -> Tensor:

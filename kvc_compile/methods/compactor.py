@@ -60,12 +60,12 @@ from torch import Tensor
 
 from kvc_compile.methods.base import (
     PROTECTED,
-    Method,
     ScoreInputs,
     check_decoding_window,
     gqa_mean,
     positions_from_first_valid,
 )
+from kvc_compile.methods.capabilities import UnrotatesKeys
 
 LEVERAGE_RIDGE = 1e-2
 CHOLESKY_TRIES = 5
@@ -188,11 +188,9 @@ def row_zscore(x: Tensor, valid: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Compactor(Method):
+class Compactor(UnrotatesKeys):
     name = "compactor"
     paper = "arXiv 2507.08143"
-    needs_rotary = True
-    unrotates_keys = True
 
     sketch_size: int = 48
     chunk_size: int = 256

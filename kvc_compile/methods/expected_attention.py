@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, check_decoding_window, positions_from_first_valid
+from kvc_compile.methods.base import PROTECTED, ScoreInputs, check_decoding_window, positions_from_first_valid
+from kvc_compile.methods.capabilities import PreRopeScorer
 from kvc_compile.methods.rotary import rotate_half
 
 
@@ -79,10 +80,9 @@ def rotation_matrix(rotation: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ExpectedAttention(Method):
+class ExpectedAttention(PreRopeScorer):
     name = "expected_attention"
     paper = "arXiv 2510.00636"
-    needs_rotary = True
 
     n_future_positions: int = 512
     n_sink: int = 4

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs, gqa_mean
+from kvc_compile.methods.base import PROTECTED, ScoreInputs, gqa_mean
+from kvc_compile.methods.capabilities import Lookahead
 from kvc_compile.methods.snapkv import check_window_options
 from kvc_compile.methods.wrapped import build_scorer
 
@@ -39,7 +40,7 @@ def stage1_defaults() -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class LAQ(Method):
+class LAQ(Lookahead):
     name = "laq"
     paper = "arXiv 2505.20334"
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from kvc_compile.methods.adakv import check_alpha
 from kvc_compile.methods.base import PROTECTED, ScoreInputs, gqa_max
+from kvc_compile.methods.capabilities import LayerBudgets
 from kvc_compile.methods.selection import select_head_adaptive
 from kvc_compile.methods.snapkv import SnapKV
 
@@ -50,10 +51,9 @@ def normalized_entropy(scores: Tensor, valid: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LAVa(SnapKV):
+class LAVa(LayerBudgets, SnapKV):
     name = "lava"
     paper = "arXiv 2509.09754"
-    layout = "packed"
 
     window_size: int = 32
     kernel_size: int = 7

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvc_compile.methods.base import PROTECTED, Method, ScoreInputs
+from kvc_compile.methods.base import PROTECTED, ScoreInputs
+from kvc_compile.methods.capabilities import CompressesWhileDecoding
 
 FUSIONS = ("sum", "max")
 
@@ -51,11 +52,11 @@ def morph_scores(queries: Tensor, candidates: Tensor, valid: Tensor, query_valid
 
 
 @dataclass(frozen=True)
-class MorphKV(Method):
+class MorphKV(CompressesWhileDecoding):
+    """Compresses every decode step too, back to ``budget`` entries."""
+
     name = "morphkv"
     paper = "arXiv 2503.00979"
-    # The pass also compresses every decode step back to ``budget`` entries.
-    compresses_while_decoding = True
 
     window_size: int = 32
     fusion: str = "sum"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvc_compile.methods.capabilities import PackedLayout
 from kvc_compile.methods.selection import select_uniform
 from kvc_compile.methods.snapkv import SnapKV
 
@@ -30,10 +31,9 @@ def pyramid_prefix_total(layers_before: int, top: int, bottom: int, n_layers: in
 
 
 @dataclass(frozen=True)
-class PyramidKV(SnapKV):
+class PyramidKV(PackedLayout, SnapKV):
     name = "pyramidkv"
     paper = "arXiv 2406.02069"
-    layout = "packed"
 
     beta: int = 20
 
