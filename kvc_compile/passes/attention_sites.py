@@ -1,9 +1,9 @@
 """Find the attention sites of a traced decoder and the cache tensors each one reads.
 
-Works on Dynamo graphs (torch-level calls); the aten-level spellings are listed too so that the same
-analysis can serve ``torch.export`` graphs (not yet exercised by the tests). An attention
-site is either a scaled-dot-product-attention call or transformers' eager pattern
-``matmul(q, k^T) [* scale] [+ mask] -> softmax -> [dropout] -> matmul(., v)``. From the site's
+Works on Dynamo graphs (torch-level calls) and on the ``torch.export`` graphs (aten level) that an
+engine build (``kvc_compile.engine``) runs the same passes on, so the op tables below list both
+spellings. An attention site is either a scaled-dot-product-attention call or transformers' eager
+pattern ``matmul(q, k^T) [* scale] [+ mask] -> softmax -> [dropout] -> matmul(., v)``. From the site's
 key and value operands we walk back through the GQA expansion (``repeat_kv``: index, expand,
 reshape) to the tensors that the graph also returns: those are what the KV cache stores.
 """
@@ -53,9 +53,10 @@ SCORE_CHAIN_FUNCTIONS = {
 } | ADD_TARGETS
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionSite:
-    """One attention layer in a graph."""
+    """One attention layer in a graph, as the analysis found it (passes record what they make of it in a
+    ``RewriteRecord``, not here)."""
 
     layer_idx: int
     attention: fx.Node  # the node after which the cache may be rewritten
@@ -63,21 +64,10 @@ class AttentionSite:
     cached_keys: fx.Node  # tensors the graph returns and the cache stores
     cached_values: fx.Node
     mask: fx.Node | None
-    # What the cache will store for this site, once the passes have rewired it (initially the
-    # cached tensors themselves); ``stored_heads`` labels packed entries (None: dense layout).
-    stored_keys: fx.Node | None = None
-    stored_values: fx.Node | None = None
-    stored_heads: fx.Node | None = None
-    # The layer's buffer of recent queries after this step, where one is kept (decode-time scoring).
-    recent_queries: fx.Node | None = None
     # Packed decode sites (``kvc::packed_attention``): the entries' head labels the graph returns, and
     # the model's number of KV heads (None: a dense site).
     cached_heads: fx.Node | None = None
     kv_heads: int | None = None
-
-    def __post_init__(self) -> None:
-        self.stored_keys = self.stored_keys or self.cached_keys
-        self.stored_values = self.stored_values or self.cached_values
 
     @property
     def query_length(self):

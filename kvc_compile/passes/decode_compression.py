@@ -1,50 +1,5 @@
-"""Compression while decoding: keep a buffer of recent queries, and evict inside decode graphs.
-
-``RecordRecentQueries`` gives each layer the queries decode-time scorers vote with. Before (prefill
-and decode layers of ``CompressedCache``, which cannot see queries)::
-
-    buffer = kvc.recent_queries(k_rope)                # prefill: nothing recorded
-    buffer = kvc.push_query(buffer_in, k_rope)         # decode: unchanged
-    return (..., buffer, ...)
-
-After::
-
-    buffer = kvc.last_queries(q_rope, W)               # prefill: the prompt's last W queries
-    buffer = kvc.shift_in(buffer_in, q_rope)           # decode: the newest query in, the oldest out
-
-``CompressDecodeCache`` rewires the cache outputs of decode graphs whose layers have grown to
-``target_size + decoding_interval`` entries (a shape the graph is specialised on, so the check
-costs nothing at run time and the other steps' graph stays untouched). Before::
-
-    keys = cat([past_keys, k_rope], -2); values = cat([past_values, v], -2)
-    positions = kvc.append_positions(past_positions, k_rope, logical_length)
-    out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
-    return (..., keys, values, positions, ...)
-
-After::
-
-    ...
-    out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
-    kept = kvc.compress_decode(buffer, keys, values, positions, mask, layer_idx, n_layers, spec)
-    return (..., kept[0], kept[1], kept[2], ...)
-
-As at prefill, the step's own attention reads every entry; the cache keeps ``target_size``.
-Scorers of pre-RoPE queries (Expected Attention) get ``kvc.compress_decode_rotary`` instead, which
-also takes the step's rotary tables and the model's ``inv_freq`` (a graph input): the tables of the
-buffered queries' positions are counted back from the newest token's. With
-MorphKV (``decoding_interval`` 1) every step's cache has the same shape, so one compiled graph
-serves every token.
-
-Packed layers (per-head or per-layer budgets) are read by ``kvc.packed_attention(q, keys, values,
-heads, kv_heads, scale)`` instead of SDPA; such a site is rewired the same way, with its head labels::
-
-    kept = kvc.compress_decode_packed(buffer, keys, values, heads, positions, cos, sin, inv_freq,
-                                      kv_heads, layer_idx, n_layers, spec)
-    return (..., kept[0], kept[1], kept[2], kept[3], ...)
-
-Each layer is checked against its own threshold (``CompressionConfig.evicts_while_decoding``):
-layer-budget methods (PyramidKV) give layers different targets.
-"""
+"""Compression while decoding: keep a buffer of recent queries (``RecordRecentQueries``), and evict
+inside decode graphs (``CompressDecodeCache``), voting with that buffer."""
 
 from __future__ import annotations
 
@@ -56,6 +11,7 @@ from torch import fx
 import kvc_compile.ops.decode  # noqa: F401  (registers the decode ops)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import AttentionSite
+from kvc_compile.passes.base import GraphPass, RewriteRecord
 from kvc_compile.passes.prefill_compression import (
     CacheLayoutError,
     getitems,
@@ -85,54 +41,111 @@ def replace_node(graph: fx.Graph, old: fx.Node, op, args: tuple, before: fx.Node
     return node
 
 
-class RecordRecentQueries:
-    """Rewire the cache's query markers so each layer keeps its newest ``W`` queries."""
+class RecordRecentQueries(GraphPass):
+    """Rewire the cache's query markers so each layer keeps its newest ``W`` queries: the queries
+    decode-time scorers vote with, and LAQ's second stage scores with.
+
+    Before (prefill and decode layers of ``CompressedCache``, which cannot see queries)::
+
+        buffer = kvc.recent_queries(k_rope)                # prefill: nothing recorded
+        buffer = kvc.push_query(buffer_in, k_rope)         # decode: unchanged
+        return (..., buffer, ...)
+
+    After::
+
+        buffer = kvc.last_queries(q_rope, W)               # prefill: the prompt's last W queries
+        buffer = kvc.shift_in(buffer_in, q_rope)           # decode: the newest query in, the oldest out
+        return (..., buffer, ...)
+
+    Records each site's ``buffer`` as its recent queries.
+    """
 
     def __init__(self, config: CompressionConfig) -> None:
+        super().__init__(config)
         self.window = config.recent_queries
 
-    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
-        if self.window == 0:
-            return 0
+    @classmethod
+    def applies(cls, config: CompressionConfig) -> bool:
+        return config.recent_queries > 0
+
+    def __call__(self, gm: fx.GraphModule, record: RewriteRecord) -> int:
         graph = gm.graph
-        for site in sites:
+        for site in record.sites:
             k_rope = site.new_keys
             # The cache calls this marker on a layer's first update only: a prompt, even of one token
             # (which traces like a decode step).
             marker = marker_user(k_rope, kvc.recent_queries)
             if marker is not None:
-                site.recent_queries = replace_node(
+                record.of(site).recent_queries = replace_node(
                     graph, marker, kvc.last_queries.default, (site.query, self.window), site.attention
                 )
                 continue
             marker = marker_user(k_rope, kvc.push_query)
             if marker is not None:
-                site.recent_queries = replace_node(
+                record.of(site).recent_queries = replace_node(
                     graph, marker, kvc.shift_in.default, (marker.args[0], site.query), site.attention
                 )
-        return len(sites)
+        return len(record.sites)
 
 
-class CompressDecodeCache:
-    """Evict inside decode graphs whose layers reached ``target_size + decoding_interval`` entries."""
+class CompressDecodeCache(GraphPass):
+    """Evict inside decode graphs whose layers reached ``target_size + decoding_interval`` entries.
+
+    That size is a shape the graph is specialised on, so the check costs nothing at run time and the
+    other steps' graph stays untouched. Each layer is checked against its own threshold
+    (``CompressionConfig.evicts_while_decoding``): layer-budget methods (PyramidKV) give layers
+    different targets. Before::
+
+        keys = cat([past_keys, k_rope], -2); values = cat([past_values, v], -2)
+        positions = kvc.append_positions(past_positions, k_rope, logical_length)
+        out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
+        return (..., keys, values, positions, ...)
+
+    After::
+
+        ...
+        out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
+        kept = kvc.compress_decode(buffer, keys, values, positions, mask, layer_idx, n_layers, spec)
+        return (..., kept[0], kept[1], kept[2], ...)
+
+    ``buffer`` is the site's recent queries, as ``RecordRecentQueries`` recorded them. As at prefill,
+    the step's own attention reads every entry; the cache keeps ``target_size``. Scorers of pre-RoPE
+    queries (Expected Attention) get ``kvc.compress_decode_rotary`` instead, which also takes the
+    step's rotary tables and the model's ``inv_freq`` (a graph input): the tables of the buffered
+    queries' positions are counted back from the newest token's. With MorphKV (``decoding_interval``
+    1) every step's cache has the same shape, so one compiled graph serves every token.
+
+    Packed layers (per-head or per-layer budgets) are read by ``kvc.packed_attention(q, keys, values,
+    heads, kv_heads, scale)`` instead of SDPA; such a site is rewired the same way, with its head
+    labels::
+
+        kept = kvc.compress_decode_packed(buffer, keys, values, heads, positions, cos, sin, inv_freq,
+                                          kv_heads, layer_idx, n_layers, spec)
+        return (..., kept[0], kept[1], kept[2], kept[3], ...)
+
+    Records the kept keys and values (and, packed, head labels) as what each evicting site stores.
+    """
 
     def __init__(self, config: CompressionConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.spec = config.to_spec()
 
-    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
-        if self.config.decode_target is None:
-            return 0
+    @classmethod
+    def applies(cls, config: CompressionConfig) -> bool:
+        return config.decode_target is not None
+
+    def __call__(self, gm: fx.GraphModule, record: RewriteRecord) -> int:
         graph = gm.graph
-        decode_sites = [site for site in sites if not site.is_prefill]
+        decode_sites = record.decode_sites
         n_layers = len(decode_sites)
         # A comparison on the (possibly symbolic) cache length: the graph is specialised on it.
         evicting = [site for site in decode_sites
                     if self.config.evicts_while_decoding(site.entries_per_head, site.layer_idx, n_layers)]
         inv_freq = self.inverse_frequencies(graph) if evicting and self.config.method_impl.needs_rotary else None
         for site in evicting:
+            rewrite = record.of(site)
             positions = marker_user(site.new_keys, kvc.append_positions, kvc.append_positions_at)
-            buffer = site.recent_queries
+            buffer = rewrite.recent_queries
             if positions is None or buffer is None:
                 raise CacheLayoutError(
                     f"kvc: {self.config.method} compresses while decoding, which needs the cache to keep "
@@ -157,8 +170,8 @@ class CompressDecodeCache:
             output = graph.output_node()
             for old, new in zip(replaced, kept, strict=True):
                 output.replace_input_with(old, new)
-            site.stored_keys, site.stored_values = kept[0], kept[1]
-            site.stored_heads = kept[2] if site.packed else None
+            rewrite.stored_keys, rewrite.stored_values = kept[0], kept[1]
+            rewrite.stored_heads = kept[2] if site.packed else None
         return len(evicting)
 
     def inverse_frequencies(self, graph: fx.Graph) -> fx.Node:

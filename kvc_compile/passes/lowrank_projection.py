@@ -1,25 +1,7 @@
-"""Store every prefill cache entry at low rank (KQ-SVD), after any token eviction.
-
-Before (what the cache stores for one layer, after ``InsertPrefillCompression``)::
-
-    return (..., kept_keys, kept_values, positions, heads, *kvc.lowrank_factors(k_rope), ...)
-
-After::
-
-    return (..., kvc.lowrank_project(kept_keys, heads?, key_down),
-                 kvc.lowrank_project(kept_values, heads?, value_down), positions, heads,
-                 *kvc.calibrated_factors(k_rope, spec, layer),
-                 kvc.fold_output_projection(o_proj.weight, value_up), ...)
-
-The factors come from ``kvc.calibrated_factors`` (the calibrated projections at the configured
-ranks); returning them is how the cache gets them, so decoding projects new entries and queries the same
-way (``CompressedLayer.update``, the ``"kvc"`` attention). Prefill attention still reads the full
-keys and values.
-
-``FoldValueProjection`` then works on decode graphs: ``o_proj(reshape(kvc.lowrank_lift(o, B_v,
-folded)))`` becomes ``linear(flatten(o), folded)``, so the rank-R_v attention output goes straight
-into the output projection (Appendix B of the paper).
-"""
+"""Low-rank (KQ-SVD) passes: store every prefill cache entry at rank R after any token eviction
+(``ProjectCacheToLowRank``); in decode graphs, fold the value lift into ``o_proj``
+(``FoldValueProjection``) and fuse RoPE into the projection of each new key
+(``FuseRopeIntoLowRankProjection``)."""
 
 from __future__ import annotations
 
@@ -33,6 +15,7 @@ import kvc_compile.ops.kernels  # noqa: F401  (registers torch.ops.kvc.rope_lowr
 from kvc_compile.compression.lowrank import FACTOR_NAMES
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_layout_op
+from kvc_compile.passes.base import GraphPass, RewriteRecord
 from kvc_compile.passes.prefill_compression import (
     CacheLayoutError,
     getitems,
@@ -69,16 +52,34 @@ def output_projection(node: fx.Node) -> fx.Node | None:
     return None
 
 
-class ProjectCacheToLowRank:
-    """Rewire each prefill site's stored keys and values to their rank-R projections."""
+class ProjectCacheToLowRank(GraphPass):
+    """Rewire each prefill site's stored keys and values to their rank-R projections.
 
-    def __init__(self, config: CompressionConfig) -> None:
-        self.config = config
+    Before (what the cache stores for one layer, as the eviction passes left it in the record)::
 
-    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
-        if self.config.lowrank is None:
-            return 0
-        prefill_sites = [site for site in sites if site.is_prefill]
+        return (..., kept_keys, kept_values, positions, heads, *kvc.lowrank_factors(k_rope), ...)
+
+    After::
+
+        return (..., kvc.lowrank_project(kept_keys, heads?, key_down),
+                     kvc.lowrank_project(kept_values, heads?, value_down), positions, heads,
+                     *kvc.calibrated_factors(keys, spec, layer),
+                     kvc.fold_output_projection(o_proj.weight, value_up), ...)
+
+    ``heads?`` is the packed entries' head labels (None: dense layout). The factors come from
+    ``kvc.calibrated_factors`` (the calibrated projections at the configured ranks, on the device of
+    ``keys``); returning them is how the cache gets them, so decoding projects new entries and queries
+    the same way (``CompressedLayer.update``, the ``"kvc"`` attention). Where ``o_proj`` is not found,
+    the fifth factor stays the empty marker and decode lifts attention outputs back instead of
+    folding. Prefill attention still reads the full keys and values.
+    """
+
+    @classmethod
+    def applies(cls, config: CompressionConfig) -> bool:
+        return config.lowrank is not None
+
+    def __call__(self, gm: fx.GraphModule, record: RewriteRecord) -> int:
+        prefill_sites = record.prefill_sites
         projections = self.config.projections
         if prefill_sites and len(prefill_sites) != len(projections.key_down):
             raise CacheLayoutError(
@@ -106,12 +107,13 @@ class ProjectCacheToLowRank:
             constants.append(self._folded_output(graph, site, constants[3], markers[4]))
             for marker, constant in zip(markers, constants, strict=True):
                 output.replace_input_with(marker, constant)
-            for stored, down in ((site.stored_keys, constants[0]), (site.stored_values, constants[2])):
-                args = (stored, site.stored_heads, down)
+            rewrite = record.of(site)
+            for tensor, down in ((rewrite.stored_keys, constants[0]), (rewrite.stored_values, constants[2])):
+                args = (tensor, rewrite.stored_heads, down)
                 with graph.inserting_before(output):
                     projected = graph.call_function(torch.ops.kvc.lowrank_project.default, args)
                 propagate_meta(projected, torch.ops.kvc.lowrank_project.default, args)
-                output.replace_input_with(stored, projected)
+                output.replace_input_with(tensor, projected)
         return len(prefill_sites)
 
     @staticmethod
@@ -141,10 +143,30 @@ class ProjectCacheToLowRank:
 LIFT_TARGETS = {torch.ops.kvc.lowrank_lift.default, torch.ops.kvc.lowrank_lift}
 
 
-class FoldValueProjection:
-    """Replace ``o_proj(lift(o))`` by ``o @ folded^T`` wherever the folded weight is known."""
+class FoldValueProjection(GraphPass):
+    """Replace ``o_proj(lift(o))`` by ``o @ folded^T`` wherever the folded weight is known, so the
+    rank-R_v attention output goes straight into the output projection (Appendix B of the paper).
 
-    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+    Before (a decode layer reading a low-rank cache; ``folded`` is the cache's fifth factor)::
+
+        lifted = kvc.lowrank_lift(o, value_up, folded)
+        out = linear(reshape(lifted, [b, q, -1]), o_proj.weight, bias)
+
+    After::
+
+        out = linear(flatten(o, -2), folded, bias)
+
+    Where ``o_proj`` is not found or ``folded`` is empty the lift stays. The pass ends with dead-code
+    elimination, which also drops the markers and nodes the earlier passes left without users.
+    """
+
+    @classmethod
+    def applies(cls, config: CompressionConfig) -> bool:
+        # Whether a graph lifts depends on the cache it reads, not on this configuration; and the
+        # dead-code elimination is wanted on every graph.
+        return True
+
+    def __call__(self, gm: fx.GraphModule, record: RewriteRecord) -> int:
         graph, folded_count = gm.graph, 0
         for lift in [n for n in graph.nodes if n.op == "call_function" and n.target in LIFT_TARGETS]:
             out, _, folded = lift.args
@@ -163,13 +185,28 @@ class FoldValueProjection:
         return folded_count
 
 
-class FuseRopeIntoLowRankProjection:
-    """Decode graphs: ``kvc.lowrank_project(k * cos + rotate_half(k) * sin, None, A)`` (the cache
-    projecting a new key) becomes ``kvc.rope_lowrank_project(k, cos, sin, A)``, whose GPU kernel
-    rotates and projects in registers and writes only the rank-R entry. On the CPU the op computes
-    exactly the model's RoPE and then the projection, so results do not change."""
+class FuseRopeIntoLowRankProjection(GraphPass):
+    """Fuse RoPE into the low-rank projection of each new key (decode graphs).
 
-    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+    Before (the cache projecting a new key; ``k_rope`` is transformers' RoPE)::
+
+        k_rope = k * cos + rotate_half(k) * sin
+        entry = kvc.lowrank_project(k_rope, None, key_down)
+
+    After::
+
+        entry = kvc.rope_lowrank_project(k, cos, sin, key_down)
+
+    The GPU kernel rotates and projects in registers and writes only the rank-R entry. On the CPU the
+    op computes exactly the model's RoPE and then the projection, so results do not change. Packed
+    projections (with head labels) and values (no RoPE) are left as they are.
+    """
+
+    @classmethod
+    def applies(cls, config: CompressionConfig) -> bool:
+        return True  # whether a graph projects new keys depends on the cache it reads, not on this configuration
+
+    def __call__(self, gm: fx.GraphModule, record: RewriteRecord) -> int:
         graph, fused = gm.graph, 0
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not torch.ops.kvc.lowrank_project.default:

@@ -1,5 +1,5 @@
 """The pass manager: analyses the graph once, checks that the configuration fits the traced model,
-then applies the kvc passes in a stated order."""
+then applies the kvc passes that apply to the configuration, in a stated order."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from kvc_compile.passes.attention_sites import (
     traced_config,
     traced_module,
 )
+from kvc_compile.passes.base import GraphPass, RewriteRecord
 from kvc_compile.passes.decode_compression import CompressDecodeCache, RecordRecentQueries
 from kvc_compile.passes.lookahead import KeepPromptEntries
 from kvc_compile.passes.lowrank_projection import (
@@ -35,6 +36,18 @@ from kvc_compile.transformers_compat import CACHE_ARG
 SLIDING_LAYERS_NOTE = (
     "Sliding-window layers cache only a slice of what attention reads and are left uncompressed: a model whose "
     "every layer slides (config.sliding_window set) has nothing to compress."
+)
+
+
+# The order the passes run in; see ``PassManager``.
+PASSES: tuple[type[GraphPass], ...] = (
+    InsertPrefillCompression,
+    RecordRecentQueries,
+    KeepPromptEntries,
+    CompressDecodeCache,
+    ProjectCacheToLowRank,
+    FoldValueProjection,
+    FuseRopeIntoLowRankProjection,
 )
 
 
@@ -98,20 +111,23 @@ def padding_mask_input(gm: fx.GraphModule, site: AttentionSite) -> int | None:
 
 
 class PassManager:
-    """Order: (1) find attention sites, (2) insert prefill compression (token eviction), (3) keep
-    each layer's recent queries where decode-time scoring or LAQ needs them, (4) keep the full
+    """Order (``PASSES``): (1) find attention sites, (2) insert prefill compression (token eviction),
+    (3) keep each layer's recent queries where decode-time scoring or LAQ needs them, (4) keep the full
     prompt entries for LAQ's second stage, (5) evict inside decode graphs (MorphKV, periodic
     compression), which votes with the recent queries, (6) project what the cache stores to low
     rank (KQ-SVD), which must see the entries eviction kept, (7) fold the low-rank value lift of
-    decode graphs into ``o_proj``, (8) fuse RoPE into the projection of each new key.
+    decode graphs into ``o_proj``, (8) fuse RoPE into the projection of each new key. Of (2)-(8), only
+    the passes that apply to the configuration (``GraphPass.applies``) run; they hand their results on
+    in one ``RewriteRecord``.
 
     ``decode_eviction=False`` leaves out (5): an engine's decode program for the steps that only
     append has the same cache shape as the one that evicts, so the shape cannot tell them apart.
 
     ``model``: the model the graph was traced from, for the checks that need it (KQ-SVD projections
     calibrated on it, sliding-window layers); without it, the module Dynamo is converting is used.
-    After ``run``, ``padding_mask_index`` is the graph input whose padding the compressed cache cannot
-    represent (a plain ``DynamicCache`` under a 2-D attention mask), or None.
+    After ``run``, ``sites`` are the graph's attention sites, and ``padding_mask_index`` is the graph
+    input whose padding the compressed cache cannot represent (a plain ``DynamicCache`` under a 2-D
+    attention mask), or None.
     """
 
     def __init__(
@@ -121,18 +137,11 @@ class PassManager:
         self.model = model
         self.padding_mask_index: int | None = None
         self.sites: list[AttentionSite] = []
-        self.passes = [
-            InsertPrefillCompression(config),
-            RecordRecentQueries(config),
-            KeepPromptEntries(config),
-            *([CompressDecodeCache(config)] if decode_eviction else []),
-            ProjectCacheToLowRank(config),
-            FoldValueProjection(),
-            FuseRopeIntoLowRankProjection(),
-        ]
+        order = PASSES if decode_eviction else tuple(p for p in PASSES if p is not CompressDecodeCache)
+        self.passes: list[GraphPass] = [p(config) for p in order if p.applies(config)]
 
     def run(self, gm: fx.GraphModule) -> int:
-        """Rewrite ``gm`` in place; returns the number of prefill sites rewritten (0 for decode graphs)."""
+        """Rewrite ``gm`` in place; returns the number of prefill sites (0 for decode graphs)."""
         sites = self.sites = find_attention_sites(gm.graph)
         model = pretrained_model(self.model if self.model is not None else traced_module(gm))
         if not sites and not reads_packed_cache(gm.graph):
@@ -142,10 +151,12 @@ class PassManager:
         if prefill_sites:
             self._check_model(model, prefill_sites, gm)
             self.padding_mask_index = self._unrepresentable_padding(gm, prefill_sites)
-        rewritten = [p(gm, sites) for p in self.passes][0]  # every pass runs; the first counts prefill sites
+        record = RewriteRecord(sites)
+        for graph_pass in self.passes:
+            graph_pass(gm, record)
         gm.graph.lint()
         gm.recompile()
-        return rewritten
+        return len(prefill_sites)
 
     def _check_model(self, model: PreTrainedModel | None, prefill_sites: list[AttentionSite], gm) -> None:
         if model is None:

@@ -1,24 +1,5 @@
-"""Insert KV compression after every prefill attention site.
-
-Before (one layer of a prefill graph; ``keys``/``values`` are returned, the cache stores them)::
-
-    keys = cat([empty, k_rope], -2); values = cat([empty, v], -2)
-    positions, heads = kvc.prefill_entries(k_rope)          # only with CompressedCache
-    out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
-    return (..., keys, values, positions, heads, ...)
-
-After::
-
-    ...
-    out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
-    kept = kvc.compress_kv(q_rope, keys, values, mask, cos, sin, layer_idx, n_layers, spec)
-    return (..., kept[0], kept[1], kept[2], kept[3], ...)
-
-Prefill attention itself still reads the full cache; only the cache outputs are rewired, so the
-cache object ends up holding the kept entries. ``cos``/``sin`` are the rotary tables applied to
-``k_rope`` (found from the RoPE pattern ``k * cos + rotate_half(k) * sin``), for methods that
-score pre-RoPE keys. Decode graphs (query length 1) and continuation chunks (something already
-cached) are left as they are.
+"""Insert KV compression after every prefill attention site (``InsertPrefillCompression``), and the
+graph-editing helpers the other passes share (fake values for inserted nodes, getitems, RoPE tables).
 """
 
 from __future__ import annotations
@@ -35,6 +16,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv, compute_unbacked_bin
 import kvc_compile.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes.attention_sites import ADD_TARGETS, AttentionSite, fake_value
+from kvc_compile.passes.base import GraphPass, RewriteRecord, SiteRewrite
 from kvc_compile.transformers_compat import CACHE_ARG
 
 MUL_TARGETS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
@@ -85,24 +67,49 @@ def allow_data_dependent_sizes(shape_env: ShapeEnv | None) -> None:
         shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
 
 
-class InsertPrefillCompression:
+class InsertPrefillCompression(GraphPass):
     """Rewire each prefill site's cache outputs to the outputs of ``kvc::compress_kv``.
 
+    Before (one layer of a prefill graph; ``keys``/``values`` are returned, the cache stores them)::
+
+        keys = cat([empty, k_rope], -2); values = cat([empty, v], -2)
+        positions, heads = kvc.prefill_entries(k_rope)          # only with CompressedCache
+        out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
+        return (..., keys, values, positions, heads, ...)
+
+    After::
+
+        ...
+        out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
+        kept = kvc.compress_kv(q_rope, keys, values, mask, cos, sin, layer_idx, n_layers, spec)
+        return (..., kept[0], kept[1], kept[2], kept[3], ...)
+
+    Prefill attention itself still reads the full cache; only the cache outputs are rewired, so the
+    cache object ends up holding the kept entries. ``cos``/``sin`` are the rotary tables applied to
+    ``k_rope`` (found from the RoPE pattern ``k * cos + rotate_half(k) * sin``), for methods that
+    score pre-RoPE keys. Decode graphs (query length 1) and continuation chunks (something already
+    cached) are left as they are.
+
     For methods whose layer budgets depend on every layer (``budgets_across_layers``), each site
-    gets a ``kvc::score_kv`` instead, and one ``kvc::compress_layers`` before the graph's output
-    compresses all layers; its outputs are rewired the same way.
+    gets a ``kvc::score_kv(...)`` instead, and one ``kvc::compress_layers(scores, keys, values, mask,
+    spec)`` before the graph's output compresses all layers; its items ``4 * i .. 4 * i + 3`` are
+    layer ``i``'s ``kept``, rewired the same way.
+
+    Records the rewired keys and values (and, packed, head labels) as what each site stores.
     """
 
     def __init__(self, config: CompressionConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.spec = config.to_spec()
 
-    def __call__(self, gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+    @classmethod
+    def applies(cls, config: CompressionConfig) -> bool:
+        return config.evicts  # rank compression alone keeps every token
+
+    def __call__(self, gm: fx.GraphModule, record: RewriteRecord) -> int:
         graph = gm.graph
-        prefill_sites = [site for site in sites if site.is_prefill]
+        prefill_sites = record.prefill_sites
         n_layers = len(prefill_sites)
-        if not self.config.evicts:
-            return n_layers
         joint = self.config.method_impl.budgets_across_layers
         op = torch.ops.kvc.score_kv.default if joint else torch.ops.kvc.compress_kv.default
         site_nodes, markers = [], []
@@ -127,8 +134,9 @@ class InsertPrefillCompression:
             site_outputs = [(node, 4 * index) for index in range(n_layers)]
         else:
             site_outputs = [(node, 0) for node in site_nodes]
+        packed = self.config.method_impl.layout == "packed"
         for site, site_markers, (node, first) in zip(prefill_sites, markers, site_outputs, strict=True):
-            self._rewire(graph, site, site_markers, node, first, packed=self.config.method_impl.layout == "packed")
+            self._rewire(graph, record.of(site), site, site_markers, node, first, packed)
         return n_layers
 
     def _site_args(self, graph: fx.Graph, site: AttentionSite, n_layers: int) -> tuple[tuple, tuple | None]:
@@ -155,7 +163,8 @@ class InsertPrefillCompression:
 
     @staticmethod
     def _rewire(
-        graph: fx.Graph, site: AttentionSite, markers: tuple | None, node: fx.Node, first: int, packed: bool
+        graph: fx.Graph, rewrite: SiteRewrite, site: AttentionSite, markers: tuple | None, node: fx.Node, first: int,
+        packed: bool,
     ) -> None:
         """Point the site's cache outputs at items ``first .. first + 3`` of ``node``."""
         items = getitems(graph, node, range(first, first + 4))
@@ -165,8 +174,9 @@ class InsertPrefillCompression:
         if markers is not None:
             output.replace_input_with(markers[0], items[2])
             output.replace_input_with(markers[1], items[3])
-        site.stored_keys, site.stored_values = items[0], items[1]
-        site.stored_heads = items[3] if packed else None
+        rewrite.stored_keys, rewrite.stored_values = items[0], items[1]
+        rewrite.stored_heads = items[3] if packed else None
+
 
 def getitems(graph: fx.Graph, node: fx.Node, indices) -> list[fx.Node]:
     """``node[i]`` for each index, as getitem nodes right after ``node``, carrying its fake values."""
