@@ -303,8 +303,9 @@ def test_decode_time_keys_are_unrotated_at_their_own_positions():
     step_cos, step_sin = (t[:, None] for t in rotary(torch.zeros(1, 1), torch.tensor([[9]])))
     config = CompressionConfig.from_options({"method": "compactor", "budget": 3, "decoding_window": 2,
                                              "decoding_interval": 1, "target_size": 3})
-    inputs = decode_score_inputs(config.method_impl, torch.zeros(1, 4, 2, 16), keys, keys, torch.ones(1, 4, dtype=torch.bool),
-                                 positions, 0, 1, (step_cos, step_sin, rotary.inv_freq))
+    inputs = decode_score_inputs(config.method_impl, torch.zeros(1, 4, 2, 16), keys, keys,
+                                 torch.ones(1, 4, dtype=torch.bool), positions, 0, 1,
+                                 (step_cos, step_sin, rotary.inv_freq))
     torch.testing.assert_close(inputs.unrotate_keys(), pre_rope, atol=1e-5, rtol=0)
 
 
