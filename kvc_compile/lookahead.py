@@ -14,8 +14,10 @@
 4. Decoding restarts from the first token, greedily, on the stage-2 cache.
 
 The eager reference (``kvc_compile.reference``) runs the same rollout and stage 2 with captured
-queries instead of compiled graphs. ``model.generate`` on a model compiled with ``laq`` only gets
-stage 1, so decoding such a cache outside this loop is refused with an error saying so.
+queries instead of compiled graphs, and engines (``kvc_compile.engine.runtime``) run the same
+decoding loop (``generate_tokens``) and rollout with their exported programs as the step.
+``model.generate`` on a model compiled with ``laq`` only gets stage 1, so decoding such a cache
+outside this loop is refused with an error saying so.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from kvc_compile.ops.kernels import device_kernels
 from kvc_compile.transformers_compat import with_cache
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (token [batch, 1], mask [batch, length]) -> logits [batch, vocab]
+TokenCallback = Callable[[int, Tensor], None]  # (index, tokens [batch]) after each generated token
+
+
+def _greedy(logits: Tensor) -> Tensor:
+    return logits.argmax(dim=-1)
 
 
 def prompt_position_ids(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -55,30 +62,68 @@ def decode_step(forward: Callable, cache: CompressedCache) -> Step:
     return step
 
 
+def generate_tokens(
+    step: Step,
+    first_token: Tensor,
+    mask: Tensor,
+    n_tokens: int,
+    *,
+    pick: Callable[[Tensor], Tensor] = _greedy,
+    eos: Tensor | None = None,
+    pad_token_id: int = 0,
+    on_token: TokenCallback | None = None,
+) -> Tensor:
+    """Up to ``n_tokens`` tokens [batch, t], the first given ([batch, 1]), each next picked by ``pick``
+    (default: greedy) from ``step`` on the mask grown by one token.
+
+    With ``eos`` (token ids), a row that emitted one gets ``pad_token_id`` from then on, and the loop
+    stops once every row has (which reads a flag back to the host each step); without it, exactly
+    ``n_tokens`` and no host sync."""
+    token = first_token[:, 0]
+    finished = torch.isin(token, eos) if eos is not None else None
+    tokens = [token]
+    if on_token is not None:
+        on_token(0, token)
+    for index in range(1, n_tokens):
+        if finished is not None and bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        token = pick(step(token[:, None], mask))
+        if finished is not None:
+            token = token.masked_fill(finished, pad_token_id)
+            finished |= torch.isin(token, eos)
+        tokens.append(token)
+        if on_token is not None:
+            on_token(index, token)
+    return torch.stack(tokens, dim=-1)
+
+
 def greedy_tokens(step: Step, first_token: Tensor, mask: Tensor, n_tokens: int) -> Tensor:
     """``n_tokens`` greedy tokens [batch, n_tokens], the first given, each next from ``step``."""
-    tokens = [first_token]
-    for _ in range(n_tokens - 1):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        tokens.append(step(tokens[-1], mask).argmax(dim=-1, keepdim=True))
-    return torch.cat(tokens, dim=-1)
+    return generate_tokens(step, first_token, mask, n_tokens)
 
 
-def rollout(step: Step, first_token: Tensor, mask: Tensor, steps: int, eos_token_id: int | None) -> Tensor:
-    """Feed ``steps`` greedy pseudo tokens from ``first_token``; [batch, steps] bool: whose query votes.
+def _eos_ids(eos_token_id: int | Tensor | None, device: torch.device) -> Tensor:
+    if isinstance(eos_token_id, Tensor):
+        return eos_token_id
+    return torch.tensor([] if eos_token_id is None else [eos_token_id], dtype=torch.long, device=device)
 
-    A token's query votes unless an EOS was emitted before it (the official code stops there).
+
+def rollout(step: Step, first_token: Tensor, mask: Tensor, steps: int, eos_token_id: int | Tensor | None) -> Tensor:
+    """Feed ``steps`` greedy pseudo tokens from ``first_token`` [batch, 1]; [batch, steps] bool: whose
+    query votes. ``eos_token_id``: one id, a tensor of them, or None.
+
+    A token's query votes unless an EOS was emitted before it (the official code stops there). The
+    number of steps is fixed: nothing is read back to the host.
     """
-    alive = torch.ones(first_token.shape[0], dtype=torch.bool, device=first_token.device)
-    if eos_token_id is not None:
-        alive = first_token[:, 0] != eos_token_id
+    eos = _eos_ids(eos_token_id, first_token.device)
+    alive = ~torch.isin(first_token[:, 0], eos)
     token, voting = first_token, []
     for _ in range(steps):
         voting.append(alive)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         token = step(token, mask).argmax(dim=-1, keepdim=True)
-        if eos_token_id is not None:
-            alive = alive & (token[:, 0] != eos_token_id)
+        alive = alive & ~torch.isin(token[:, 0], eos)
     return torch.stack(voting, dim=1)
 
 
@@ -151,4 +196,5 @@ def lookahead_generate(
     return greedy_tokens(step, first_token, attention_mask, max_new_tokens)
 
 
-__all__ = ["decode_step", "greedy_tokens", "lookahead_generate", "lookahead_stage", "rollout", "stage2_entries"]
+__all__ = ["decode_step", "generate_tokens", "greedy_tokens", "lookahead_generate", "lookahead_stage", "rollout",
+           "stage2_entries"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +35,18 @@ from kvc_compile.passes.manager import SLIDING_LAYERS_NOTE, NoAttentionSiteError
 from kvc_compile.transformers_compat import with_cache
 
 CAPTURE_ATTENTION = "kvc_reference_capture"
-_captured: dict[int, tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
+
+
+class CapturedAttention(NamedTuple):
+    """What one layer's attention saw in one forward: post-RoPE queries, keys and values, and its mask."""
+
+    query: Tensor
+    keys: Tensor
+    values: Tensor
+    mask: Tensor | None
+
+
+_captured: dict[int, CapturedAttention] | None = None
 _capture_decode = False
 
 
@@ -44,7 +55,7 @@ def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
     packed = isinstance(key, CachedKeys)
     prefill = not packed and key.shape[-2] == query.shape[-2]  # nothing cached before: a prompt, even of one token
     if _captured is not None and (prefill or _capture_decode):
-        _captured[module.layer_idx] = (query, key, value, attention_mask)
+        _captured[module.layer_idx] = CapturedAttention(query, key, value, attention_mask)
     attend = kvc_attention if packed else sdpa_attention_forward
     return attend(module, query, key, value, attention_mask, **kwargs)
 
@@ -66,7 +77,7 @@ def attention_implementation(model: PreTrainedModel, name: str):
 
 @contextmanager
 def capture_prefill_attention(model: PreTrainedModel, decode: bool = False):
-    """Within the block, each prefill forward of ``model`` records {layer: (query, keys, values, mask)}
+    """Within the block, each prefill forward of ``model`` records {layer: ``CapturedAttention``}
     (each decode forward too with ``decode=True``; dense caches only)."""
     global _captured, _capture_decode
     _captured, _capture_decode = {}, decode
@@ -125,16 +136,37 @@ def project_layer(compressed: CompressedKV, projections, layer_idx: int, kv_head
     return projected, factors
 
 
+class PrefillSite(NamedTuple):
+    """One layer's prefill attention as the compression op takes it (``kvc_compile.ops.compress.
+    site_inputs``, in this order): ``layer_idx`` counts among the layers the pass compresses, as the
+    pass numbers its sites, and ``n_layers`` is their number."""
+
+    query: Tensor
+    keys: Tensor
+    values: Tensor
+    mask: Tensor | None
+    cos: Tensor | None
+    sin: Tensor | None
+    layer_idx: int
+    n_layers: int
+
+
+class SlidingPrefill(NamedTuple):
+    """A sliding-window layer's prompt entries, which it keeps uncompressed, and its window."""
+
+    keys: Tensor
+    values: Tensor
+    window: int
+
+
 @dataclass
 class CapturedPrefill:
     """One eager prefill of the unmodified model: what every layer's attention saw, and the logits."""
 
-    # Per layer the pass compresses (every layer but sliding-window ones): (query, keys, values, mask,
-    # cos, sin, layer_idx, n_layers), numbered among those layers as the pass numbers its sites.
-    sites: list[tuple]
+    sites: list[PrefillSite]  # per layer the pass compresses (every layer but sliding-window ones)
     logits: Tensor  # [batch, n, vocab]
-    # Sliding-window layers, left uncompressed: {model layer index: (keys, values, window)}.
-    sliding: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
+    # Sliding-window layers, left uncompressed, by model layer index.
+    sliding: dict[int, SlidingPrefill] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -159,10 +191,11 @@ def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
     layers = [layer_idx for layer_idx in sorted(captured) if layer_idx not in windows]
     sites = []
     for site_idx, layer_idx in enumerate(layers):
-        query, keys, values, mask = captured[layer_idx]
-        cos, sin = _rotary_tables(model, values, position_ids)
-        sites.append((query, keys, values, mask, cos, sin, site_idx, len(layers)))
-    sliding = {layer_idx: (*captured[layer_idx][1:3], windows[layer_idx]) for layer_idx in windows}
+        attention = captured[layer_idx]
+        cos, sin = _rotary_tables(model, attention.values, position_ids)
+        sites.append(PrefillSite(*attention, cos, sin, site_idx, len(layers)))
+    sliding = {layer_idx: SlidingPrefill(captured[layer_idx].keys, captured[layer_idx].values, windows[layer_idx])
+               for layer_idx in windows}
     return CapturedPrefill(sites, out.logits, sliding)
 
 
@@ -185,11 +218,11 @@ def compress_prefill(
     evicts = config is not None and config.evicts
     lowrank = config is not None and config.lowrank is not None
     if not evicts:
-        compressed_layers = [uncompressed(site[1], site[2]) for site in sites]
+        compressed_layers = [uncompressed(site.keys, site.values) for site in sites]
     elif config.method_impl.budgets_across_layers:
         scores = scores if scores is not None else prefill_scores(config, prefill)
-        keys, values = [site[1] for site in sites], [site[2] for site in sites]
-        compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0][3])
+        keys, values = [site.keys for site in sites], [site.values for site in sites]
+        compressed_layers = compress_scored_layers(config, scores, keys, values, sites[0].mask)
     else:
         layer_scores = scores if scores is not None else [None] * len(sites)
         compressed_layers = [
@@ -198,23 +231,23 @@ def compress_prefill(
     # Decode-time scorers and LAQ's second stage vote with the prompt's last queries.
     recent = None
     if config is not None and config.recent_queries:
-        recent = [last_queries(site[0], config.recent_queries) for site in sites]
+        recent = [last_queries(site.query, config.recent_queries) for site in sites]
     keeps_prompt = evicts and config.method_impl.lookahead_queries > 0
     cache = CompressedCache()
     kept_indices, kept_heads = [], []
     for position, (site, compressed) in enumerate(zip(sites, compressed_layers, strict=True)):
         _add_sliding_layers(cache, prefill.sliding, kept_indices, kept_heads)
-        keys, layer_idx = site[1], site[6]
+        keys = site.keys
         factors = None
         if lowrank:
-            compressed, factors = project_layer(compressed, config.projections, layer_idx, keys.shape[1])
+            compressed, factors = project_layer(compressed, config.projections, site.layer_idx, keys.shape[1])
         layer = CompressedLayer()
         layer.set_compressed(
             compressed, logical_length=keys.shape[2], kv_heads=keys.shape[1], factors=factors,
             recent_queries=None if recent is None else recent[position],
         )
         if keeps_prompt:  # LAQ's stage 2 re-scores the full prompt
-            layer.prompt_keys, layer.prompt_values = keys, site[2]
+            layer.prompt_keys, layer.prompt_values = keys, site.values
         cache.layers.append(layer)
         kept_indices.append(compressed.positions)
         kept_heads.append(compressed.heads)
@@ -222,13 +255,14 @@ def compress_prefill(
     return ReferencePrefill(cache, kept_indices, kept_heads, prefill.logits)
 
 
-def _add_sliding_layers(cache: CompressedCache, sliding: dict, kept_indices: list, kept_heads: list) -> None:
+def _add_sliding_layers(cache: CompressedCache, sliding: dict[int, SlidingPrefill], kept_indices: list,
+                        kept_heads: list) -> None:
     """Append the sliding-window layers that come next in the model's order (each keeps its window)."""
     while len(cache.layers) in sliding:
-        keys, values, window = sliding[len(cache.layers)]
-        layer = CompressedLayer(sliding_window=window)
-        entries = window_entries(keys, values, window)
-        layer.set_compressed(entries, logical_length=keys.shape[2], kv_heads=keys.shape[1])
+        prompt = sliding[len(cache.layers)]
+        layer = CompressedLayer(sliding_window=prompt.window)
+        entries = window_entries(prompt.keys, prompt.values, prompt.window)
+        layer.set_compressed(entries, logical_length=prompt.keys.shape[2], kv_heads=prompt.keys.shape[1])
         cache.layers.append(layer)
         kept_indices.append(entries.positions)
         kept_heads.append(entries.heads)
@@ -318,7 +352,7 @@ class RecordingStep:
         logits = self.step(token, mask)
         layers = self.cache.layers
         for layer_idx, layer in enumerate(layers):
-            layer.recent_queries = shift_in(layer.recent_queries, self.captured[layer_idx][0])
+            layer.recent_queries = shift_in(layer.recent_queries, self.captured[layer_idx].query)
         evicting = [i for i, layer in enumerate(layers)
                     if self.config.evicts_while_decoding(layer.entries_per_head, i, len(layers))]
         rotary = self._rotary(layers[0].values, token, mask) if evicting else None  # one step: one set of tables
@@ -332,7 +366,7 @@ class RecordingStep:
                 continue
             layer.keys, layer.values, layer.positions = compress_decode_site(
                 self.config, layer.recent_queries, layer.keys, layer.values, layer.positions,
-                self.captured[layer_idx][3], layer_idx, len(layers), rotary,
+                self.captured[layer_idx].mask, layer_idx, len(layers), rotary,
             )
         return logits
 
@@ -348,7 +382,9 @@ class RecordingStep:
 
 
 __all__ = [
+    "CapturedAttention",
     "CapturedPrefill",
+    "PrefillSite",
     "ReferenceGeneration",
     "ReferencePrefill",
     "capture_prefill",

@@ -23,6 +23,7 @@ from kvc_compile.engine import Engine, EngineError, build
 from kvc_compile.engine.build import _prefill_ranges
 from kvc_compile.engine.manifest import MANIFEST
 from kvc_compile.engine.runtime import _SlotSteps
+from kvc_compile.engine.state import SlotState, prefill_names, unflatten
 from kvc_compile.methods import list_token_methods
 from kvc_compile.models import preset_config
 from kvc_compile.plugins.onnx import plugin_nodes
@@ -219,10 +220,10 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
         assert all(len(t.raw_data) < 1024 for t in graph.graph.initializer if t.name not in external)
     # The decode program writes the new entries into the buffers it is given (nothing is returned).
     outputs = engine._prefill_program(ids.shape[1])(ids, mask)
-    steps = _SlotSteps(engine, outputs[1:], mask)
+    steps = _SlotSteps(engine, unflatten(SlotState, prefill_names(engine.manifest.state_names), outputs[1:]), mask)
     buffers, slot = steps.buffers, engine.manifest.prompt_slots[0]
     assert not buffers[0][:, :, slot].any()
-    assert steps(ids[:, -1:], mask.sum(-1, keepdim=True), 0) is not None
+    assert steps(ids[:, -1:], torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1)) is not None
     assert buffers[0][:, :, slot].abs().sum() > 0 and not buffers[0][:, :, slot + 1].any()
 
 

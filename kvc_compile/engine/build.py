@@ -52,6 +52,7 @@ from kvc_compile.engine.programs import (
     StateLayout,
     without_weights,
 )
+from kvc_compile.engine.state import RollingState, SlotState, Stage2Input, Stage2Output, flatten, unflatten
 from kvc_compile.files import default_mode
 from kvc_compile.ops.compress import ShortPromptWarning
 from kvc_compile.passes import PassManager
@@ -293,16 +294,14 @@ def _export_prefill(model, config: CompressionConfig, layout: StateLayout, lengt
     return _export_rewritten(PrefillProgram(model, layout), example, shapes, config)
 
 
-def _probe_prefill(prefill, layout: StateLayout, n_layers: int, length: int, device) -> tuple[list[int], list[dict]]:
+def _probe_prefill(prefill, layout: StateLayout, length: int, device) -> tuple[list[int], list[dict]]:
     """Entries per KV head each layer keeps of a ``length``-token prompt, and each layer's constant
     state (KQ-SVD factors, the same for every prompt), from one run of the rewritten prefill."""
     ids = torch.full((1, length), 3, dtype=torch.long, device=device)
     outputs = prefill(ids, torch.ones_like(ids))
-    per_layer = len(layout.prefill_names)
-    layers = [dict(zip(layout.prefill_names, outputs[1 + i * per_layer:1 + (i + 1) * per_layer], strict=True))
-              for i in range(n_layers)]
-    constants = [{name: layer[name] for name in layout.constant_names} for layer in layers]
-    return [layer["keys"].shape[2] for layer in layers], constants
+    layers = unflatten(layout.prefill_record, layout.prefill_names, outputs[1:])
+    constants = [{name: getattr(layer, name) for name in layout.constant_names} for layer in layers]
+    return [layer.keys.shape[2] for layer in layers], constants
 
 
 def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torch.dtype, device,
@@ -310,25 +309,28 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
     head_dim = _head_dim(cfg)
-    state = []
+    layers = []
     for layer, slots in enumerate(capacity):
         heads = 1 if layout.packed else kv_heads
         # Low-rank entries are stored at their layer's ranks (the width of its down projections).
         key_dim, value_dim = ((constants[layer]["key_down"].shape[-1], constants[layer]["value_down"].shape[-1])
                               if layout.lowrank else (head_dim, head_dim))
-        state += [torch.zeros(EXAMPLE_BATCH, heads, slots, dim, dtype=dtype, device=device)
-                  for dim in (key_dim, value_dim)]
-        if layout.packed:
-            state.append(torch.full((EXAMPLE_BATCH, 1, slots), -1, dtype=torch.int32, device=device))
-        if layout.lowrank:
-            state += [constants[layer][name] for name in layout.constant_names]
+        keys, values = (torch.zeros(EXAMPLE_BATCH, heads, slots, dim, dtype=dtype, device=device)
+                        for dim in (key_dim, value_dim))
         if layout.window:
-            state.append(torch.full((EXAMPLE_BATCH, kv_heads, slots), -1, dtype=INDEX_DTYPE, device=device))
-            state.append(torch.zeros(EXAMPLE_BATCH, cfg.num_attention_heads, recent_queries, head_dim, dtype=dtype,
-                                     device=device))
+            layers.append(RollingState(
+                keys, values, torch.full((EXAMPLE_BATCH, kv_heads, slots), -1, dtype=INDEX_DTYPE, device=device),
+                torch.zeros(EXAMPLE_BATCH, cfg.num_attention_heads, recent_queries, head_dim, dtype=dtype,
+                            device=device)))
+            continue
+        heads_of_entries = (torch.full((EXAMPLE_BATCH, 1, slots), -1, dtype=torch.int32, device=device)
+                            if layout.packed else None)
+        layers.append(SlotState(keys, values, heads_of_entries,
+                                **{name: constants[layer][name] for name in layout.constant_names}))
     token = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long, device=device)
     mask = torch.ones(EXAMPLE_BATCH, 1, 1, max(capacity), dtype=torch.bool, device=device)
-    return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device), *state)
+    return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device),
+            *flatten(layers, layout.state_names))
 
 
 def _decode_shapes(example: tuple, layout: StateLayout) -> tuple:
@@ -362,7 +364,7 @@ def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: l
         with stages.stage(f"export and compile {name}"):
             exported = _export_stage2(model, config, (low, high))
             outputs = exported.module()(*_stage2_example(model, config, high))
-            kept.append([outputs[i].shape[2] for i in range(0, len(outputs), 3)])
+            kept.append([layer.keys.shape[2] for layer in unflatten(Stage2Output, Stage2Output._fields, outputs)])
             stage2.append(asdict(ProgramEntry(_save_program(exported, out / name, target, weights), low, high)))
     return {"steps": steps, "capacity": capacity[0], "rollout": rollout_file, "stage2": stage2}, kept
 
@@ -378,11 +380,10 @@ def _stage2_example(model, config: CompressionConfig, length: int) -> tuple:
 
     _, mask = _example_prompt(length, cfg.vocab_size, parameter.device)
     pseudo_valid = torch.ones(EXAMPLE_BATCH, config.method_impl.lookahead, dtype=torch.bool, device=parameter.device)
-    state = []
-    for _ in range(cfg.num_hidden_layers):
-        state += [states(cfg.num_key_value_heads, length), states(cfg.num_key_value_heads, length),
-                  states(cfg.num_attention_heads, config.recent_queries)]
-    return (mask, pseudo_valid, *state)
+    layers = [Stage2Input(states(cfg.num_key_value_heads, length), states(cfg.num_key_value_heads, length),
+                          states(cfg.num_attention_heads, config.recent_queries))
+              for _ in range(cfg.num_hidden_layers)]
+    return (mask, pseudo_valid, *flatten(layers, Stage2Input._fields))
 
 
 def _export_stage2(model, config: CompressionConfig, lengths: tuple[int, int]):
@@ -390,8 +391,9 @@ def _export_stage2(model, config: CompressionConfig, lengths: tuple[int, int]):
     example = _stage2_example(model, config, max(low, min(high, (low + high) // 2, low + 64)))
     batch = _batch_dim()
     length = low if low == high else torch.export.Dim.DYNAMIC(min=low, max=high)
-    per_layer = ({0: batch, 2: length}, {0: batch, 2: length}, {0: batch})
-    shapes = ({0: batch, 1: length}, {0: batch}, per_layer * model.config.num_hidden_layers)
+    per_layer = Stage2Input(prompt_keys={0: batch, 2: length}, prompt_values={0: batch, 2: length},
+                            recent_queries={0: batch})
+    shapes = ({0: batch, 1: length}, {0: batch}, tuple(per_layer) * model.config.num_hidden_layers)
     return torch.export.export(LookaheadStage2Program(config), example, dynamic_shapes=shapes, strict=False)
 
 
@@ -531,7 +533,6 @@ def _write_engine(model, config: CompressionConfig, out: Path, *, target: str, t
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    n_layers = model.config.num_hidden_layers
     extra_stages = 2 if layout.window else 2 + len(ranges) if layout.lookahead else 0
     stages = _Stages(console, total=2 * len(ranges) + 2 + extra_stages, enabled=progress)
     prefill_entries: list[ProgramEntry] = []
@@ -546,7 +547,7 @@ def _write_engine(model, config: CompressionConfig, out: Path, *, target: str, t
             name = f"prefill_{low}_{high}"
             with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
                 exported, rewritten = _export_prefill(model, config, layout, (low, high), device)
-                lengths, constants = _probe_prefill(rewritten, layout, n_layers, high, device)
+                lengths, constants = _probe_prefill(rewritten, layout, high, device)
                 lengths_per_range.append(lengths)
             with stages.stage(f"compile {name} ({target})"):
                 file = _save_program(exported, out / name, target, weights)

@@ -24,13 +24,6 @@ from typing import Any
 # 2: AOTInductor packages without constants, beside one weights file; 3: compression while decoding
 FORMAT_VERSION = 4  # 4: exported programs without their weights; every loaded file hashed
 MANIFEST = "manifest.json"
-# Per-layer state of the window layout (compression while decoding, LAQ's rollout) and of LAQ's
-# prefill (the stage-1 cache, the full prompt entries, the buffer of recent queries).
-WINDOW_STATE = ("keys", "values", "positions", "recent_queries")
-LOOKAHEAD_PREFILL_STATE = ("keys", "values", "positions", "prompt_keys", "prompt_values", "recent_queries")
-# Per-layer state of KQ-SVD engines besides the entries: the calibrated factors and the output
-# projection folded with the value lift, the same for every prompt and step (no batch axis).
-LOWRANK_STATE = ("key_down", "key_up", "value_down", "value_up", "output_fold")
 # The ONNX programs' shared weights (kvc_compile.plugins.onnx.weights.WEIGHTS_FILE, which needs onnx).
 ONNX_WEIGHTS_FILE = "weights.onnx.data"
 
@@ -58,7 +51,7 @@ class Manifest:
     max_context: int
     max_new_tokens: int
     max_batch: int
-    state_names: list[str]  # per layer, in program order
+    state_names: list[str]  # per layer, in program order: fields of kvc_compile.engine.state's records
     packed: bool
     prompt_slots: list[int]  # per layer: slots reserved for prompt entries
     capacity: list[int]  # per layer: prompt_slots + the decoded tokens' entries
@@ -363,5 +356,4 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["FORMAT_VERSION", "LOOKAHEAD_PREFILL_STATE", "MANIFEST", "WINDOW_STATE",
-           "EngineError", "Manifest", "ProgramEntry", "sha256"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "EngineError", "Manifest", "ProgramEntry", "sha256"]

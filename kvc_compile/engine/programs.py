@@ -37,13 +37,22 @@ from kvc_compile.cache import CachedKeys, CompressedCache
 from kvc_compile.compression.layout import INDEX_DTYPE
 from kvc_compile.compression.lowrank import FACTOR_NAMES
 from kvc_compile.config import CompressionConfig
-from kvc_compile.engine.manifest import LOOKAHEAD_PREFILL_STATE, LOWRANK_STATE, WINDOW_STATE
+from kvc_compile.engine.state import (
+    LOWRANK_NAMES,
+    LookaheadState,
+    RollingState,
+    SlotState,
+    Stage2Input,
+    flatten,
+    prefill_names,
+    unflatten,
+)
 from kvc_compile.lookahead import prompt_position_ids
 from kvc_compile.ops.decode import append_positions_at, lookahead_stage2, push_query
 from kvc_compile.ops.lowrank import lowrank_project
 from kvc_compile.transformers_compat import with_cache
 
-assert LOWRANK_STATE[:len(FACTOR_NAMES)] == FACTOR_NAMES  # the prefill returns the factors in the op's order
+assert LOWRANK_NAMES[:len(FACTOR_NAMES)] == FACTOR_NAMES  # the prefill returns the factors in the op's order
 
 
 @dataclass(frozen=True)
@@ -65,36 +74,42 @@ class StateLayout:
     @property
     def state_names(self) -> tuple[str, ...]:
         if self.window:
-            return WINDOW_STATE
+            return RollingState._fields
         names = ("keys", "values")
         if self.packed:
             names += ("heads",)
         if self.lowrank:
-            names += LOWRANK_STATE
+            names += LOWRANK_NAMES
         return names
+
+    @property
+    def record(self) -> type[SlotState] | type[RollingState]:
+        """The record of one layer's decode state."""
+        return RollingState if self.window else SlotState
+
+    @property
+    def prefill_record(self) -> type[SlotState] | type[RollingState] | type[LookaheadState]:
+        """The record of what the prefill program returns per layer."""
+        return LookaheadState if self.lookahead else self.record
 
     @property
     def constant_names(self) -> tuple[str, ...]:
         """The state tensors that are the same for every prompt and step (KQ-SVD factors): no batch axis."""
-        return LOWRANK_STATE if self.lowrank and not self.window else ()
+        return LOWRANK_NAMES if self.lowrank and not self.window else ()
 
     @property
     def entry_names(self) -> tuple[str, ...]:
         """The state tensors whose length grows with the entries (the others are per-layer constants)."""
         if self.window:
-            return WINDOW_STATE[:3]
+            return ("keys", "values", "positions")
         return ("keys", "values", "heads") if self.packed else ("keys", "values")
 
     @property
     def prefill_names(self) -> tuple[str, ...]:
         """What the prefill program returns per layer: the state, and the kept entries' positions."""
         if self.lookahead:
-            return LOOKAHEAD_PREFILL_STATE
-        return prefill_state_names(self.state_names)
-
-
-def prefill_state_names(state_names) -> tuple[str, ...]:
-    return tuple(state_names) if "positions" in state_names else (*state_names, "positions")
+            return LookaheadState._fields
+        return prefill_names(self.state_names)
 
 
 class PrefillProgram(nn.Module):
@@ -111,10 +126,10 @@ class PrefillProgram(nn.Module):
         out = self.model(input_ids, attention_mask=attention_mask,
                          position_ids=prompt_position_ids(input_ids, attention_mask), **with_cache(cache),
                          use_cache=True, logits_to_keep=1)
-        outputs = [out.logits[:, -1]]
-        for layer in cache.layers:
-            outputs += [_layer_state(layer, name) for name in self.layout.prefill_names]
-        return tuple(outputs)
+        names = self.layout.prefill_names
+        layers = [self.layout.prefill_record(**{name: _layer_state(layer, name) for name in names})
+                  for layer in cache.layers]
+        return (out.logits[:, -1], *flatten(layers, names))
 
 
 def _layer_state(layer, name: str) -> Tensor:
@@ -142,8 +157,8 @@ class FixedCapacityLayer(DynamicLayer):
 class SlotLayer(FixedCapacityLayer):
     """A cache layer over fixed-capacity buffers: decoding writes the new entries to a slot."""
 
-    def __init__(self, layout: StateLayout, state: dict[str, Tensor], slot: Tensor, kv_heads: int) -> None:
-        super().__init__(state["keys"], state["values"])
+    def __init__(self, layout: StateLayout, state: SlotState, slot: Tensor, kv_heads: int) -> None:
+        super().__init__(state.keys, state.values)
         self.layout = layout
         self.state = state
         self.slot = slot
@@ -152,8 +167,8 @@ class SlotLayer(FixedCapacityLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         state = self.state
         if self.layout.lowrank:
-            key_states = lowrank_project(key_states, None, state["key_down"])
-            value_states = lowrank_project(value_states, None, state["value_down"])
+            key_states = lowrank_project(key_states, None, state.key_down)
+            value_states = lowrank_project(value_states, None, state.value_down)
         if self.layout.packed:
             # Token-major, head-minor like the compiled packed layout: the token's kv_heads entries.
             batch = key_states.shape[0]
@@ -161,16 +176,16 @@ class SlotLayer(FixedCapacityLayer):
             self.keys.index_copy_(2, index, key_states.transpose(1, 2).reshape(batch, 1, self.kv_heads, -1))
             self.values.index_copy_(2, index, value_states.transpose(1, 2).reshape(batch, 1, self.kv_heads, -1))
             heads = torch.arange(self.kv_heads, device=index.device, dtype=INDEX_DTYPE)
-            state["heads"].index_copy_(2, index, heads.expand(batch, 1, -1).contiguous())
+            state.heads.index_copy_(2, index, heads.expand(batch, 1, -1).contiguous())
         else:
             self.keys.index_copy_(2, self.slot, key_states)
             self.values.index_copy_(2, self.slot, value_states)
         if self.layout.packed or self.layout.lowrank:
             factors = {}
             if self.layout.lowrank:
-                factors = dict(key_up=state["key_up"], value_up=state["value_up"],
-                               output_fold=state["output_fold"] if state["output_fold"].numel() else None)
-            return CachedKeys(self.keys, state.get("heads"), **factors), self.values
+                factors = dict(key_up=state.key_up, value_up=state.value_up,
+                               output_fold=state.output_fold if state.output_fold.numel() else None)
+            return CachedKeys(self.keys, state.heads, **factors), self.values
         return self.keys, self.values
 
 
@@ -180,17 +195,17 @@ class WindowLayer(FixedCapacityLayer):
     ``CompressedLayer`` calls while decoding, so the kvc pass shifts the query buffer and can evict
     as in the compiled path."""
 
-    def __init__(self, state: dict[str, Tensor], position: Tensor) -> None:
-        super().__init__(state["keys"], state["values"])
+    def __init__(self, state: RollingState, position: Tensor) -> None:
+        super().__init__(state.keys, state.values)
         self.state = state
         self.position = position
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        state = self.state
-        state["positions"] = append_positions_at(state["positions"][..., 1:], key_states, self.position)
-        state["recent_queries"] = push_query(state["recent_queries"], key_states)
-        self.keys = state["keys"] = torch.cat([self.keys[:, :, 1:], key_states], dim=-2)
-        self.values = state["values"] = torch.cat([self.values[:, :, 1:], value_states], dim=-2)
+        positions = append_positions_at(self.state.positions[..., 1:], key_states, self.position)
+        recent_queries = push_query(self.state.recent_queries, key_states)
+        self.keys = torch.cat([self.keys[:, :, 1:], key_states], dim=-2)
+        self.values = torch.cat([self.values[:, :, 1:], value_states], dim=-2)
+        self.state = RollingState(self.keys, self.values, positions, recent_queries)
         return self.keys, self.values
 
 
@@ -218,10 +233,8 @@ class DecodeProgram(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, step: Tensor,
                 *state: Tensor) -> Tensor:
         names = self.layout.state_names
-        per_layer = len(names)
         entries_per_token = self.kv_heads if self.layout.packed else 1
-        layer_states = [dict(zip(names, state[i * per_layer:(i + 1) * per_layer], strict=True))
-                        for i in range(len(self.prompt_slots))]
+        layer_states = unflatten(self.layout.record, names, state)
         if self.layout.window:
             layers = [WindowLayer(layer_state, step) for layer_state in layer_states]
         else:
@@ -231,7 +244,7 @@ class DecodeProgram(nn.Module):
                          **with_cache(SlotCache(layers)), use_cache=True)
         if self.return_state:  # the buffers a step changes (not the per-layer constants)
             changed = [name for name in names if name not in self.layout.constant_names]
-            return (out.logits[:, -1], *(layer.state[name] for layer in layers for name in changed))
+            return (out.logits[:, -1], *flatten([layer.state for layer in layers], changed))
         return out.logits[:, -1]
 
 
@@ -247,8 +260,9 @@ class LookaheadStage2Program(nn.Module):
 
     def forward(self, prompt_mask: Tensor, pseudo_valid: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         outputs: list[Tensor] = []
-        for i in range(0, len(state), 3):
-            outputs += lookahead_stage2(*state[i:i + 3], prompt_mask, pseudo_valid, self.spec)
+        for layer in unflatten(Stage2Input, Stage2Input._fields, state):
+            outputs += lookahead_stage2(layer.prompt_keys, layer.prompt_values, layer.recent_queries, prompt_mask,
+                                        pseudo_valid, self.spec)
         return tuple(outputs)
 
 

@@ -38,18 +38,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kvc_compile.ops  # noqa: F401
-from kvc_compile.engine.manifest import (
-    LOOKAHEAD_PREFILL_STATE,
-    LOWRANK_STATE,
-    MANIFEST,
-    WINDOW_STATE,
-    EngineError,
-    Manifest,
-    ProgramEntry,
+from kvc_compile.engine.manifest import MANIFEST, EngineError, Manifest, ProgramEntry
+from kvc_compile.engine.state import (
+    LOWRANK_NAMES,
+    LookaheadState,
+    RollingState,
+    SlotState,
+    Stage2Input,
+    Stage2Output,
+    flatten,
+    prefill_names,
+    state_record,
+    unflatten,
 )
+from kvc_compile.lookahead import TokenCallback, generate_tokens, rollout
 from kvc_compile.ops.compress import ShortPromptWarning
 
-TokenCallback = Callable[[int, Tensor], None]  # (step, tokens [batch]) after each generated token
 # One prompt (a string, or token ids) or a batch of them (see Engine.encode).
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | Tensor
 
@@ -123,15 +127,15 @@ def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], 
 
     names = manifest.state_names * layers
     written = None
-    if tuple(manifest.state_names) != WINDOW_STATE:
-        written = [len(DECODE_ARGS) + i for i, name in enumerate(names) if name not in LOWRANK_STATE]
+    if state_record(manifest.state_names) is SlotState:
+        written = [len(DECODE_ARGS) + i for i, name in enumerate(names) if name not in LOWRANK_NAMES]
     signatures = {entry.file: (PREFILL_ARGS, None) for entry in manifest.prefill}
     signatures[manifest.decode.file] = (DECODE_ARGS + state(len(manifest.state_names)), written)
     if manifest.decode_evict is not None:
         signatures[manifest.decode_evict.file] = (DECODE_ARGS + state(len(manifest.state_names)), None)
     if manifest.lookahead is not None:
-        signatures[manifest.lookahead["rollout"]] = (DECODE_ARGS + state(len(WINDOW_STATE)), None)
-        stage2 = ("prompt_mask", "pseudo_valid") + state(3)  # prompt keys, prompt values, queries
+        signatures[manifest.lookahead["rollout"]] = (DECODE_ARGS + state(len(RollingState._fields)), None)
+        stage2 = ("prompt_mask", "pseudo_valid") + state(len(Stage2Input._fields))
         signatures.update({entry.file: (stage2, None) for entry in manifest.stage2})
     return signatures
 
@@ -329,45 +333,33 @@ class Engine:
         with torch.no_grad():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                outputs = self._prefill_program(length)(ids, mask)
-                logits, state = outputs[0], outputs[1:]
+                logits, *outputs = self._prefill_program(length)(ids, mask)
                 if manifest.lookahead is not None:
-                    state = self._lookahead(state, mask, logits.argmax(-1), eos)
+                    state = self._lookahead(unflatten(LookaheadState, LookaheadState._fields, outputs), mask,
+                                            logits.argmax(-1), eos)
+                else:
+                    state = unflatten(state_record(manifest.state_names), prefill_names(manifest.state_names),
+                                      outputs)
             notes = _prefill_notes(caught, batch)
             if manifest.decode_evict is not None:
                 steps = _WindowSteps(self, state, mask, manifest.capacity[0], self._decode, self._decode_evict,
                                      manifest.decode_target)
             else:
                 steps = _SlotSteps(self, state, mask)
-            cache_bytes = sum(tensor.nbytes for tensor in state)
+            cache_bytes = sum(tensor.nbytes for layer in state for tensor in layer if tensor is not None)
             token = pick(logits)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            finished = torch.isin(token, eos)
-            generated = [token]
-            if on_token is not None:
-                on_token(0, token)
-            for step in range(max_new_tokens - 1):
-                if bool(finished.all()):
-                    break
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-                position_ids = mask.cumsum(-1)[:, -1:] - 1
-                logits = steps(token[:, None], position_ids, step)
-                token = pick(logits).masked_fill(finished, manifest.pad_token_id)
-                finished |= torch.isin(token, eos)
-                generated.append(token)
-                if on_token is not None:
-                    on_token(step + 1, token)
+            generated = generate_tokens(steps, token[:, None], mask, max_new_tokens, pick=pick, eos=eos,
+                                        pad_token_id=manifest.pad_token_id, on_token=on_token)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         decode_seconds = time.perf_counter() - started
-        tokens = torch.stack(generated, dim=-1).tolist()
-        rows = [_until_eos(row, manifest.eos_token_ids if stop_on_eos else []) for row in tokens]
+        rows = [_until_eos(row, manifest.eos_token_ids if stop_on_eos else []) for row in generated.tolist()]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True) if self.tokenizer is not None else None
-        return Generation(rows, texts, prefill_seconds, decode_seconds, mask[:, :length].sum(-1).tolist(), cache_bytes,
-                          notes)
+        return Generation(rows, texts, prefill_seconds, decode_seconds, mask.sum(-1).tolist(), cache_bytes, notes)
 
     def _prefill_program(self, length: int, entries: Sequence[ProgramEntry] | None = None):
         """The program of ``entries`` (default: the prefill programs) that takes ``length``-token prompts."""
@@ -376,56 +368,59 @@ class Engine:
                 return self._programs[entry.file]
         raise EngineError(f"no prefill program of this engine takes {length}-token prompts")
 
-    def _lookahead(self, state: Sequence[Tensor], prompt_mask: Tensor, first_token: Tensor, eos: Tensor) -> list:
+    def _lookahead(self, state: Sequence[LookaheadState], prompt_mask: Tensor, first_token: Tensor,
+                   eos: Tensor) -> list[SlotState]:
         """LAQ: roll out the pseudo tokens on the stage-1 cache, then stage 2; returns the cache to decode from."""
         lookahead = self.manifest.lookahead
-        layers = [state[i:i + len(LOOKAHEAD_PREFILL_STATE)] for i in range(0, len(state), len(LOOKAHEAD_PREFILL_STATE))]
-        stage1 = [tensor for layer in layers for tensor in (*layer[:3], layer[5])]  # the window layout
-        rollout = _WindowSteps(self, stage1, prompt_mask, lookahead["capacity"], self._programs[lookahead["rollout"]])
-        mask, token, alive, voting = prompt_mask, first_token, ~torch.isin(first_token, eos), []
-        for step in range(lookahead["steps"]):
-            voting.append(alive)  # a token's query votes unless an EOS came before it
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            token = rollout(token[:, None], mask.cumsum(-1)[:, -1:] - 1, step).argmax(-1)
-            alive = alive & ~torch.isin(token, eos)
-        queries = rollout.buffers[len(WINDOW_STATE) - 1::len(WINDOW_STATE)]
-        stage2_inputs = [tensor for layer, buffer in zip(layers, queries, strict=True)
-                         for tensor in (*layer[3:5], buffer)]
+        stage1 = [layer.stage1() for layer in state]
+        steps = _WindowSteps(self, stage1, prompt_mask, lookahead["capacity"], self._programs[lookahead["rollout"]])
+        voting = rollout(steps, first_token[:, None], prompt_mask, lookahead["steps"], eos)
+        stage2_inputs = [Stage2Input(layer.prompt_keys, layer.prompt_values, rolled.recent_queries)
+                         for layer, rolled in zip(state, steps.layers, strict=True)]
         stage2 = self._prefill_program(prompt_mask.shape[1], self.manifest.stage2)
-        return list(stage2(prompt_mask, torch.stack(voting, dim=1), *stage2_inputs))
+        outputs = stage2(prompt_mask, voting, *flatten(stage2_inputs, Stage2Input._fields))
+        return [SlotState(layer.keys, layer.values, positions=layer.positions)
+                for layer in unflatten(Stage2Output, Stage2Output._fields, outputs)]
 
 
 class _SlotSteps:
     """Decode steps over slot buffers: the prompt's entries first, then one slot per step, written in place."""
 
-    def __init__(self, engine: Engine, state: Sequence[Tensor], prompt_mask: Tensor) -> None:
+    def __init__(self, engine: Engine, state: Sequence[SlotState], prompt_mask: Tensor) -> None:
         self.engine = engine
         manifest = engine.manifest
-        names = manifest.state_names
-        per_layer = len(names) + 1  # + positions
-        self.buffers, kept = [], []
-        for layer, capacity in enumerate(manifest.capacity):
-            tensors = state[layer * per_layer: (layer + 1) * per_layer - 1]
-            kept.append(tensors[0].shape[2])
-            for name, tensor in zip(names, tensors, strict=True):
-                if name in LOWRANK_STATE:  # per-layer constants: handed to every step as they are
-                    self.buffers.append(tensor)
-                    continue
-                buffer = torch.full((*tensor.shape[:2], capacity, *tensor.shape[3:]), -1 if name == "heads" else 0,
-                                    dtype=tensor.dtype, device=tensor.device)
-                buffer[:, :, : tensor.shape[2]] = tensor
-                self.buffers.append(buffer)
+        self.layers = [self._in_buffers(layer, capacity, manifest.state_names)
+                       for layer, capacity in zip(state, manifest.capacity, strict=True)]
+        self.buffers = flatten(self.layers, manifest.state_names)  # what every step is handed, written in place
+        kept = [layer.keys.shape[2] for layer in state]
         # [batch, capacity] bool: prompt slots holding a real (non-padding) entry; a step adds its slot.
-        length = prompt_mask.shape[1]
+        length = self.prompt_length = prompt_mask.shape[1]
         self.slot_mask = torch.zeros(prompt_mask.shape[0], max(manifest.capacity), dtype=torch.bool,
                                      device=prompt_mask.device)
         if not manifest.packed:  # packed layers label their entries instead (empty slots: -1)
             self.slot_mask[:, : kept[0]] = prompt_mask[:, length - kept[0]:].bool()
 
-    def __call__(self, token: Tensor, position_ids: Tensor, step: int) -> Tensor:
+    @staticmethod
+    def _in_buffers(layer: SlotState, capacity: int, names: Sequence[str]) -> SlotState:
+        """The layer's entries copied into buffers of ``capacity`` slots; the per-layer constants as they are."""
+        buffers = {}
+        for name in names:
+            tensor = getattr(layer, name)
+            if name in LOWRANK_NAMES:  # per-layer constants: handed to every step as they are
+                buffers[name] = tensor
+                continue
+            buffer = torch.full((*tensor.shape[:2], capacity, *tensor.shape[3:]), -1 if name == "heads" else 0,
+                                dtype=tensor.dtype, device=tensor.device)
+            buffer[:, :, : tensor.shape[2]] = tensor
+            buffers[name] = buffer
+        return SlotState(**buffers)
+
+    def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
+        """One step (a ``kvc_compile.lookahead.Step``): ``mask`` is the prompt's grown by the tokens so far."""
         engine = self.engine
+        step = mask.shape[1] - self.prompt_length - 1
         self.slot_mask[:, engine.manifest.prompt_slots[0] + step] = True  # the slot this step writes
-        return engine._decode(token, position_ids, self.slot_mask[:, None, None, :],
+        return engine._decode(token, _last_position(mask), self.slot_mask[:, None, None, :],
                               torch.tensor([step], device=engine.device), *self.buffers)
 
 
@@ -434,34 +429,41 @@ class _WindowSteps:
 
     ENTRY_FILL = {"keys": 0, "values": 0, "positions": -1}
 
-    def __init__(self, engine: Engine, state: Sequence[Tensor], prompt_mask: Tensor, capacity: int, append: Callable,
-                 evict: Callable | None = None, target: int | None = None) -> None:
+    def __init__(self, engine: Engine, state: Sequence[RollingState], prompt_mask: Tensor, capacity: int,
+                 append: Callable, evict: Callable | None = None, target: int | None = None) -> None:
         self.engine, self.append, self.evict, self.target = engine, append, evict, target
         self.capacity = capacity
         self.prompt_length = prompt_mask.shape[1]
-        self.names = WINDOW_STATE * (len(state) // len(WINDOW_STATE))
-        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(self.names, state, strict=True)]
-        self.entries = state[0].shape[2]  # per KV head, padding included: what the compiled path counts
+        self.layers = [self._at_end(layer) for layer in state]
+        self.entries = state[0].keys.shape[2]  # per KV head, padding included: what the compiled path counts
         self.slot_mask = torch.zeros(prompt_mask.shape[0], self.capacity, dtype=torch.bool, device=prompt_mask.device)
         self.slot_mask[:, self.capacity - self.entries:] = prompt_mask[:, self.prompt_length - self.entries:].bool()
 
-    def _at_end(self, name: str, tensor: Tensor) -> Tensor:
-        """An entry tensor padded in front to the capacity (empty slots first); other state as it is.
-        Only an evicting step shortens the entries: appending steps' buffers pass through uncopied."""
-        pad = self.capacity - tensor.shape[2]
-        if name not in self.ENTRY_FILL or pad == 0:
-            return tensor
-        return F.pad(tensor, (0, 0, pad, 0) if tensor.dim() == 4 else (pad, 0), value=self.ENTRY_FILL[name])
+    def _at_end(self, layer: RollingState) -> RollingState:
+        """The layer's entry tensors padded in front to the capacity (empty slots first); the query
+        buffer as it is. Only an evicting step shortens the entries: appending steps' buffers pass
+        through uncopied."""
+        pad = self.capacity - layer.keys.shape[2]
+        if pad == 0:
+            return layer
+        padded = {}
+        for name, fill in self.ENTRY_FILL.items():
+            tensor = getattr(layer, name)
+            padded[name] = F.pad(tensor, (0, 0, pad, 0) if tensor.dim() == 4 else (pad, 0), value=fill)
+        return layer._replace(**padded)
 
-    def __call__(self, token: Tensor, position_ids: Tensor, step: int) -> Tensor:
+    def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
+        """One step (a ``kvc_compile.lookahead.Step``): ``mask`` is the prompt's grown by the tokens so far."""
         engine = self.engine
+        step = mask.shape[1] - self.prompt_length - 1
         # The compiled path evicts when a step brings a layer to target_size + decoding_interval.
         evict = self.evict is not None and self.entries + 1 >= self.capacity
         self.slot_mask = torch.cat([self.slot_mask[:, 1:], self.slot_mask.new_ones(len(token), 1)], dim=-1)
         program = self.evict if evict else self.append
         position = torch.tensor([self.prompt_length + step], device=engine.device)
-        logits, *state = program(token, position_ids, self.slot_mask[:, None, None, :], position, *self.buffers)
-        self.buffers = [self._at_end(name, tensor) for name, tensor in zip(self.names, state, strict=True)]
+        logits, *state = program(token, _last_position(mask), self.slot_mask[:, None, None, :], position,
+                                 *flatten(self.layers, RollingState._fields))
+        self.layers = [self._at_end(layer) for layer in unflatten(RollingState, RollingState._fields, state)]
         if evict:
             real = self.slot_mask.sum(-1, keepdim=True).clamp(max=self.target)
             self.slot_mask = torch.arange(self.capacity, device=real.device) >= self.capacity - real
@@ -469,6 +471,11 @@ class _WindowSteps:
         else:
             self.entries += 1
         return logits
+
+
+def _last_position(mask: Tensor) -> Tensor:
+    """[batch, 1]: the logical position of each row's newest token (padding does not count)."""
+    return mask.cumsum(-1)[:, -1:] - 1
 
 
 def _prompt_rows(prompts: Prompts) -> list:

@@ -29,7 +29,7 @@ from kvc_compile.cache import CompressedCache, CompressedLayer
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.compression.layout import CompressedKV
 from kvc_compile.config import CompressionConfig
-from kvc_compile.lookahead import lookahead_stage
+from kvc_compile.lookahead import generate_tokens, lookahead_stage
 from kvc_compile.reference import (
     CapturedPrefill,
     RecordingStep,
@@ -74,16 +74,10 @@ def greedy_answers(
         token = step(appended_ids.expand(batch, -1), mask).argmax(dim=-1, keepdim=True)
     else:
         token = first_token.expand(batch, -1)
-    tokens = [token]
-    finished = token[:, 0] == eos_token_id if eos_token_id is not None else torch.zeros(batch, dtype=torch.bool)
-    # Rows are independent, so decoding stops once every row has ended (as generate() does).
-    while len(tokens) < max_new_tokens and not bool(finished.all()):
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-        token = step(token, mask).argmax(dim=-1, keepdim=True)
-        tokens.append(token)
-        if eos_token_id is not None:
-            finished |= token[:, 0] == eos_token_id
-    out = torch.cat(tokens, dim=1)
+    # Rows are independent, so decoding stops once every row has ended (as generate() does); what a
+    # row decodes after its EOS is cut below.
+    eos = torch.tensor([] if eos_token_id is None else [eos_token_id], dtype=torch.long, device=token.device)
+    out = generate_tokens(step, token, mask, max_new_tokens, eos=eos)
     answers = []
     for row in out:
         ends = (row == eos_token_id).nonzero() if eos_token_id is not None else row.new_empty(0, 1)
