@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -340,12 +340,12 @@ def _decode_shapes(example: tuple, layout: StateLayout) -> tuple:
     return ({0: batch}, {0: batch}, {0: batch}, None, per_layer * (len(example[4:]) // len(per_layer)))
 
 
-def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: list[list[int]], out: Path,
-                     target: str, weights: SharedWeights | None, stages: _Stages) -> tuple[dict, list[list[int]]]:
-    """LAQ's programs besides prefill and decode: the rollout, a window-layout decode step over the
+def _export_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: list[list[int]],
+                      stages: _Stages) -> dict[str, Any]:
+    """LAQ's programs besides prefill and decode: the rollout, a rolling-layout decode step over the
     stage-1 cache that only appends (the kvc pass shifts each pseudo token's query into the buffer),
-    and stage 2 per prompt range. Returns the manifest's ``lookahead`` entry and, per range, the
-    entries stage 2 keeps per layer."""
+    and stage 2 per prompt range. Returns them (``_ExportedEngine``'s ``rollout``,
+    ``rollout_capacity`` and ``stage2``) and, as ``kept``, per range the entries stage 2 keeps per layer."""
     parameter = next(model.parameters())
     steps = config.method_impl.lookahead
     window = StateLayout(packed=False, lowrank=False, window=True)
@@ -356,17 +356,15 @@ def _build_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: l
         rollout, _ = _export_rewritten(DecodeProgram(model, window, stage1_slots), example,
                                        _decode_shapes(example, window),
                                        config, decode_eviction=False)
-    with stages.stage(f"compile rollout ({target})"):
-        rollout_file = _save_program(rollout, out / "rollout", target, weights)
     stage2, kept = [], []
     for low, high in ranges:
         name = f"stage2_{low}_{high}"
-        with stages.stage(f"export and compile {name}"):
+        with stages.stage(f"export {name}"):
             exported = _export_stage2(model, config, (low, high))
             outputs = exported.module()(*_stage2_example(model, config, high))
             kept.append([layer.keys.shape[2] for layer in unflatten(Stage2Output, Stage2Output._fields, outputs)])
-            stage2.append(asdict(ProgramEntry(_save_program(exported, out / name, target, weights), low, high)))
-    return {"steps": steps, "capacity": capacity[0], "rollout": rollout_file, "stage2": stage2}, kept
+            stage2.append(_Program(name, exported, low, high))
+    return {"rollout": _Program("rollout", rollout), "rollout_capacity": capacity[0], "stage2": stage2, "kept": kept}
 
 
 def _stage2_example(model, config: CompressionConfig, length: int) -> tuple:
@@ -499,12 +497,7 @@ def build(
     check_build_request(config, target=target, dtype=next(model.parameters()).dtype, max_context=max_context,
                         max_new_tokens=max_new_tokens, max_batch=max_batch,
                         max_positions=getattr(model.config, "max_position_embeddings", None))
-    windows = sliding_windows(model.config)
-    if windows:  # the engines' cache layouts have no windowed layers yet: they would store every token
-        raise EngineError(f"{type(model).__name__} has sliding-window layers ({len(windows)} of "
-                          f"{model.config.num_hidden_layers}, window {max(windows.values())}), which engines do not "
-                          f"support yet; compress it with torch.compile instead: model.compile(backend='kvc', "
-                          f"options=...) and generate with kvc_compile.CompressedCache(config=model.config)")
+    _check_model(model)
     protected = _model_paths(model, model_name)
     out = check_output_dir(out, force, protected)
     staging = _make_staging_dir(out)
@@ -524,91 +517,176 @@ def build(
     return BuildResult(out, manifest, time.perf_counter() - started, nbytes)
 
 
+@dataclass
+class _Program:
+    """One exported program before it is compiled: its file name (no suffix) and the prompt lengths it
+    takes (prefill, stage 2) or its capacity (decode steps)."""
+
+    name: str
+    exported: torch.export.ExportedProgram
+    min_length: int = 1
+    max_length: int = 1
+
+
+@dataclass
+class _ExportedEngine:
+    """Every program of an engine, exported, with the sizes the manifest records."""
+
+    layout: StateLayout  # of the decode programs (LAQ decodes from stage 2's cache in the slot layout)
+    prefill: list[_Program]
+    decode: _Program
+    prompt_slots: list[int]
+    capacity: list[int]
+    kept: list[list[int]]  # per prompt range: entries kept per KV head per layer
+    decode_evict: _Program | None = None
+    rollout: _Program | None = None  # LAQ
+    rollout_capacity: int | None = None
+    stage2: list[_Program] = field(default_factory=list)
+
+    @property
+    def programs(self) -> list[_Program]:
+        """In the order they are compiled (and their weights gathered)."""
+        extra = [self.rollout, *self.stage2] if self.rollout is not None else []
+        return [*self.prefill, *extra, self.decode, *([self.decode_evict] if self.decode_evict is not None else [])]
+
+
+def _check_model(model) -> None:
+    windows = sliding_windows(model.config)
+    if windows:  # the engines' cache layouts have no windowed layers yet: they would store every token
+        raise EngineError(f"{type(model).__name__} has sliding-window layers ({len(windows)} of "
+                          f"{model.config.num_hidden_layers}, window {max(windows.values())}), which engines do not "
+                          f"support yet; compress it with torch.compile instead: model.compile(backend='kvc', "
+                          f"options=...) and generate with kvc_compile.CompressedCache(config=model.config)")
+
+
 def _write_engine(model, config: CompressionConfig, out: Path, *, target: str, tokenizer, model_name: str | None,
                   max_context: int, max_new_tokens: int, max_batch: int, progress: bool, console: Console) -> Manifest:
-    """Export, compile and save every program, the weights, the tokenizer and the manifest into ``out``."""
+    """Export every program, compile each for ``target``, then write the weights, the tokenizer and the
+    manifest into ``out``."""
     ranges = _prefill_ranges(config, max_context)
     layout = StateLayout.of(config)
     model = model.eval()
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    programs = len(ranges) + 1 + (1 if layout.window else 0) + (1 + len(ranges) if layout.lookahead else 0)
+    stages = _Stages(console, total=2 * programs, enabled=progress)
+    weights = _shared_weights(target, out)
+    with stages.progress, torch.no_grad():
+        exported = _export_programs(model, config, ranges, max_new_tokens, target, stages)
+        files = {program.name: _compile_program(program, out, target, weights, stages)
+                 for program in exported.programs}
+    return _write_manifest(model, config, exported, files, out, target=target, weights=_write_weights(weights, out),
+                           tokenizer_dir=_write_tokenizer(tokenizer, out), tokenizer=tokenizer, model_name=model_name,
+                           max_context=max_context, max_new_tokens=max_new_tokens, max_batch=max_batch)
+
+
+def _export_programs(model, config: CompressionConfig, ranges: list[tuple[int, int]], max_new_tokens: int,
+                     target: str, stages: _Stages) -> _ExportedEngine:
+    """Stage 1: export every program with the kvc pass applied, and probe what the prefill keeps."""
+    layout = StateLayout.of(config)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    extra_stages = 2 if layout.window else 2 + len(ranges) if layout.lookahead else 0
-    stages = _Stages(console, total=2 * len(ranges) + 2 + extra_stages, enabled=progress)
-    prefill_entries: list[ProgramEntry] = []
-    weights = SharedWeights() if target in ("aoti", "exported") else None
+    prefill: list[_Program] = []
+    kept: list[list[int]] = []
+    for low, high in ranges:
+        name = f"prefill_{low}_{high}"
+        with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
+            program, rewritten = _export_prefill(model, config, layout, (low, high), device)
+            lengths, constants = _probe_prefill(rewritten, layout, high, device)
+        prefill.append(_Program(name, program, low, high))
+        kept.append(lengths)
+    lookahead: dict[str, Any] = {}
+    if layout.lookahead:
+        lookahead = _export_lookahead(model, config, ranges, kept, stages)
+        kept = lookahead.pop("kept")
+        layout = StateLayout(packed=False, lowrank=False)  # decoding starts from stage 2's cache
+    prompt_slots = [max(lengths) for lengths in zip(*kept, strict=True)]
+    capacity = _decode_capacity(config, layout, prompt_slots, max_new_tokens, model.config.num_key_value_heads)
+    program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
+    example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants)
+    shapes = _decode_shapes(example, layout)
+    with stages.stage("export decode (fixed capacity)"):
+        if layout.window:
+            decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)
+        else:
+            decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
+    decode_evict = None
+    if layout.window:
+        with stages.stage(f"export decode_evict (back to {config.decode_target} entries) and insert eviction"):
+            evicting, _ = _export_rewritten(program, example, shapes, config)
+        decode_evict = _Program("decode_evict", evicting, 1, max(capacity))
+    return _ExportedEngine(layout, prefill, _Program("decode", decode, 1, max(capacity)), prompt_slots, capacity,
+                           kept, decode_evict, **lookahead)
+
+
+def _compile_program(program: _Program, out: Path, target: str, weights, stages: _Stages) -> str:
+    """Stage 2: one exported program compiled for ``target`` and written; returns its file name."""
+    with stages.stage(f"compile {program.name} ({target})"):
+        return _save_program(program.exported, out / program.name, target, weights)
+
+
+def _shared_weights(target: str, out: Path):
+    """Where the programs' weights are gathered as they are compiled (see ``_save_program``)."""
     if target == "onnx":
         from kvc_compile.plugins.onnx.weights import SharedOnnxWeights
 
-        weights = SharedOnnxWeights(out)
-    lengths_per_range: list[list[int]] = []
-    with stages.progress, torch.no_grad():
-        for low, high in ranges:
-            name = f"prefill_{low}_{high}"
-            with stages.stage(f"export {name} (prompts of {low}-{high} tokens) and insert compression"):
-                exported, rewritten = _export_prefill(model, config, layout, (low, high), device)
-                lengths, constants = _probe_prefill(rewritten, layout, high, device)
-                lengths_per_range.append(lengths)
-            with stages.stage(f"compile {name} ({target})"):
-                file = _save_program(exported, out / name, target, weights)
-            prefill_entries.append(ProgramEntry(file, low, high))
-        lookahead = None
-        if layout.lookahead:
-            # Decoding starts from stage 2's cache, in the plain slot layout.
-            lookahead, lengths_per_range = _build_lookahead(model, config, ranges, lengths_per_range, out, target,
-                                                            weights, stages)
-            layout = StateLayout(packed=False, lowrank=False)
-        prompt_slots = [max(lengths) for lengths in zip(*lengths_per_range, strict=True)]
-        capacity = _decode_capacity(config, layout, prompt_slots, max_new_tokens, model.config.num_key_value_heads)
-        program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
-        example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants)
-        shapes = _decode_shapes(example, layout)
-        with stages.stage("export decode (fixed capacity)"):
-            if layout.window:
-                decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)
-            else:
-                decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
-        with stages.stage(f"compile decode ({target})"):
-            decode_file = _save_program(decode, out / "decode", target, weights)
-        decode_evict = None
-        if layout.window:
-            with stages.stage(f"export decode_evict (back to {config.decode_target} entries) and insert eviction"):
-                evicting, _ = _export_rewritten(program, example, shapes, config)
-            with stages.stage(f"compile decode_evict ({target})"):
-                decode_evict = ProgramEntry(_save_program(evicting, out / "decode_evict", target, weights),
-                                            1, max(capacity))
-    shared_weights = weights.save(out) if isinstance(weights, SharedWeights) else None
-    if target == "onnx":
-        shared_weights = {"file": weights.path.name}  # the graphs name it as their external data
-    tokenizer_dir = None
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out / "tokenizer")
-        tokenizer_dir = "tokenizer"
+        return SharedOnnxWeights(out)
+    return SharedWeights() if target in ("aoti", "exported") else None
+
+
+def _write_weights(weights, out: Path) -> dict[str, Any] | None:
+    """Stage 3: the shared weights file; returns the manifest's ``weights`` entry."""
+    if isinstance(weights, SharedWeights):
+        return weights.save(out)
+    if weights is not None:  # ONNX: the graphs name it as their external data
+        return {"file": weights.path.name}
+    return None
+
+
+def _write_tokenizer(tokenizer, out: Path) -> str | None:
+    if tokenizer is None:
+        return None
+    tokenizer.save_pretrained(out / "tokenizer")
+    return "tokenizer"
+
+
+def _write_manifest(model, config: CompressionConfig, exported: _ExportedEngine, files: dict[str, str], out: Path, *,
+                    target: str, weights: dict[str, Any] | None, tokenizer_dir: str | None, tokenizer,
+                    model_name: str | None, max_context: int, max_new_tokens: int, max_batch: int) -> Manifest:
+    """Stage 4: ``manifest.json``, with the SHA-256 of every file written before it."""
+
+    def entry(program: _Program) -> ProgramEntry:
+        return ProgramEntry(files[program.name], program.min_length, program.max_length)
+
+    lookahead = None
+    if exported.rollout is not None:
+        lookahead = {"steps": config.method_impl.lookahead, "capacity": exported.rollout_capacity,
+                     "rollout": files[exported.rollout.name],
+                     "stage2": [asdict(entry(program)) for program in exported.stage2]}
+    kept = exported.kept
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         target=target,
-        model=model_summary(model, model_name, dtype),
+        model=model_summary(model, model_name, next(model.parameters()).dtype),
         compression=json.loads(config.to_spec()),
-        device=str(device),
+        device=str(next(model.parameters()).device),
         max_context=max_context,
         max_new_tokens=max_new_tokens,
         max_batch=max_batch,
-        state_names=list(layout.state_names),
-        packed=layout.packed,
-        prompt_slots=prompt_slots,
-        capacity=capacity,
-        budgets={"at_max_context": lengths_per_range[-1],
-                 **({"short_prompts": lengths_per_range[0]} if len(ranges) > 1 else {})},
-        prefill=prefill_entries,
-        decode=ProgramEntry(decode_file, 1, max(capacity)),
-        decode_evict=decode_evict,
+        state_names=list(exported.layout.state_names),
+        packed=exported.layout.packed,
+        prompt_slots=exported.prompt_slots,
+        capacity=exported.capacity,
+        budgets={"at_max_context": kept[-1], **({"short_prompts": kept[0]} if len(kept) > 1 else {})},
+        prefill=[entry(program) for program in exported.prefill],
+        decode=entry(exported.decode),
+        decode_evict=entry(exported.decode_evict) if exported.decode_evict is not None else None,
         decode_target=config.decode_target,
         lookahead=lookahead,
         eos_token_ids=eos_ids(model, tokenizer),
         pad_token_id=pad_id(model, tokenizer),
         versions=library_versions(),
         tokenizer=tokenizer_dir,
-        weights=shared_weights,
+        weights=weights,
     )
     manifest.write(out)
     return manifest
