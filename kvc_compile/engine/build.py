@@ -228,7 +228,7 @@ def check_build_request(config: CompressionConfig, *, target: str, dtype: torch.
                           f"{max_positions} positions; lower --max-context or --max-new-tokens")
     _prefill_ranges(config, max_context)
     layout = StateLayout.of(config)
-    if layout.window and layout.packed:
+    if layout.rolling and layout.packed:
         raise EngineError(
             f"{config.method} stores per-head budgets (packed layout), and engines compress while decoding only "
             f"dense caches; compile with torch.compile(backend='kvc') for periodic {config.method}, or build "
@@ -317,7 +317,7 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
                               if layout.lowrank else (head_dim, head_dim))
         keys, values = (torch.zeros(EXAMPLE_BATCH, heads, slots, dim, dtype=dtype, device=device)
                         for dim in (key_dim, value_dim))
-        if layout.window:
+        if layout.rolling:
             layers.append(RollingState(
                 keys, values, torch.full((EXAMPLE_BATCH, kv_heads, slots), -1, dtype=INDEX_DTYPE, device=device),
                 torch.zeros(EXAMPLE_BATCH, cfg.num_attention_heads, recent_queries, head_dim, dtype=dtype,
@@ -348,13 +348,13 @@ def _export_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: 
     ``rollout_capacity`` and ``stage2``) and, as ``kept``, per range the entries stage 2 keeps per layer."""
     parameter = next(model.parameters())
     steps = config.method_impl.lookahead
-    window = StateLayout(packed=False, lowrank=False, window=True)
+    rolling = StateLayout(packed=False, lowrank=False, rolling=True)
     stage1_slots = [max(lengths) for lengths in zip(*stage1_lengths, strict=True)]
     capacity = [max(stage1_slots) + steps] * len(stage1_slots)
-    example = _decode_example(model, window, capacity, parameter.dtype, parameter.device, config.recent_queries)
+    example = _decode_example(model, rolling, capacity, parameter.dtype, parameter.device, config.recent_queries)
     with stages.stage(f"export rollout ({steps} pseudo tokens)"):
-        rollout, _ = _export_rewritten(DecodeProgram(model, window, stage1_slots), example,
-                                       _decode_shapes(example, window),
+        rollout, _ = _export_rewritten(DecodeProgram(model, rolling, stage1_slots), example,
+                                       _decode_shapes(example, rolling),
                                        config, decode_eviction=False)
     stage2, kept = [], []
     for low, high in ranges:
@@ -398,11 +398,12 @@ def _export_stage2(model, config: CompressionConfig, lengths: tuple[int, int]):
 def _decode_capacity(config: CompressionConfig, layout: StateLayout, prompt_slots: list[int], max_new_tokens: int,
                      kv_heads: int) -> list[int]:
     """Slots per layer of the decode buffers: the prompt's entries plus every decoded token's, or,
-    with compression while decoding, ``target_size + decoding_interval`` (the most a layer holds)."""
+    with compression while decoding (the rolling layout), ``target_size + decoding_interval`` (the most
+    a layer holds)."""
     if not layout.packed and len(set(prompt_slots)) > 1:
         raise EngineError(f"layers keep different numbers of prompt entries ({sorted(set(prompt_slots))}) in the "
                           f"dense layout, which engines do not support")
-    if layout.window:
+    if layout.rolling:
         threshold = config.decode_threshold
         if max(prompt_slots) >= threshold:
             raise EngineError(
@@ -567,7 +568,7 @@ def _write_engine(model, config: CompressionConfig, out: Path, *, target: str, t
     layout = StateLayout.of(config)
     model = model.eval()
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
-    programs = len(ranges) + 1 + (1 if layout.window else 0) + (1 + len(ranges) if layout.lookahead else 0)
+    programs = len(ranges) + 1 + (1 if layout.rolling else 0) + (1 + len(ranges) if layout.lookahead else 0)
     stages = _Stages(console, total=2 * programs, enabled=progress)
     weights = _shared_weights(target, out)
     with stages.progress, torch.no_grad():
@@ -605,12 +606,12 @@ def _export_programs(model, config: CompressionConfig, ranges: list[tuple[int, i
     example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants)
     shapes = _decode_shapes(example, layout)
     with stages.stage("export decode (fixed capacity)"):
-        if layout.window:
+        if layout.rolling:
             decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)
         else:
             decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
     decode_evict = None
-    if layout.window:
+    if layout.rolling:
         with stages.stage(f"export decode_evict (back to {config.decode_target} entries) and insert eviction"):
             evicting, _ = _export_rewritten(program, example, shapes, config)
         decode_evict = _Program("decode_evict", evicting, 1, max(capacity))

@@ -62,7 +62,7 @@ class Manifest:
     pad_token_id: int
     versions: dict[str, str]
     tokenizer: str | None = None  # a folder, or None when the model came without one
-    # Compression while decoding (window layout): the program of the steps that evict, and the
+    # Compression while decoding (rolling layout): the program of the steps that evict, and the
     # entries per KV head they bring a layer back to.
     decode_evict: ProgramEntry | None = None
     decode_target: int | None = None
@@ -275,7 +275,7 @@ class _ManifestChecker:
         decode_evict = None if decode_evict is None else self.entry("decode_evict", decode_evict)
         decode_target = get("decode_target", optional=True)
         if decode_evict is not None:
-            # Window layout: every layer's buffers hold target_size + decoding_interval entries.
+            # Rolling layout: every layer's buffers hold target_size + decoding_interval entries.
             if len(set(capacity)) != 1 or any(slots >= capacity[0] for slots in prompt_slots):
                 raise self.fail("capacity", "one size for every layer, above each layer's prompt_slots",
                                 {"capacity": capacity, "prompt_slots": prompt_slots}, show=True)

@@ -14,9 +14,10 @@ compiled path slices its 2-D mask (``kvc_compile.engine.runtime``).
 Per layer the state is ``keys, values`` plus ``heads`` (packed layout: the KV head of each entry,
 -1 for an empty slot) plus the five low-rank factors (KQ-SVD), in ``state_names`` order.
 
-Compression while decoding (MorphKV, ``decoding_interval``) uses the *window* layout instead:
-per layer ``keys, values, positions, recent_queries``, the entries ending at the last slot (empty
-slots first, masked like padding). A step drops the first slot and appends the new entry, and
+Compression while decoding (MorphKV, ``decoding_interval``) uses the *rolling* layout instead: a
+fixed-capacity cache whose step drops the oldest slot. Per layer ``keys, values, positions,
+recent_queries`` (``RollingState``), the entries ending at the last slot (empty slots first, masked
+like padding). A step drops the first slot and appends the new entry, and
 returns the new state after the logits (``step`` is then the new token's logical position). Two
 programs share these shapes: one that only appends, and one in which the kvc pass evicts back to
 ``target_size`` after attention (``CompressDecodeCache``). The capacity is ``target_size +
@@ -61,19 +62,19 @@ class StateLayout:
 
     packed: bool
     lowrank: bool
-    window: bool = False  # compression while decoding (see the module docstring)
+    rolling: bool = False  # the rolling layout: compression while decoding (see the module docstring)
     lookahead: bool = False  # LAQ: the prefill also returns the full prompt and the query buffer
 
     @classmethod
     def of(cls, config: CompressionConfig) -> StateLayout:
         method = config.method_impl
         return cls(packed=method is not None and method.layout == "packed", lowrank=config.lowrank is not None,
-                   window=config.decode_target is not None,
+                   rolling=config.decode_target is not None,
                    lookahead=method is not None and method.lookahead_queries > 0 and config.decode_target is None)
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        if self.window:
+        if self.rolling:
             return RollingState._fields
         names = ("keys", "values")
         if self.packed:
@@ -85,7 +86,7 @@ class StateLayout:
     @property
     def record(self) -> type[SlotState] | type[RollingState]:
         """The record of one layer's decode state."""
-        return RollingState if self.window else SlotState
+        return RollingState if self.rolling else SlotState
 
     @property
     def prefill_record(self) -> type[SlotState] | type[RollingState] | type[LookaheadState]:
@@ -95,12 +96,12 @@ class StateLayout:
     @property
     def constant_names(self) -> tuple[str, ...]:
         """The state tensors that are the same for every prompt and step (KQ-SVD factors): no batch axis."""
-        return LOWRANK_NAMES if self.lowrank and not self.window else ()
+        return LOWRANK_NAMES if self.lowrank and not self.rolling else ()
 
     @property
     def entry_names(self) -> tuple[str, ...]:
         """The state tensors whose length grows with the entries (the others are per-layer constants)."""
-        if self.window:
+        if self.rolling:
             return ("keys", "values", "positions")
         return ("keys", "values", "heads") if self.packed else ("keys", "values")
 
@@ -189,8 +190,8 @@ class SlotLayer(FixedCapacityLayer):
         return self.keys, self.values
 
 
-class WindowLayer(FixedCapacityLayer):
-    """A window-layout cache layer (see the module docstring): a step drops the first slot, empty
+class RollingLayer(FixedCapacityLayer):
+    """A rolling-layout cache layer (see the module docstring): a step drops the first slot, empty
     whenever the runtime calls it, and appends the new entry. It calls the markers
     ``CompressedLayer`` calls while decoding, so the kvc pass shifts the query buffer and can evict
     as in the compiled path."""
@@ -223,8 +224,8 @@ class DecodeProgram(nn.Module):
         self.model = model
         self.layout = layout
         # ONNX has no in-place update of inputs: its decode graph returns the written buffers too,
-        # as window-layout programs always do (their buffers change shape inside the step).
-        self.return_state = return_state or layout.window
+        # as rolling-layout programs always do (their buffers change shape inside the step).
+        self.return_state = return_state or layout.rolling
         # Per layer, the slots reserved for prompt entries (per KV head; packed: per row, a multiple
         # of kv_heads).
         self.prompt_slots = list(prompt_slots)
@@ -235,8 +236,8 @@ class DecodeProgram(nn.Module):
         names = self.layout.state_names
         entries_per_token = self.kv_heads if self.layout.packed else 1
         layer_states = unflatten(self.layout.record, names, state)
-        if self.layout.window:
-            layers = [WindowLayer(layer_state, step) for layer_state in layer_states]
+        if self.layout.rolling:
+            layers = [RollingLayer(layer_state, step) for layer_state in layer_states]
         else:
             layers = [SlotLayer(self.layout, layer_state, step + prompt_slots // entries_per_token, self.kv_heads)
                       for layer_state, prompt_slots in zip(layer_states, self.prompt_slots, strict=True)]
@@ -306,5 +307,5 @@ def with_weights(exported: torch.export.ExportedProgram, keys: Mapping[str, str]
     return exported.module()
 
 
-__all__ = ["DecodeProgram", "LookaheadStage2Program", "PrefillProgram", "SlotCache", "SlotLayer", "StateLayout",
-           "WindowLayer", "with_weights", "without_weights"]
+__all__ = ["DecodeProgram", "LookaheadStage2Program", "PrefillProgram", "RollingLayer", "SlotCache", "SlotLayer",
+           "StateLayout", "with_weights", "without_weights"]

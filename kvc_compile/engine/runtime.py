@@ -10,13 +10,13 @@ each step gets marks the slots holding real entries the same way the compiled pa
 2-D mask: prompt entry ``j`` of ``k`` kept stands at logical position ``n - k + j``.
 
 Engines that compress while decoding keep each layer's entries at the end of its buffers (the
-window layout of ``kvc_compile.engine.programs``). Each step the runtime knows how many entries a
+rolling layout of ``kvc_compile.engine.programs``). Each step the runtime knows how many entries a
 layer holds, as the compiled path does, and calls the evicting program when the step brings it to
 ``target_size + decoding_interval``. Eviction keeps real entries before padding, and kept entries
 stay in cache order, so after it the mask marks each row's last ``min(real entries, target_size)``
 slots, computed on the device.
 
-LAQ engines roll out their pseudo tokens with a window-layout program over the stage-1 cache (a
+LAQ engines roll out their pseudo tokens with a rolling-layout program over the stage-1 cache (a
 fixed number of greedy steps; a row's queries after an EOS do not vote), run stage 2 on the full
 prompt entries, and decode from its cache with the plain decode program.
 """
@@ -118,7 +118,7 @@ def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_AR
 
 def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], list[int] | None]]:
     """Per program file: its arguments' names, and which of them it writes in place (None: it
-    returns its state instead, as window-layout steps and every prefill and stage-2 program do).
+    returns its state instead, as rolling-layout steps and every prefill and stage-2 program do).
     In-place steps write every buffer but the per-layer constants (KQ-SVD factors)."""
     layers = len(manifest.prompt_slots)
 
@@ -342,7 +342,7 @@ class Engine:
                                       outputs)
             notes = _prefill_notes(caught, batch)
             if manifest.decode_evict is not None:
-                steps = _WindowSteps(self, state, mask, manifest.capacity[0], self._decode, self._decode_evict,
+                steps = _RollingSteps(self, state, mask, manifest.capacity[0], self._decode, self._decode_evict,
                                      manifest.decode_target)
             else:
                 steps = _SlotSteps(self, state, mask)
@@ -373,7 +373,7 @@ class Engine:
         """LAQ: roll out the pseudo tokens on the stage-1 cache, then stage 2; returns the cache to decode from."""
         lookahead = self.manifest.lookahead
         stage1 = [layer.stage1() for layer in state]
-        steps = _WindowSteps(self, stage1, prompt_mask, lookahead["capacity"], self._programs[lookahead["rollout"]])
+        steps = _RollingSteps(self, stage1, prompt_mask, lookahead["capacity"], self._programs[lookahead["rollout"]])
         voting = rollout(steps, first_token[:, None], prompt_mask, lookahead["steps"], eos)
         stage2_inputs = [Stage2Input(layer.prompt_keys, layer.prompt_values, rolled.recent_queries)
                          for layer, rolled in zip(state, steps.layers, strict=True)]
@@ -424,8 +424,8 @@ class _SlotSteps:
                               torch.tensor([step], device=engine.device), *self.buffers)
 
 
-class _WindowSteps:
-    """Decode steps over window-layout buffers (compression while decoding; see the module docstring)."""
+class _RollingSteps:
+    """Decode steps over rolling-layout buffers (compression while decoding; see the module docstring)."""
 
     ENTRY_FILL = {"keys": 0, "values": 0, "positions": -1}
 
