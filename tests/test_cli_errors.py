@@ -137,6 +137,14 @@ def test_eval_names_a_corrupt_record_and_repairs_a_cut_last_line(capsys, tmp_pat
     (["--budget", "0"], "--budget must be at least 1"),
     (["--layers", "2"], "--weights random only"),
     (["--weights", "random", "--model", "./ckpt"], "not a preset"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--bandwidth-mib", "0"], "--bandwidth-mib must be at least 1"),
+    (["--compression-ratio", "0.5,abc"], "--compression-ratio: 'abc' is not a number"),
+    (["--compression-ratio", "0.5,inf"], "--compression-ratio must be a finite number"),
+    (["--compression-ratio", ","], "--compression-ratio is empty"),
+    (["--method", "snapkv,nope"], "nope"),
+    (["--method", "snapkv,snapkv"], "given twice"),
+    (["--method", "snapkv,knorm", "--option", "window_size=8"], "'window_size' for method 'knorm'"),
 ])
 def test_bench_refuses_bad_arguments_before_loading(capsys, no_model_load, argv, message):
     assert message in user_error(capsys, bench.main, argv)
@@ -183,7 +191,7 @@ def test_bench_random_weights_need_no_checkpoint(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     seen = {}
 
-    def fake_bench(model, input_ids, options, new_tokens, repeats, inductor, engine, progress=False):
+    def fake_bench(model, input_ids, options, new_tokens, repeats, inductor, engine, progress=False, **kwargs):
         seen.update(layers=model.config.num_hidden_layers, options=options, shape=tuple(input_ids.shape))
         return [SpeedResult("transformers, full cache", 1.0, 0.1, 10.0, 100, None)]
 
@@ -192,18 +200,41 @@ def test_bench_random_weights_need_no_checkpoint(capsys, monkeypatch, tmp_path):
     argv = ["--weights", "random", "--layers", "1", "--method", "morphkv", "--budget", "40", "--context", "32",
             "--out", str(out)]
     assert bench.main(argv) == 0
-    assert seen == {"layers": 1, "options": {"method": "morphkv", "budget": 40}, "shape": (1, 32)}
+    assert seen == {"layers": 1, "options": [{"method": "morphkv", "budget": 40}], "shape": (1, 32)}
     assert "morphkv with a budget of 40" in out.read_text()
     assert "loading smollm2-135m (random weights)" in capsys.readouterr().err
+
+
+def test_bench_runs_every_method_at_every_ratio_on_a_batch(capsys, monkeypatch, tmp_path):
+    """Two methods at two ratios, two prompt rows: one row per kvc variant, each variant's options on a
+    line of its own, and the bound's columns and legend (the byte counts themselves are test_bench's)."""
+    monkeypatch.setattr(bench, "load_model", lambda *args, **kwargs: (tiny_model("llama"), None))
+    out = tmp_path / "bench.md"
+    argv = ["--method", "knorm,streamingllm", "--compression-ratio", "0.5,0.75", "--batch", "2", "--context", "32",
+            "--new-tokens", "1", "--repeats", "1", "--bandwidth-mib", "1", "--option", "inner_backend=eager",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].endswith("32-token prompt × 2 rows, 1 new tokens, knorm, streamingllm at ratios 0.5, 0.75")
+    rows = [line.split("|")[1].strip() for line in lines[4:] if line.startswith("| ")]
+    assert rows == ["transformers, full cache", "kvc: knorm, ratio 0.5", "kvc: knorm, ratio 0.75",
+                    "kvc: streamingllm, ratio 0.5", "kvc: streamingllm, ratio 0.75"]
+    assert "| bytes/step | bound ms | of bound | speedup vs full cache |" in lines[2]
+    options = [line for line in lines if line.startswith("- options of kvc: ")]
+    assert options[1] == ('- options of kvc: knorm, ratio 0.75: `{"method": "knorm", "inner_backend": "eager", '
+                          '"compression_ratio": 0.75}`') and len(options) == 4
+    assert any(line.startswith("Bound: ") and "GB/s" in line for line in lines)
+    assert lines[-3].startswith("- machine: ") and lines[-1].startswith("- wall time: ")
 
 
 def test_bench_says_what_it_compiles_before_it_does(capsys, monkeypatch):
     from kvc_compile.bench import speed
 
     announced = []
-    monkeypatch.setattr(speed, "measure", lambda variant, *args: announced.append(args[-1]) or None)
+    monkeypatch.setattr(speed, "measure", lambda variant, *args: announced.append(args[-1]) or SpeedResult(
+        variant, 1.0, 0.1, 10.0, 100, None, 100.0))
     speed.bench_variants(tiny_model("llama"), torch.ones(1, 8, dtype=torch.long), {"method": "knorm"}, 2, 1,
-                         inductor_baseline=True, progress=True)
+                         inductor_baseline=True, progress=True, bandwidth_bytes=1 << 20)
     assert [line is not None and "compiling (first call; this takes a while)" in line for line in announced] == [
         False, True, True]
     # measure prints the line on stderr before its warm-up.

@@ -1,8 +1,10 @@
 """kvc-bench: prefill time, decode speed and cache memory of plain transformers (full cache), the
-kvc-compiled model and a built engine, side by side in one run, reported as ratios.
+kvc-compiled model and a built engine, side by side in one run, reported as ratios and against the
+memory-bandwidth bound of a decode step.
 
     kvc-bench --model smollm2-135m --method snapkv --context 4096 --new-tokens 128 --engine aoti
     kvc-bench --model mistral-7b --weights random --layers 4 --method morphkv --budget 512
+    kvc-bench --method snapkv,adakv --compression-ratio 0.5,0.75 --batch 4 --inductor-baseline
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kvc_compile.bench import provenance_lines, write_report
-from kvc_compile.bench.speed import bench_variants, markdown
+from kvc_compile.bench.speed import MiB, bench_variants, markdown, size_label
 from kvc_compile.cli.common import (
     DTYPES,
     UsageError,
@@ -51,20 +53,74 @@ def bench_options(method: str, compression_ratio: float | None, budget: int | No
     return options
 
 
+def split_list(flag: str, text: str) -> list[str]:
+    """A comma-separated flag value as its non-empty items; none at all is a usage error."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{flag} is empty; give one value or several separated by commas")
+    return items
+
+
+def parse_ratios(text: str | None) -> list[float | None]:
+    """``--compression-ratio``: one number or several separated by commas ([None]: not given)."""
+    if text is None:
+        return [None]
+    ratios = []
+    for item in split_list("--compression-ratio", text):
+        try:
+            ratio = float(item)
+        except ValueError:
+            raise UsageError(f"--compression-ratio: {item!r} is not a number; give numbers separated by commas, "
+                             f"e.g. 0.5,0.75") from None
+        finite_float("--compression-ratio", ratio)
+        ratios.append(ratio)
+    return ratios
+
+
+def variant_options(methods: list[str], ratios: list[float | None], budget: int | None,
+                    items: list[str]) -> list[dict]:
+    """One kvc variant's options per (method, ratio) pair, each checked; the --option items apply to all."""
+    variants = []
+    for method in methods:
+        for ratio in ratios:
+            options = bench_options(method, ratio, budget, items)
+            CompressionConfig.from_options(options)
+            if options in variants:
+                raise UsageError(f"{method} at {size_label(options)} is given twice; list each method and ratio once")
+            variants.append(options)
+    return variants
+
+
+def _size(variants: list[dict], ratios: list[float | None], budget: int | None) -> str:
+    """The kvc variants' size for the report's title."""
+    if ratios != [None]:
+        return f"at ratio{'s' if len(ratios) > 1 else ''} {', '.join(f'{ratio:g}' for ratio in ratios)}"
+    if budget is not None:
+        return f"with a budget of {budget}"
+    sizes = {f"at {size_label(options)}" if "compression_ratio" in options else "keeping every token"
+             for options in variants}
+    return " or ".join(sorted(sizes))
+
+
 @user_errors("kvc-bench")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m",
                         help=f"a preset ({', '.join(PRESETS)}), a checkpoint directory or a Hugging Face id in the "
                              f"local cache")
-    parser.add_argument("--method", default="snapkv")
+    parser.add_argument("--method", default="snapkv",
+                        help="a method, or several separated by commas (e.g. snapkv,adakv): each (method, ratio) "
+                             "pair is one kvc variant, side by side")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--compression-ratio", type=float,
-                      help="fraction of prompt tokens removed (default 0.5 unless --budget is given)")
+    size.add_argument("--compression-ratio",
+                      help="fraction of prompt tokens removed, or several separated by commas (e.g. 0.5,0.75); "
+                           "default 0.5 unless --budget is given")
     size.add_argument("--budget", type=int, help="tokens kept per KV head (MorphKV's constant-size cache needs it)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a method option, e.g. --option window_size=32 or --option scorer=tova (repeatable)")
+                        help="a method option, e.g. --option window_size=32 or --option scorer=tova (repeatable; "
+                             "applies to every method given)")
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens")
+    parser.add_argument("--batch", type=int, default=1, help="prompt rows, decoded together by every variant")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--weights", default="pretrained", choices=WEIGHTS,
@@ -75,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="also build an engine for this target and time it (its warm-up includes the build)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--bandwidth-mib", type=int,
+                        help="size of the streaming read that measures the memory bandwidth (default 512 MiB on "
+                             "the CPU, 4096 MiB on CUDA or half the free GPU memory when less is free)")
     parser.add_argument("--out", type=Path, help="write the Markdown result here")
     args = parser.parse_args(argv)
 
     # Everything the user gave is checked before the model loads.
-    options = bench_options(args.method, args.compression_ratio, args.budget, args.option)
-    CompressionConfig.from_options(options)
+    methods, ratios = split_list("--method", args.method), parse_ratios(args.compression_ratio)
+    variants = variant_options(methods, ratios, args.budget, args.option)
     positive_int("--context", args.context)
+    positive_int("--batch", args.batch)
+    positive_int("--bandwidth-mib", args.bandwidth_mib)
     positive_int("--new-tokens", args.new_tokens)
     positive_int("--repeats", args.repeats)
     positive_int("--layers", args.layers)
@@ -102,16 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    input_ids = torch.randint(min(100, vocab - 1), vocab, (1, args.context), generator=generator).to(device)
-    results = bench_variants(model, input_ids, options, args.new_tokens, args.repeats, args.inductor_baseline,
-                             args.engine, progress=True)
-    size = (f"at ratio {options['compression_ratio']}" if "compression_ratio" in options else
-            f"with a budget of {options['budget']}" if "budget" in options else "keeping every token")
+    input_ids = torch.randint(min(100, vocab - 1), vocab, (args.batch, args.context), generator=generator).to(device)
+    bandwidth_bytes = args.bandwidth_mib * MiB if args.bandwidth_mib is not None else None
+    results = bench_variants(model, input_ids, variants, args.new_tokens, args.repeats, args.inductor_baseline,
+                             args.engine, progress=True, bandwidth_bytes=bandwidth_bytes)
     layers = f", {args.layers} layer{'s' if args.layers > 1 else ''}" if args.layers is not None else ""
-    title = (f"{args.model} ({args.weights} weights{layers}, {args.dtype}, {device}): {args.context}-token prompt, "
-             f"{args.new_tokens} new tokens, {args.method} {size}")
-    lines = [*markdown(results, title), "", f"- options: `{json.dumps(options)}`",
-             *provenance_lines(time.perf_counter() - start)]
+    rows = f" × {args.batch} rows" if args.batch > 1 else ""
+    title = (f"{args.model} ({args.weights} weights{layers}, {args.dtype}, {device}): {args.context}-token prompt"
+             f"{rows}, {args.new_tokens} new tokens, {', '.join(methods)} {_size(variants, ratios, args.budget)}")
+    if len(variants) == 1:
+        options_lines = [f"- options: `{json.dumps(variants[0])}`"]
+    else:
+        options_lines = [f"- options of kvc: {options['method']}, {size_label(options)}: `{json.dumps(options)}`"
+                         for options in variants]
+    lines = [*markdown(results, title), "", *options_lines, *provenance_lines(time.perf_counter() - start)]
     if args.out:
         write_report(args.out, lines)
     else:
