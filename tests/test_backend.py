@@ -87,8 +87,9 @@ def test_left_padding_is_never_kept_and_generation_matches_reference():
             **with_cache(CompressedCache()), return_dict_in_generate=True,
         )
     assert torch.equal(out.sequences[:, PROMPT:], expected)
-    # Prefill, then decode once static and once dynamic: the logical length does not recompile every step.
-    assert counters["stats"]["unique_graphs"] <= 3
+    # Prefill; the first decode step, which moves the kept entries into storage with room to grow; then
+    # decode once static and once dynamic: steps write in place, and the length does not recompile.
+    assert counters["stats"]["unique_graphs"] <= 4
     # Row 2 keeps all 10 of its real tokens: its padding slots are masked, so it matches the row alone, uncompressed.
     alone_tokens = reference_generate(model, ids[2:3, 30:], opts | {"compression_ratio": 0.0}, max_new_tokens=10)
     assert torch.equal(out.sequences[2:3, PROMPT:], alone_tokens)

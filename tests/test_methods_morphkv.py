@@ -139,7 +139,9 @@ def decode_like_the_reference(model, ids, mask, opts, steps):
     assert torch.equal(tokens, reference.tokens[:, :steps])
     for layer, reference_layer in zip(cache.layers, reference.cache.layers, strict=True):
         assert torch.equal(layer.positions, reference_layer.positions)
-        assert torch.equal(layer.recent_queries, reference_layer.recent_queries)
+        # Compiled decode attention reads the cache with native GQA (GroupDecodeAttention), the eager
+        # reference through transformers' repeat: the same sums in another order, so float-close.
+        torch.testing.assert_close(layer.recent_queries, reference_layer.recent_queries, rtol=1e-5, atol=1e-6)
         assert layer.packed == reference_layer.packed
         if layer.packed:
             assert torch.equal(layer.heads, reference_layer.heads)

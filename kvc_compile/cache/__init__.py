@@ -16,6 +16,14 @@ or layers keep different counts store the *packed* layout (``kvc_compile.methods
 flat run of entries per row, labelled by KV head, read at decode time by the ``"kvc"`` attention
 implementation (``kvc_compile.cache.attention``). Decoding appends one entry per KV head.
 
+Decoding writes in place. A layer's keys, values, positions and head labels live in storage with
+room for more entries (``GROWTH_STEP`` at a time, never per token): a decode step writes its new
+entries after the live ones and the layer hands attention a view of the live prefix, so a step reads
+the cache once and copies none of it. Assigning a tensor to ``layer.keys`` (compression, reordering,
+cropping) makes it the layer's storage as it is; the next step moves it into room to grow. Layers
+whose entries change while decoding (decode-time eviction, LAQ's rollout) and sliding-window layers
+append by concatenation instead.
+
 A plain ``DynamicCache`` also works for unpadded batches under ``generate()`` with the dense
 layout, which passes logical positions itself; use ``CompressedCache`` for padded batches, for
 packed layouts and for direct forward calls without positions.
@@ -73,14 +81,49 @@ def sliding_windows(config: PretrainedConfig) -> dict[int, int]:
     return {index: window for index, kind in enumerate(layer_types) if kind in SLIDING_LAYER_TYPES}
 
 
+# Free entries a layer's storage gains when a step outgrows it; capacity stays a multiple of it.
+GROWTH_STEP = 256
+
+
+def grown_capacity(needed: int) -> int:
+    """Capacity for ``needed`` entries: at least ``GROWTH_STEP`` free after them, a multiple of it."""
+    return (needed // GROWTH_STEP + 2) * GROWTH_STEP
+
+
+def _live_prefix(name: str) -> property:
+    """A tensor attribute of ``CompressedLayer`` backed by storage that may hold room beyond its length.
+
+    Reading gives the live prefix (entries are along dim 2 of keys, values, positions and heads);
+    assigning a tensor makes it the whole storage, with no room (``_append_in_place`` grows it)."""
+
+    def read(layer: CompressedLayer) -> Tensor | None:
+        store, length = layer._stores.get(name), layer._lengths.get(name)
+        return store if length is None else store[:, :, :length]
+
+    def assign(layer: CompressedLayer, value: Tensor | None) -> None:
+        layer._stores[name] = value
+        layer._lengths[name] = None
+
+    return property(read, assign, doc=f"the layer's live {name} (a view of its storage while decoding)")
+
+
 class CompressedLayer(DynamicLayer):
-    """A ``DynamicLayer`` that also counts the tokens it has seen (its logical length).
+    """A ``DynamicLayer`` that also counts the tokens it has seen (its logical length) and appends in place.
 
     ``sliding_window``: the layer's attention reads only the last ``sliding_window`` positions, so it
     keeps at most ``sliding_window - 1`` entries after each step (never compressed by the pass)."""
 
+    keys = _live_prefix("keys")
+    values = _live_prefix("values")
+    positions = _live_prefix("positions")
+    heads = _live_prefix("heads")
+
     def __init__(self, sliding_window: int | None = None) -> None:
+        # Storage and live length of each tensor attribute (length None: the whole storage is live).
+        self._stores: dict[str, Tensor | None] = {}
+        self._lengths: dict[str, int | None] = {}
         super().__init__()
+        self.positions = self.heads = None
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
 
@@ -88,8 +131,7 @@ class CompressedLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         self.logical_length = 0
         self.kv_heads = key_states.shape[1]
-        self.positions: Tensor | None = None
-        self.heads: Tensor | None = None
+        self.positions = self.heads = None
         # Low-rank factors [kv_heads, head_dim, R] (rank 0: full-rank entries).
         self.key_down = self.key_up = self.value_down = self.value_up = self.output_fold = None
         # Post-RoPE queries of the newest tokens [batch, q_heads, W, d], for decode-time scoring
@@ -110,7 +152,33 @@ class CompressedLayer(DynamicLayer):
         """True when entries are stored projected to rank R (KQ-SVD), not at head_dim."""
         return self.key_down is not None and self.key_down.shape[-1] > 0
 
+    @property
+    def appends_in_place(self) -> bool:
+        """Whether decode steps write into the layer's storage: not while entries change as it decodes
+        (a buffer of recent queries, LAQ's prompt entries) nor for a sliding window."""
+        return (self.is_initialized and self.sliding_window is None and self.recent_queries.shape[2] == 0
+                and (self.prompt_keys is None or self.prompt_keys.shape[2] == 0) and not self.rolling_out)
+
+    def storage_capacity(self) -> int:
+        """Entries the keys' storage can hold (per KV head; packed: per row) before it must grow."""
+        store = self._stores.get("keys")
+        return 0 if store is None or store.dim() < 3 else store.shape[2]
+
+    def _append_in_place(self, name: str, new: Tensor) -> None:
+        """Write ``new`` after the live entries of ``name`` along dim 2, growing its storage by steps."""
+        store, length = self._stores[name], self._lengths[name]
+        start = store.shape[2] if length is None else length
+        end = start + new.shape[2]
+        if store.shape[2] < end:
+            grown = store.new_empty(*store.shape[:2], grown_capacity(end), *store.shape[3:])
+            grown[:, :, :start].copy_(store[:, :, :start])
+            self._stores[name] = store = grown
+        store[:, :, start:end].copy_(new)
+        self._lengths[name] = end
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if self.appends_in_place:
+            return self._update_in_place(key_states, value_states)
         first = not self.is_initialized
         if not first:
             self._record_decoded(key_states)
@@ -135,6 +203,32 @@ class CompressedLayer(DynamicLayer):
         if not first and self.lowrank:
             return CachedKeys(keys, None, self.key_up, self.value_up, self.output_fold), values
         return keys, values
+
+    def _update_in_place(self, key_states: Tensor, value_states: Tensor):
+        batch, kv_heads, q_len, _ = key_states.shape
+        start = self.logical_length
+        if self.lowrank:
+            key_states = lowrank_project(key_states, None, self.key_down)
+            value_states = lowrank_project(value_states, None, self.value_down)
+        new_positions = torch.arange(start, start + q_len, device=key_states.device, dtype=INDEX_DTYPE)
+        if self.packed:
+            # Token-major, head-minor: the new token's entries are the last kv_heads of the run.
+            key_states = key_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)
+            value_states = value_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)
+            new_heads = torch.arange(kv_heads, device=key_states.device, dtype=INDEX_DTYPE).repeat(q_len)
+            self._append_in_place("heads", new_heads.expand(batch, 1, -1))
+            new_positions = new_positions.repeat_interleave(kv_heads).expand(batch, 1, q_len * kv_heads)
+        else:
+            new_positions = new_positions.expand(batch, kv_heads, q_len)
+        self._append_in_place("keys", key_states)
+        self._append_in_place("values", value_states)
+        if self.positions is not None:
+            self._append_in_place("positions", new_positions)
+        self.logical_length += q_len
+        if self.packed or self.lowrank:
+            factors = (self.key_up, self.value_up, self.output_fold) if self.lowrank else ()
+            return CachedKeys(self.keys, self.heads if self.packed else None, *factors), self.values
+        return self.keys, self.values
 
     def _keep_window(self, copy: bool) -> None:
         """Keep the last ``sliding_window - 1`` entries: all the next token's attention reads. ``copy``

@@ -44,6 +44,11 @@ LAYOUT_FUNCTIONS = {
     aten.clone.default, aten._unsafe_view.default, aten.slice.Tensor, aten.repeat_interleave.self_int,
     aten._to_copy.default, aten.alias.default, aten.contiguous.default, aten.permute.default,
 }
+# A slice of a cache layer's storage, and the copy that writes a step's entries into it.
+SLICE_FUNCTIONS = {operator.getitem, aten.slice.Tensor}
+SLICE_METHODS = {"narrow", "__getitem__"}
+COPY_FUNCTIONS = {aten.copy_.default, torch.Tensor.copy_}
+COPY_METHODS = {"copy_"}
 # Ops between the score matmul and the softmax (scale, mask, dtype casts) or between the softmax
 # and the value matmul (dropout, casts).
 SCORE_CHAIN_METHODS = {"to", "float", "type_as", "contiguous"}
@@ -90,10 +95,11 @@ class AttentionSite:
     def new_keys(self) -> fx.Node | None:
         """The step's new keys as the cache received them (``k_rope`` in ``cat([past, k_rope], -2)``);
         a packed layer appends them re-laid out token-major, so walk back through that."""
-        if not (self.cached_keys.op == "call_function" and self.cached_keys.target in CAT_TARGETS):
-            return None
-        parts = self.cached_keys.args[0]
-        node = parts[-1] if isinstance(parts, (list, tuple)) and parts else None
+        if self.cached_keys.op == "call_function" and self.cached_keys.target in CAT_TARGETS:
+            parts = self.cached_keys.args[0]
+            node = parts[-1] if isinstance(parts, (list, tuple)) and parts else None
+        else:  # a layer that appends in place: the entries written into its storage
+            node = in_place_write(self.cached_keys)
         while self.packed and isinstance(node, fx.Node) and is_layout_op(node):
             node = node.args[0]
         return node
@@ -131,10 +137,23 @@ def is_layout_op(node: fx.Node) -> bool:
     return _is_call(node, LAYOUT_FUNCTIONS, LAYOUT_METHODS)
 
 
+def in_place_write(node: fx.Node) -> fx.Node | None:
+    """What the graph last writes into a slice of ``node`` (``node[:, :, a:b].copy_(new)``: a decode
+    step appending its entries to a cache layer's storage), or None."""
+    written = None
+    for user in node.users:  # users are in graph order
+        if not _is_call(user, SLICE_FUNCTIONS, SLICE_METHODS) or user.args[0] is not node:
+            continue
+        for write in user.users:
+            if _is_call(write, COPY_FUNCTIONS, COPY_METHODS) and write.args[0] is user:
+                written = write.args[1]
+    return written
+
+
 def _cached_source(node: fx.Node, outputs: set[fx.Node]) -> fx.Node | None:
-    """Walk back through layout-only ops to a tensor the graph returns."""
+    """Walk back through layout-only ops to a tensor the graph returns or writes a step's entries into."""
     while isinstance(node, fx.Node):
-        if node in outputs:
+        if node in outputs or in_place_write(node) is not None:
             return node
         if not _is_call(node, LAYOUT_FUNCTIONS, LAYOUT_METHODS) or not node.args:
             return None

@@ -181,8 +181,14 @@ class FoldValueProjection(GraphPass):
                 propagate_meta(folded_linear, F.linear, (flat, folded, bias))
             linear.replace_all_uses_with(folded_linear)
             folded_count += 1
-        graph.eliminate_dead_code()
+        graph.eliminate_dead_code(is_impure_node=writes_in_place)
         return folded_count
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Kept by dead-code elimination: impure nodes, and in-place tensor methods (``copy_`` of a decode
+    step's entries into the cache's storage), whose result nobody reads."""
+    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
 
 
 class FuseRopeIntoLowRankProjection(GraphPass):

@@ -24,6 +24,7 @@ from kvc_compile.passes.attention_sites import (
 )
 from kvc_compile.passes.base import GraphPass, RewriteRecord
 from kvc_compile.passes.decode_compression import CompressDecodeCache, RecordRecentQueries
+from kvc_compile.passes.grouped_decode import GroupDecodeAttention
 from kvc_compile.passes.lookahead import KeepPromptEntries
 from kvc_compile.passes.lowrank_projection import (
     FoldValueProjection,
@@ -46,6 +47,7 @@ PASSES: tuple[type[GraphPass], ...] = (
     KeepPromptEntries,
     CompressDecodeCache,
     ProjectCacheToLowRank,
+    GroupDecodeAttention,
     FoldValueProjection,
     FuseRopeIntoLowRankProjection,
 )
@@ -115,8 +117,10 @@ class PassManager:
     (3) keep each layer's recent queries where decode-time scoring or LAQ needs them, (4) keep the full
     prompt entries for LAQ's second stage, (5) evict inside decode graphs (MorphKV, periodic
     compression), which votes with the recent queries, (6) project what the cache stores to low
-    rank (KQ-SVD), which must see the entries eviction kept, (7) fold the low-rank value lift of
-    decode graphs into ``o_proj``, (8) fuse RoPE into the projection of each new key. Of (2)-(8), only
+    rank (KQ-SVD), which must see the entries eviction kept, (7) read a dense cache once per decode
+    step with native GQA instead of transformers' per-head repeat, (8) fold the low-rank value lift of
+    decode graphs into ``o_proj`` and drop dead nodes (the repeat among them), (9) fuse RoPE into the
+    projection of each new key. Of (2)-(9), only
     the passes that apply to the configuration (``GraphPass.applies``) run; they hand their results on
     in one ``RewriteRecord``.
 
