@@ -28,6 +28,21 @@ def store_pointers(cache) -> list[int]:
     return [layer._stores["keys"].data_ptr() for layer in cache.layers]
 
 
+def recorded_decode_graphs(monkeypatch) -> list[str]:
+    """The code of every decode graph the kvc passes rewrite from now on (prefill graphs are left out)."""
+    codes: list[str] = []
+    run = pass_manager.PassManager.run
+
+    def recording_run(self, gm):
+        prefill = run(self, gm)
+        if not prefill:
+            codes.append(gm.code)
+        return prefill
+
+    monkeypatch.setattr(pass_manager.PassManager, "run", recording_run)
+    return codes
+
+
 def test_growth_keeps_free_room_and_steps_of_a_fixed_size():
     step = cache_module.GROWTH_STEP
     assert cache_module.grown_capacity(1) == 2 * step
@@ -116,16 +131,7 @@ def test_eager_cache_in_place_equals_dynamic_cache_under_beam_search():
 def test_decode_graph_reads_the_cache_once_with_native_gqa(monkeypatch):
     """Under a mask, transformers repeats the cache per query head (``repeat_kv``); the pass removes the
     repeat: the decode graph's attention reads the cached tensors with the query group as rows."""
-    codes: list[str] = []
-    run = pass_manager.PassManager.run
-
-    def recording_run(self, gm):
-        prefill = run(self, gm)
-        if not prefill:
-            codes.append(gm.code)
-        return prefill
-
-    monkeypatch.setattr(pass_manager.PassManager, "run", recording_run)
+    codes = recorded_decode_graphs(monkeypatch)
     model = tiny_model("llama")
     ids, mask = padded_batch()
     options = {"method": "snapkv", "compression_ratio": 0.5, "inner_backend": "eager", "window_size": 4}
@@ -134,3 +140,19 @@ def test_decode_graph_reads_the_cache_once_with_native_gqa(monkeypatch):
     assert torch.equal(tokens, expected[:, :3])
     assert codes and all(code.count("torch.unflatten") == 2 for code in codes)  # both layers grouped
     assert not any(".expand(" in line and "keys" in line for code in codes for line in code.splitlines())
+
+
+def test_engine_decode_program_reads_its_buffers_with_native_gqa(monkeypatch, tmp_path):
+    """The engine's fixed-capacity decode program goes through the same pass: no repeat of its buffers."""
+    from kvc_compile.engine import Engine, build
+
+    codes = recorded_decode_graphs(monkeypatch)
+    model = tiny_model("llama")
+    ids = random_prompt(1, PROMPT)
+    options = {"method": "snapkv", "compression_ratio": 0.5, "window_size": 4}
+    build(model, options, tmp_path / "engine", target="exported", max_context=64, max_new_tokens=6, progress=False)
+    assert len(codes) == 1 and codes[0].count("torch.unflatten(") == model.config.num_hidden_layers
+    assert "aten.expand" not in codes[0]
+    expected = reference_generate(model, ids, options, max_new_tokens=6)
+    engine = Engine.load(tmp_path / "engine", trusted=True)
+    assert engine.generate(ids.tolist(), 6, stop_on_eos=False).tokens == expected.tolist()

@@ -270,13 +270,13 @@ def _batch_dim() -> torch.export.Dim:
 
 
 def _export_rewritten(program: torch.nn.Module, example: tuple, shapes, config: CompressionConfig,
-                      decode_eviction: bool = True):
+                      decode_eviction: bool = True, fuse_rope: bool = True):
     """Export ``program``, let the kvc passes rewrite its aten graph, and export the result again so
     shapes and guards are re-derived. Returns the export and the rewritten module."""
     traced = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
     rewritten = traced.module()
     # ``program`` holds the transformers model: the pass checks KQ-SVD projections against its weights.
-    PassManager(config, decode_eviction=decode_eviction, model=program).run(rewritten)
+    PassManager(config, decode_eviction=decode_eviction, model=program, fuse_rope=fuse_rope).run(rewritten)
     # The rewritten module takes its inputs flat: a ``*state`` argument's shapes come out of their tuple.
     flat_shapes = tuple(item for shape in shapes for item in (shape if isinstance(shape, tuple) else (shape,)))
     return torch.export.export(rewritten, example, dynamic_shapes=flat_shapes, strict=False), rewritten
@@ -606,10 +606,9 @@ def _export_programs(model, config: CompressionConfig, ranges: list[tuple[int, i
     example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants)
     shapes = _decode_shapes(example, layout)
     with stages.stage("export decode (fixed capacity)"):
-        if layout.rolling:
-            decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False)
-        else:
-            decode = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
+        # The passes read the cache with native GQA and, for the rolling layout, shift the query buffer.
+        decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False,
+                                      fuse_rope=target != "onnx")
     decode_evict = None
     if layout.rolling:
         with stages.stage(f"export decode_evict (back to {config.decode_target} entries) and insert eviction"):

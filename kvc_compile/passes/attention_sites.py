@@ -150,10 +150,19 @@ def in_place_write(node: fx.Node) -> fx.Node | None:
     return written
 
 
+def updates_input_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` is an in-place aten op on a graph input (``index_copy_(state, 2, slot, k)``):
+    an engine's fixed-capacity decode writing the step's entries into the cache buffers it was given."""
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and node.target._schema.name.endswith("_") and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder")
+
+
 def _cached_source(node: fx.Node, outputs: set[fx.Node]) -> fx.Node | None:
-    """Walk back through layout-only ops to a tensor the graph returns or writes a step's entries into."""
+    """Walk back through layout-only ops to a tensor the graph returns, writes a step's entries into,
+    or a cache buffer it was given and updates in place."""
     while isinstance(node, fx.Node):
-        if node in outputs or in_place_write(node) is not None:
+        if node in outputs or in_place_write(node) is not None or updates_input_in_place(node):
             return node
         if not _is_call(node, LAYOUT_FUNCTIONS, LAYOUT_METHODS) or not node.args:
             return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from kvc_compile.config import CompressionConfig
@@ -11,7 +10,8 @@ from kvc_compile.passes.attention_sites import SDPA_TARGETS, AttentionSite, fake
 from kvc_compile.passes.base import GraphPass, RewriteRecord
 from kvc_compile.passes.prefill_compression import propagate_meta
 
-DYNAMO_SDPA = SDPA_TARGETS - {torch.ops.aten.scaled_dot_product_attention.default}
+# SDPA's positional parameters after query, key and value.
+SDPA_POSITIONAL = ("attn_mask", "dropout_p", "is_causal")
 
 
 def unrepeated(node: fx.Node, kv_heads: int) -> fx.Node | None:
@@ -41,7 +41,8 @@ class GroupDecodeAttention(GraphPass):
         grouped = scaled_dot_product_attention(q_grouped, k, v, attn_mask=mask)
         out = grouped.flatten(1, 2).unsqueeze(2)                             # [B, H, 1, d]
 
-    Dynamo graphs only (the engine programs' aten graphs keep their attention).
+    Runs on Dynamo graphs and on the engine programs' export graphs, whose fixed-capacity decode
+    attends under a mask.
     """
 
     @classmethod
@@ -54,17 +55,18 @@ class GroupDecodeAttention(GraphPass):
     @staticmethod
     def _group(graph: fx.Graph, site: AttentionSite) -> bool:
         node = site.attention
-        if node.op != "call_function" or node.target not in DYNAMO_SDPA:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
             return False
         query, keys, values = node.args[:3]
-        options = dict(node.kwargs)
-        if len(node.args) > 3 or options.get("enable_gqa") or options.get("is_causal") or options.get("dropout_p"):
+        # Dynamo graphs pass the options by keyword; export graphs (aten) partly by position.
+        options = dict(zip(SDPA_POSITIONAL, node.args[3:], strict=False)) | dict(node.kwargs)
+        if options.get("enable_gqa") or options.get("is_causal") or options.get("dropout_p"):
             return False
         q, mask = fake_value(query), options.get("attn_mask")
         kv_heads = int(fake_value(site.cached_keys).shape[1])  # head counts are static
         if not (isinstance(q.shape[2], int) and q.shape[2] == 1) or q.shape[1] == kv_heads:
             return False
-        if mask is not None and (fake_value(mask).dim() != 4 or fake_value(mask).shape[1] != 1):
+        if isinstance(mask, fx.Node) and (fake_value(mask).dim() != 4 or fake_value(mask).shape[1] != 1):
             return False  # a per-head mask has no broadcast over the group's rows
         live_keys, live_values = unrepeated(keys, kv_heads), unrepeated(values, kv_heads)
         if live_keys is None or live_values is None:
@@ -75,11 +77,11 @@ class GroupDecodeAttention(GraphPass):
             propagate_meta(split, torch.unflatten, (query, 1, (kv_heads, group)))
             grouped_query = graph.call_function(torch.flatten, (split, 2, 3))
             propagate_meta(grouped_query, torch.flatten, (split, 2, 3))
-        node.args = (grouped_query, live_keys, live_values)
-        fakes = {key: fake_value(value) if isinstance(value, fx.Node) else value for key, value in options.items()}
-        with fake_value(query).fake_mode:
-            grouped = F.scaled_dot_product_attention(
-                fake_value(grouped_query), fake_value(live_keys), fake_value(live_values), **fakes)
+        node.args = (grouped_query, live_keys, live_values, *node.args[3:])
+        fake_args = [fake_value(arg) if isinstance(arg, fx.Node) else arg for arg in node.args]
+        fake_kwargs = {key: fake_value(arg) if isinstance(arg, fx.Node) else arg for key, arg in node.kwargs.items()}
+        with q.fake_mode:
+            grouped = node.target(*fake_args, **fake_kwargs)
         node.meta["val" if "val" in node.meta else "example_value"] = grouped
         with graph.inserting_after(node):
             merged = graph.call_function(torch.flatten, (node, 1, 2))

@@ -126,6 +126,7 @@ class PassManager:
 
     ``decode_eviction=False`` leaves out (5): an engine's decode program for the steps that only
     append has the same cache shape as the one that evicts, so the shape cannot tell them apart.
+    ``fuse_rope=False`` leaves out (9), whose fused op an ONNX engine has no node for.
 
     ``model``: the model the graph was traced from, for the checks that need it (KQ-SVD projections
     calibrated on it, sliding-window layers); without it, the module Dynamo is converting is used.
@@ -135,13 +136,16 @@ class PassManager:
     """
 
     def __init__(
-        self, config: CompressionConfig, decode_eviction: bool = True, model: torch.nn.Module | None = None
+        self, config: CompressionConfig, decode_eviction: bool = True, model: torch.nn.Module | None = None,
+        fuse_rope: bool = True,
     ) -> None:
         self.config = config
         self.model = model
         self.padding_mask_index: int | None = None
         self.sites: list[AttentionSite] = []
-        order = PASSES if decode_eviction else tuple(p for p in PASSES if p is not CompressDecodeCache)
+        left_out = {CompressDecodeCache} if not decode_eviction else set()
+        left_out |= {FuseRopeIntoLowRankProjection} if not fuse_rope else set()
+        order = tuple(p for p in PASSES if p not in left_out)
         self.passes: list[GraphPass] = [p(config) for p in order if p.applies(config)]
 
     def run(self, gm: fx.GraphModule) -> int:
