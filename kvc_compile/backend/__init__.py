@@ -65,9 +65,11 @@ def kvc_backend(
             from torch._inductor.compile_fx import compile_fx
 
             compiled = compile_fx(gm, example_inputs)
-    except BaseException:
+    except BaseException as error:
         if progress is not None:
-            progress.finish("failed", started)
+            # Dynamo's own restarts (e.g. a float it makes symbolic) trace and compile the graph again.
+            restart = isinstance(error, torch._dynamo.exc.RestartAnalysis)
+            progress.finish("restarted by Dynamo, which traces it again," if restart else "failed", started)
         raise
     if progress is not None:
         progress.finish("done", started)
