@@ -90,6 +90,20 @@ def grown_capacity(needed: int) -> int:
     return (needed // GROWTH_STEP + 2) * GROWTH_STEP
 
 
+def token_major(states: Tensor) -> Tensor:
+    """A step's [batch, kv_heads, q, d] entries as the packed run appends them: [batch, 1, q * kv_heads, d],
+    token-major and head-minor (the newest token's entries are the last kv_heads of the run)."""
+    batch, kv_heads, q_len, _ = states.shape
+    return states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)
+
+
+def new_head_labels(key_states: Tensor) -> Tensor:
+    """The KV head of each entry ``token_major(key_states)`` appends: [batch, 1, q * kv_heads]."""
+    batch, kv_heads, q_len, _ = key_states.shape
+    labels = torch.arange(kv_heads, device=key_states.device, dtype=INDEX_DTYPE).repeat(q_len)
+    return labels.expand(batch, 1, -1)
+
+
 def _live_prefix(name: str) -> property:
     """A tensor attribute of ``CompressedLayer`` backed by storage that may hold room beyond its length.
 
@@ -212,11 +226,8 @@ class CompressedLayer(DynamicLayer):
             value_states = lowrank_project(value_states, None, self.value_down)
         new_positions = torch.arange(start, start + q_len, device=key_states.device, dtype=INDEX_DTYPE)
         if self.packed:
-            # Token-major, head-minor: the new token's entries are the last kv_heads of the run.
-            key_states = key_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)
-            value_states = value_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)
-            new_heads = torch.arange(kv_heads, device=key_states.device, dtype=INDEX_DTYPE).repeat(q_len)
-            self._append_in_place("heads", new_heads.expand(batch, 1, -1))
+            self._append_in_place("heads", new_head_labels(key_states))
+            key_states, value_states = token_major(key_states), token_major(value_states)
             new_positions = new_positions.repeat_interleave(kv_heads).expand(batch, 1, q_len * kv_heads)
         else:
             new_positions = new_positions.expand(batch, kv_heads, q_len)
@@ -251,15 +262,10 @@ class CompressedLayer(DynamicLayer):
             self.recent_queries = push_query(self.recent_queries, key_states)
 
     def _append_packed(self, key_states: Tensor, value_states: Tensor):
-        batch, kv_heads, q_len, _ = key_states.shape
-        # Token-major, head-minor: the new token's entries are the last kv_heads of the run.
-        self.keys = torch.cat([self.keys, key_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)], dim=-2)
-        self.values = torch.cat(
-            [self.values, value_states.transpose(1, 2).reshape(batch, 1, q_len * kv_heads, -1)], dim=-2
-        )
-        new_heads = torch.arange(kv_heads, device=self.heads.device, dtype=INDEX_DTYPE).repeat(q_len)
-        self.heads = torch.cat([self.heads, new_heads.expand(batch, 1, -1)], dim=-1)
-        self.logical_length += q_len
+        self.keys = torch.cat([self.keys, token_major(key_states)], dim=-2)
+        self.values = torch.cat([self.values, token_major(value_states)], dim=-2)
+        self.heads = torch.cat([self.heads, new_head_labels(key_states)], dim=-1)
+        self.logical_length += key_states.shape[2]
         if self.lowrank:
             return CachedKeys(self.keys, self.heads, self.key_up, self.value_up, self.output_fold), self.values
         return CachedKeys(self.keys, self.heads), self.values
