@@ -4,10 +4,13 @@ decode step judged against the memory-bandwidth bound."""
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import random_prompt, tiny_model
 
 from kvc_compile.bench.speed import MiB, bench_variants, live_kv_bytes, markdown, memory_bandwidth, weight_bytes
+from kvc_compile.cli.bench import engine_contexts
+from kvc_compile.cli.common import UsageError
 
 # The tiny Llama (conftest.TINY): vocabulary 96, hidden 64, MLP 128, 2 layers, 2 KV heads of 16.
 EMBEDDING = 96 * 64
@@ -20,9 +23,11 @@ def test_variants_side_by_side_and_the_cache_halves():
     batch, prompt, new_tokens = 2, 64, 4
     ids = random_prompt(batch, prompt)
     options = {"method": "snapkv", "compression_ratio": 0.5, "window_size": 8, "inner_backend": "eager"}
+    # The engine is built for prompts twice as long: it still reports (and reads) this prompt's entries only.
     results = bench_variants(model, ids, options, new_tokens=new_tokens, repeats=1, engine_target="exported",
-                             bandwidth_bytes=MiB)
-    assert [r.variant for r in results] == ["transformers, full cache", "kvc: snapkv", "engine (exported): snapkv"]
+                             bandwidth_bytes=MiB, engine_max_contexts=(2 * prompt,))
+    assert [r.variant for r in results] == ["transformers, full cache", "kvc: snapkv",
+                                            "engine (exported, built for 128-token prompts): snapkv"]
     full, kvc, engine = results
     assert all(r.prefill_s > 0 and r.decode_tokens_per_s > 0 and r.decode_ms_per_step > 0 for r in results)
     # Keys and values of 32 of 64 tokens, plus the int32 position and head of each kept entry.
@@ -74,3 +79,13 @@ def test_live_cache_bytes_count_the_tensors_not_their_storage():
 def test_memory_bandwidth_is_a_positive_rate():
     bandwidth = memory_bandwidth("cpu", 4 * MiB, repeats=3)
     assert math.isfinite(bandwidth) and bandwidth > 0
+
+
+
+@pytest.mark.parametrize("text, engine, message", [
+    ("256", None, "add --engine"), ("32", "aoti", "at least --context"), ("x", "aoti", "'x' is not a prompt length"),
+])
+def test_engine_max_context_needs_an_engine_and_room_for_the_prompt(text, engine, message):
+    assert engine_contexts(None, None, 64) == [] and engine_contexts("64,256", "aoti", 64) == [64, 256]
+    with pytest.raises(UsageError, match=message):
+        engine_contexts(text, engine, 64)

@@ -218,13 +218,24 @@ def test_aoti_engine_equals_compiled_reference_and_onnx_and_writes_its_buffers_i
         external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert "model.model.embed_tokens.weight" in external
         assert all(len(t.raw_data) < 1024 for t in graph.graph.initializer if t.name not in external)
-    # The decode program writes the new entries into the buffers it is given (nothing is returned).
+    # The decode program writes the new entries into the buffers it is given (nothing is returned),
+    # right after the prompt's kept entries, and attends over that live prefix only.
     outputs = engine._prefill_program(ids.shape[1])(ids, mask)
     steps = _SlotSteps(engine, unflatten(SlotState, prefill_names(engine.manifest.state_names), outputs[1:]), mask)
-    buffers, slot = steps.buffers, engine.manifest.prompt_slots[0]
-    assert not buffers[0][:, :, slot].any()
-    assert steps(ids[:, -1:], torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1)) is not None
+    buffers, slot = steps.buffers, outputs[1].shape[2]
+    assert steps.first_slot == slot and not buffers[0][:, :, slot].any()
+    grown, token = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1), ids[:, -1:].contiguous()
+    logits = steps(token, grown)
     assert buffers[0][:, :, slot].abs().sum() > 0 and not buffers[0][:, :, slot + 1].any()
+    # What lies past the live prefix is never read: filling it with garbage changes nothing.
+    for buffer in buffers[:2]:
+        buffer[:, :, slot + 1:] = float("nan")
+    buffers[0][:, :, slot].zero_()  # the same step again writes the same entries
+    steps.slot_mask[:, slot] = False
+    assert torch.equal(steps(token, grown), logits)
+    # A package reads its inputs as contiguous without checking: a strided view is refused by name.
+    with pytest.raises(EngineError, match="input_ids is a strided view"):
+        engine._decode(ids[:, -1:], *[torch.zeros(1)] * 3, *buffers)
 
 
 def test_sampling_is_seeded_and_eos_stops_a_row(built_engine):

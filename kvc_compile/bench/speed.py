@@ -234,11 +234,12 @@ def size_label(options: dict) -> str:
 def bench_variants(
     model: PreTrainedModel, input_ids: torch.Tensor, options: dict | Sequence[dict], new_tokens: int,
     repeats: int = 3, inductor_baseline: bool = False, engine_target: str | None = None, progress: bool = False,
-    bandwidth_bytes: int | None = None,
+    bandwidth_bytes: int | None = None, engine_max_contexts: Sequence[int] = (),
 ) -> list[SpeedResult]:
     """Plain transformers with the full cache, optionally Inductor with the full cache, the kvc
     model for each of ``options`` (one method's options, or several side by side), and optionally an
-    engine built here for ``engine_target`` (``kvc_compile.build``) for each of them. Every variant
+    engine built here for ``engine_target`` (``kvc_compile.build``) for each of them: built for the
+    prompt's length, or once for each of ``engine_max_contexts`` (its ``max_context``). Every variant
     runs the prompt's rows as one batch. Each result carries the run's :class:`ReadBound`, with the
     bandwidth measured here over ``bandwidth_bytes`` (default :func:`default_bandwidth_bytes`).
     ``progress``: say on stderr what each step does before it starts (compiling takes minutes)."""
@@ -291,27 +292,35 @@ def bench_variants(
         results.append(judged(result, "compiled", False))
     if engine_target is not None:
         for variant_options in variants:
-            result = _bench_engine(model, input_ids, variant_options, new_tokens, repeats, engine_target, progress,
-                                   label(variant_options))
-            results.append(judged(result, "engine", False))
+            for max_context in engine_max_contexts or (length,):
+                result = _bench_engine(model, input_ids, variant_options, new_tokens, repeats, engine_target,
+                                       progress, label(variant_options), max_context)
+                results.append(judged(result, "engine", False))
     return results
 
 
 def _bench_engine(model, input_ids, options: dict, new_tokens: int, repeats: int, target: str,
-                  progress: bool = False, label: str | None = None) -> SpeedResult:
+                  progress: bool = False, label: str | None = None, max_context: int | None = None) -> SpeedResult:
+    """An engine built for ``max_context``-token prompts (default: the prompt's length) and timed."""
     from kvc_compile.engine import Engine, build
 
     label = label or options["method"]
+    length = input_ids.shape[1]
+    max_context = max_context or length
+    if max_context < length:
+        raise ValueError(f"an engine built for {max_context}-token prompts cannot take the {length}-token prompt")
+    built_for = "" if max_context == length else f", built for {max_context}-token prompts"
     with tempfile.TemporaryDirectory(prefix="kvc-bench-engine-") as folder, attention_implementation(model, "kvc"):
         if progress:
-            print(f"kvc-bench: building a {target} engine for {label} (this takes a while), then "
+            print(f"kvc-bench: building a {target} engine for {label}{built_for} (this takes a while), then "
                   f"{repeats} timed run(s) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        build(model, options, folder, target=target, max_context=input_ids.shape[1], max_new_tokens=new_tokens + 1,
+        build(model, options, folder, target=target, max_context=max_context, max_new_tokens=new_tokens + 1,
               max_batch=input_ids.shape[0], force=True, progress=False)
         engine = Engine.load(folder, trusted=True)  # built just now, by this process
         build_s = time.perf_counter() - start
-        return measure_engine(f"engine ({target}): {label}", engine, input_ids, new_tokens, repeats, build_s)
+        return measure_engine(f"engine ({target}{built_for}): {label}", engine, input_ids, new_tokens, repeats,
+                              build_s)
 
 
 def _baseline(result: SpeedResult, results: list[SpeedResult]) -> SpeedResult:
@@ -370,6 +379,7 @@ def markdown(results: list[SpeedResult], title: str) -> list[str]:
     ]
     if any(r.kind == "engine" for r in results):
         lines.append("Engines: their live cache is the cache bytes the engine reports (the prefill's kept entries "
-                     "with their positions), not capacity; their decode steps attend over fixed-capacity buffers "
-                     "(kept entries + one slot per new token), so they read somewhat more than counted.")
+                     "with their positions), not capacity; their decode steps attend over the live prefix of "
+                     "their buffers (the kept entries and one slot per token so far; a packed cache also the "
+                     "empty slots of layers that kept fewer than their prompt slots).")
     return lines

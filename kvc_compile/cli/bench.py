@@ -61,6 +61,21 @@ def split_list(flag: str, text: str) -> list[str]:
     return items
 
 
+def engine_contexts(text: str | None, engine: str | None, context: int) -> list[int]:
+    """``--engine-max-context``: prompt lengths to build engines for, each at least ``--context``."""
+    if text is None:
+        return []
+    if engine is None:
+        raise UsageError("--engine-max-context applies to an engine; add --engine aoti (or exported, onnx)")
+    lengths = []
+    for item in split_list("--engine-max-context", text):
+        if not item.isdigit() or int(item) < context:
+            raise UsageError(f"--engine-max-context: {item!r} is not a prompt length of at least --context "
+                             f"({context}); an engine must take the benchmark's prompt")
+        lengths.append(int(item))
+    return lengths
+
+
 def parse_ratios(text: str | None) -> list[float | None]:
     """``--compression-ratio``: one number or several separated by commas ([None]: not given)."""
     if text is None:
@@ -129,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inductor-baseline", action="store_true", help="also time Inductor with the full cache")
     parser.add_argument("--engine", choices=("aoti", "exported", "onnx"),
                         help="also build an engine for this target and time it (its warm-up includes the build)")
+    parser.add_argument("--engine-max-context", metavar="N[,N...]",
+                        help="with --engine: build it for prompts of up to N tokens (default: --context), or one "
+                             "engine per N given, side by side (its decode reads only the live entries, so N "
+                             "should not change its speed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--bandwidth-mib", type=int,
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     methods, ratios = split_list("--method", args.method), parse_ratios(args.compression_ratio)
     variants = variant_options(methods, ratios, args.budget, args.option)
     positive_int("--context", args.context)
+    engine_max_contexts = engine_contexts(args.engine_max_context, args.engine, args.context)
     positive_int("--batch", args.batch)
     positive_int("--bandwidth-mib", args.bandwidth_mib)
     positive_int("--new-tokens", args.new_tokens)
@@ -166,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     input_ids = torch.randint(min(100, vocab - 1), vocab, (args.batch, args.context), generator=generator).to(device)
     bandwidth_bytes = args.bandwidth_mib * MiB if args.bandwidth_mib is not None else None
     results = bench_variants(model, input_ids, variants, args.new_tokens, args.repeats, args.inductor_baseline,
-                             args.engine, progress=True, bandwidth_bytes=bandwidth_bytes)
+                             args.engine, progress=True, bandwidth_bytes=bandwidth_bytes,
+                             engine_max_contexts=engine_max_contexts)
     layers = f", {args.layers} layer{'s' if args.layers > 1 else ''}" if args.layers is not None else ""
     rows = f" × {args.batch} rows" if args.batch > 1 else ""
     title = (f"{args.model} ({args.weights} weights{layers}, {args.dtype}, {device}): {args.context}-token prompt"

@@ -305,7 +305,8 @@ def _probe_prefill(prefill, layout: StateLayout, length: int, device) -> tuple[l
 
 
 def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torch.dtype, device,
-                    recent_queries: int = 0, constants: list[dict] | None = None) -> tuple:
+                    recent_queries: int = 0, constants: list[dict] | None = None, live: int | None = None) -> tuple:
+    """Example inputs of a decode program; the mask spans ``live`` slots (default: the capacity)."""
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
     head_dim = _head_dim(cfg)
@@ -328,16 +329,22 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
         layers.append(SlotState(keys, values, heads_of_entries,
                                 **{name: constants[layer][name] for name in layout.constant_names}))
     token = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long, device=device)
-    mask = torch.ones(EXAMPLE_BATCH, 1, 1, max(capacity), dtype=torch.bool, device=device)
+    mask = torch.ones(EXAMPLE_BATCH, 1, 1, live or max(capacity), dtype=torch.bool, device=device)
     return (token, token.clone(), mask, torch.zeros(1, dtype=torch.long, device=device),
             *flatten(layers, layout.state_names))
 
 
-def _decode_shapes(example: tuple, layout: StateLayout) -> tuple:
-    """Every state tensor has the batch first, except the constants (KQ-SVD factors)."""
+def _decode_shapes(example: tuple, layout: StateLayout, first_live: int = 2) -> tuple:
+    """Every state tensor has the batch first, except the constants (KQ-SVD factors). Slot layouts
+    attend over the live prefix of their buffers, the mask's length, from ``first_live`` (the fewest
+    entries the largest layer holds at a step) to the capacity; the rolling layout's buffers always
+    span the mask."""
     batch = _batch_dim()
     per_layer = tuple(None if name in layout.constant_names else {0: batch} for name in layout.state_names)
-    return ({0: batch}, {0: batch}, {0: batch}, None, per_layer * (len(example[4:]) // len(per_layer)))
+    mask: dict = {0: batch}
+    if not layout.rolling:
+        mask[3] = torch.export.Dim("live", min=first_live, max=example[2].shape[-1])
+    return ({0: batch}, {0: batch}, mask, None, per_layer * (len(example[4:]) // len(per_layer)))
 
 
 def _export_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: list[list[int]],
@@ -413,7 +420,10 @@ def _decode_capacity(config: CompressionConfig, layout: StateLayout, prompt_slot
             )
         return [threshold] * len(prompt_slots)
     entries_per_token = kv_heads if layout.packed else 1
-    return [slots + max_new_tokens * entries_per_token for slots in prompt_slots]
+    # At least 3 tokens' slots, so the decode program's live prefix has a range to be dynamic over
+    # (see _export_programs) even when the engine decodes one or two tokens.
+    tokens = max(max_new_tokens, 3)
+    return [slots + tokens * entries_per_token for slots in prompt_slots]
 
 
 class SharedWeights:
@@ -603,8 +613,15 @@ def _export_programs(model, config: CompressionConfig, ranges: list[tuple[int, i
     prompt_slots = [max(lengths) for lengths in zip(*kept, strict=True)]
     capacity = _decode_capacity(config, layout, prompt_slots, max_new_tokens, model.config.num_key_value_heads)
     program = DecodeProgram(model, layout, prompt_slots, return_state=target == "onnx")
-    example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants)
-    shapes = _decode_shapes(example, layout)
+    # The live prefix a step reads: dense, a prompt's entries then the tokens' from slot 0 (the
+    # runtime packs them, so at least 2); packed, the tokens' entries after every layer's prompt
+    # slots (layers differ in kept entries, so one slot input cannot place them right after each
+    # layer's own). The last of the max_new_tokens - 1 steps leaves one token's slots unread, so
+    # the prefix never spans the whole buffer: no shape guard can tie it to the capacity.
+    per_token = model.config.num_key_value_heads if layout.packed else 1
+    live = None if layout.rolling else max(capacity) - per_token
+    example = _decode_example(model, layout, capacity, dtype, device, config.recent_queries, constants, live)
+    shapes = _decode_shapes(example, layout, max(prompt_slots) + per_token if layout.packed else 2)
     with stages.stage("export decode (fixed capacity)"):
         # The passes read the cache with native GQA and, for the rolling layout, shift the query buffer.
         decode, _ = _export_rewritten(program, example, shapes, config, decode_eviction=False,

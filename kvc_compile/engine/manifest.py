@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 # 2: AOTInductor packages without constants, beside one weights file; 3: compression while decoding
-FORMAT_VERSION = 4  # 4: exported programs without their weights; every loaded file hashed
+FORMAT_VERSION = 5  # 5: decode reads the live prefix (mask length), its token slot given; 4: shared weights, hashes
 MANIFEST = "manifest.json"
 # The ONNX programs' shared weights (kvc_compile.plugins.onnx.weights.WEIGHTS_FILE, which needs onnx).
 ONNX_WEIGHTS_FILE = "weights.onnx.data"

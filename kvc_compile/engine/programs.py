@@ -5,11 +5,14 @@ The model runs on a fresh ``CompressedCache``; the kvc pass, applied to the expo
 inserts compression after each attention and rewires the returned cache tensors to what it kept.
 
 ``DecodeProgram``: one token for every row of the batch over a cache of fixed capacity.
-``(input_ids [b, 1], position_ids [b, 1], attention_mask [b, 1, 1, capacity], step [1], *state)
--> logits [b, vocab]``; the state buffers are written in place (the new token's entries go to slot
-``prompt_slots + step``), so every step has the same shapes and the same buffers, which is what
-CUDA graphs need. The mask says which slots hold real entries; the runtime builds it the way the
-compiled path slices its 2-D mask (``kvc_compile.engine.runtime``).
+``(input_ids [b, 1], position_ids [b, 1], attention_mask [b, 1, 1, live], slot [1], *state)
+-> logits [b, vocab]``; the state buffers are written in place (the new token's entries go to token
+slot ``slot`` of the layer with the most prompt slots, and ``prompt_slots`` fewer in each other
+layer), so every step gets the same buffers. Attention reads only the live prefix of each buffer:
+the mask's length ``live`` is the entries the largest layer holds once this step's are written,
+``(slot + 1) * entries per token``, a dynamic dimension of the program, and each layer reads that
+less its difference in prompt slots. The mask says which of those slots hold real entries; the
+runtime builds it the way the compiled path slices its 2-D mask (``kvc_compile.engine.runtime``).
 
 Per layer the state is ``keys, values`` plus ``heads`` (packed layout: the KV head of each entry,
 -1 for an empty slot) plus the five low-rank factors (KQ-SVD), in ``state_names`` order.
@@ -158,11 +161,12 @@ class FixedCapacityLayer(DynamicLayer):
 class SlotLayer(FixedCapacityLayer):
     """A cache layer over fixed-capacity buffers: decoding writes the new entries to a slot."""
 
-    def __init__(self, layout: StateLayout, state: SlotState, slot: Tensor, kv_heads: int) -> None:
+    def __init__(self, layout: StateLayout, state: SlotState, slot: Tensor, live: int, kv_heads: int) -> None:
         super().__init__(state.keys, state.values)
         self.layout = layout
         self.state = state
         self.slot = slot
+        self.live = live  # the entries attention reads: the buffers' prefix up to this step's
         self.kv_heads = kv_heads
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
@@ -181,13 +185,16 @@ class SlotLayer(FixedCapacityLayer):
         else:
             self.keys.index_copy_(2, self.slot, key_states)
             self.values.index_copy_(2, self.slot, value_states)
+        # Only the live prefix: the slots after this step's hold nothing yet.
+        keys, values = self.keys[:, :, : self.live], self.values[:, :, : self.live]
         if self.layout.packed or self.layout.lowrank:
             factors = {}
             if self.layout.lowrank:
                 factors = dict(key_up=state.key_up, value_up=state.value_up,
                                output_fold=state.output_fold if state.output_fold.numel() else None)
-            return CachedKeys(self.keys, state.heads, **factors), self.values
-        return self.keys, self.values
+            heads = state.heads[:, :, : self.live] if self.layout.packed else None
+            return CachedKeys(keys, heads, **factors), values
+        return keys, values
 
 
 class RollingLayer(FixedCapacityLayer):
@@ -231,15 +238,18 @@ class DecodeProgram(nn.Module):
         self.prompt_slots = list(prompt_slots)
         self.kv_heads = model.config.num_key_value_heads
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, step: Tensor,
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, slot: Tensor,
                 *state: Tensor) -> Tensor:
+        """``slot``: the rolling layout's new logical position instead (its buffers always end at the newest entry)."""
         names = self.layout.state_names
-        entries_per_token = self.kv_heads if self.layout.packed else 1
         layer_states = unflatten(self.layout.record, names, state)
         if self.layout.rolling:
-            layers = [RollingLayer(layer_state, step) for layer_state in layer_states]
+            layers = [RollingLayer(layer_state, slot) for layer_state in layer_states]
         else:
-            layers = [SlotLayer(self.layout, layer_state, step + prompt_slots // entries_per_token, self.kv_heads)
+            entries_per_token = self.kv_heads if self.layout.packed else 1
+            live, most = attention_mask.shape[-1], max(self.prompt_slots)
+            layers = [SlotLayer(self.layout, layer_state, slot - (most - prompt_slots) // entries_per_token,
+                                live - (most - prompt_slots), self.kv_heads)
                       for layer_state, prompt_slots in zip(layer_states, self.prompt_slots, strict=True)]
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          **with_cache(SlotCache(layers)), use_cache=True)

@@ -5,9 +5,11 @@
     print(result.texts)
 
 The prefill program returns the compressed cache; its entries are copied into buffers of the
-decode program's fixed capacity (prompt slots first, then one slot per decoded token). The mask
-each step gets marks the slots holding real entries the same way the compiled path slices its
-2-D mask: prompt entry ``j`` of ``k`` kept stands at logical position ``n - k + j``.
+decode program's fixed capacity (prompt entries first, then one slot per decoded token: right after
+the prompt's kept entries in a dense cache, after the layer's prompt slots in a packed one). A step
+attends over the live prefix of the buffers only, as long as the mask it gets; the mask marks the
+slots holding real entries the same way the compiled path slices its 2-D mask: prompt entry ``j`` of
+``k`` kept stands at logical position ``n - k + j``.
 
 Engines that compress while decoding keep each layer's entries at the end of its buffers (the
 rolling layout of ``kvc_compile.engine.programs``). Each step the runtime knows how many entries a
@@ -70,7 +72,7 @@ class Generation:
 
 
 PREFILL_ARGS = ("input_ids", "attention_mask")
-DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "step")
+DECODE_ARGS = ("input_ids", "position_ids", "attention_mask", "slot")
 
 
 # What an AOTInductor package may hold. torch._inductor.aoti_load_package (torch 2.13) goes through
@@ -107,13 +109,34 @@ def _load_program(path: Path, target: str, arg_names: Sequence[str] = PREFILL_AR
         if pickled:
             raise EngineError(f"{path} is not an AOTInductor package written by kvc-build: it holds {pickled[0]}, "
                               f"which torch would unpickle on load; rebuild the engine with kvc-build")
-        return torch._inductor.aoti_load_package(str(path))
+        return _DenseInputs(torch._inductor.aoti_load_package(str(path)), arg_names)
     if not trusted:
         raise EngineError(f"engine {path.parent} was built with --target exported, and loading it unpickles parts "
                           f"of its .pt2 files (torch.export.load), which runs any code a crafted file holds; if you "
                           f"built it or trust who did, load it with Engine.load({str(path.parent)!r}, trusted=True) "
                           f"or kvc-run --trust-engine")
     return torch.export.load(str(path))
+
+
+class _DenseInputs:
+    """An AOTInductor program that refuses strided views as inputs: a package reads its inputs with
+    the strides it was compiled for (contiguous) and does not check them, so a view (a slice of a
+    longer buffer) would be read wrongly without an error. Everything else is the package's own."""
+
+    def __init__(self, program, arg_names: Sequence[str]) -> None:
+        self.program = program
+        self.arg_names = arg_names
+
+    def __call__(self, *args: Tensor):
+        for index, arg in enumerate(args):
+            if isinstance(arg, Tensor) and not arg.is_contiguous():
+                name = self.arg_names[index] if index < len(self.arg_names) else f"argument {index}"
+                raise EngineError(f"{name} is a strided view ({tuple(arg.shape)}, strides {arg.stride()}); an "
+                                  f"AOTInductor program reads contiguous inputs only: pass .contiguous()")
+        return self.program(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.program, name)
 
 
 def _program_signatures(manifest: Manifest) -> dict[str, tuple[tuple[str, ...], list[int] | None]]:
@@ -393,6 +416,11 @@ class _SlotSteps:
                        for layer, capacity in zip(state, manifest.capacity, strict=True)]
         self.buffers = flatten(self.layers, manifest.state_names)  # what every step is handed, written in place
         kept = [layer.keys.shape[2] for layer in state]
+        # The token slot of the first decoded token in the layer with the most prompt slots (the
+        # program offsets the others): dense layers keep one length, so right after the prompt's
+        # entries; packed layers each after their prompt slots.
+        self.entries_per_token = manifest.model["kv_heads"] if manifest.packed else 1
+        self.first_slot = (max(manifest.prompt_slots) // self.entries_per_token if manifest.packed else kept[0])
         # [batch, capacity] bool: prompt slots holding a real (non-padding) entry; a step adds its slot.
         length = self.prompt_length = prompt_mask.shape[1]
         self.slot_mask = torch.zeros(prompt_mask.shape[0], max(manifest.capacity), dtype=torch.bool,
@@ -418,10 +446,13 @@ class _SlotSteps:
     def __call__(self, token: Tensor, mask: Tensor) -> Tensor:
         """One step (a ``kvc_compile.lookahead.Step``): ``mask`` is the prompt's grown by the tokens so far."""
         engine = self.engine
-        step = mask.shape[1] - self.prompt_length - 1
-        self.slot_mask[:, engine.manifest.prompt_slots[0] + step] = True  # the slot this step writes
-        return engine._decode(token, _last_position(mask), self.slot_mask[:, None, None, :],
-                              torch.tensor([step], device=engine.device), *self.buffers)
+        slot = self.first_slot + mask.shape[1] - self.prompt_length - 1
+        live = (slot + 1) * self.entries_per_token
+        if not engine.manifest.packed:
+            self.slot_mask[:, slot] = True  # the slot this step writes
+        live_mask = self.slot_mask[:, None, None, :live].contiguous()  # programs read dense inputs
+        return engine._decode(token, _last_position(mask), live_mask, torch.tensor([slot], device=engine.device),
+                              *self.buffers)
 
 
 class _RollingSteps:
