@@ -23,7 +23,8 @@ from kvc_compile.methods import LOWRANK_METHOD, Method, build_method, list_metho
 
 INNER_BACKENDS = ("inductor", "eager")
 COMMON_OPTIONS = (
-    "method", "compression_ratio", "budget", "inner_backend", "decoding_interval", "target_size", "verbose", "kqsvd",
+    "method", "compression_ratio", "budget", "inner_backend", "decoding_interval", "target_size", "verbose",
+    "tune_decode", "kqsvd",
 )
 # Rank compression: alone as method="kqsvd" (options at the top level), or next to a token method
 # as kqsvd={...}.
@@ -56,6 +57,9 @@ class CompressionConfig:
     grown to ``target_size + decoding_interval`` entries per KV head, the method's scorer (fed the
     queries of the most recent tokens) brings it back to ``target_size``. MorphKV does this at
     every step, back to ``budget``.
+
+    ``tune_decode`` compiles decode graphs with Inductor's max-autotune and frozen weights
+    (``kvc_compile.backend.tuning``): slower to compile, faster to decode on the CPU.
     """
 
     method: str
@@ -70,6 +74,9 @@ class CompressionConfig:
     # A line on stderr per compilation (what is compiled, how long it took); not part of the spec.
     # KVC_VERBOSE=0 in the environment turns it off too.
     verbose: bool = field(default=True, compare=False)
+    # Decode graphs compiled with Inductor's max-autotune and frozen weights (``kvc_compile.backend.tuning``);
+    # how the graph is compiled, not what it compresses, so not part of the spec either.
+    tune_decode: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
@@ -81,6 +88,9 @@ class CompressionConfig:
             )
         if not isinstance(self.verbose, bool):
             raise ValueError(f"verbose must be True or False (a line on stderr per compilation), got {self.verbose!r}")
+        if not isinstance(self.tune_decode, bool):
+            raise ValueError(f"tune_decode must be True or False (decode graphs compiled with Inductor's max-autotune "
+                             f"and frozen weights), got {self.tune_decode!r}")
         if self.lowrank is not None:
             check_lowrank_options(self.lowrank)
             self.projections  # noqa: B018  (reads the file: ranks above its head_dim fail here)
@@ -259,7 +269,7 @@ class CompressionConfig:
         """A canonical string that travels inside the compiled graph as the custom op's argument
         (what compresses, not how the compilation reports itself)."""
         spec = dataclasses.asdict(self)
-        del spec["verbose"]
+        del spec["verbose"], spec["tune_decode"]
         return json.dumps(spec, sort_keys=True)
 
     @property

@@ -405,3 +405,20 @@ def test_kvc_debug_shows_the_traceback_of_a_user_error(capsys, no_model_load, mo
     monkeypatch.setenv("KVC_DEBUG", "1")
     with pytest.raises(ValueError, match="--samples must be at least 1"):
         demo.main(["--samples", "0"])
+
+
+def test_bench_tune_decode_reaches_the_measurement_and_the_title(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen = {}
+
+    def fake_bench(model, input_ids, options, new_tokens, repeats, inductor, engine, progress=False, **kwargs):
+        seen.update(tune_decode=kwargs.get("tune_decode"), inductor=inductor)
+        return [SpeedResult("transformers, full cache", 1.0, 0.1, 10.0, 100, None)]
+
+    monkeypatch.setattr(bench, "bench_variants", fake_bench)
+    out = tmp_path / "bench.md"
+    argv = ["--weights", "random", "--layers", "1", "--context", "32", "--inductor-baseline", "--tune-decode",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert seen == {"tune_decode": True, "inductor": True}
+    assert out.read_text().splitlines()[0].endswith(", decode graphs tuned (max-autotune, frozen weights)")

@@ -26,6 +26,7 @@ def test_registry_lists_first_methods():
         ({"method": "snapkv", "compression_ratio": 0.5, "window_size": 8.5}, "must be of type int"),
         ({"method": "snapkv", "compression_ratio": 0.5, "inner_backend": "aot"}, "valid choices: inductor, eager"),
         ({"compression_ratio": 0.5}, "must name a 'method'"),
+        ({"method": "snapkv", "compression_ratio": 0.5, "tune_decode": "yes"}, "tune_decode must be True or False"),
     ],
 )
 def test_bad_options_are_rejected_with_the_fix(options, message):
@@ -69,6 +70,14 @@ def test_kept_length_without_window_compresses_short_prompts():
 def test_spec_round_trip():
     config = CompressionConfig.from_options({"method": "snapkv", "budget": 32, "window_size": 8, "pooling": "max"})
     assert CompressionConfig.from_spec(config.to_spec()) == config
+
+
+def test_how_graphs_compile_is_not_part_of_the_spec():
+    """verbose and tune_decode change how a graph is compiled, not what its ops compress."""
+    plain = CompressionConfig.from_options({"method": "snapkv", "budget": 32})
+    tuned = CompressionConfig.from_options({"method": "snapkv", "budget": 32, "tune_decode": True, "verbose": False})
+    assert tuned.tune_decode and not plain.tune_decode
+    assert tuned.to_spec() == plain.to_spec()
 
 
 def test_wrapper_scorer_options_are_checked_like_a_method():

@@ -156,3 +156,34 @@ def test_engine_decode_program_reads_its_buffers_with_native_gqa(monkeypatch, tm
     expected = reference_generate(model, ids, options, max_new_tokens=6)
     engine = Engine.load(tmp_path / "engine", trusted=True)
     assert engine.generate(ids.tolist(), 6, stop_on_eos=False).tokens == expected.tolist()
+
+
+@pytest.mark.parametrize("method_options", [
+    {"method": "snapkv", "window_size": 8},
+    pytest.param({"method": "adakv", "scorer_options": {"window_size": 8}}, marks=pytest.mark.extended),
+], ids=["snapkv", "adakv"])
+def test_tuned_decode_graph_keeps_the_reference_tokens(monkeypatch, capfd, method_options):
+    """``tune_decode``: decode graphs, and only they, are compiled with max-autotune and frozen weights
+    (``compile_tuned``), and generate the reference's tokens, for a packed layout too."""
+    import kvc_compile.backend as backend
+
+    tuned = []
+
+    def spy(gm, example_inputs):
+        tuned.append(gm)
+        return compile_tuned(gm, example_inputs)
+
+    compile_tuned = backend.compile_tuned
+    monkeypatch.setattr(backend, "compile_tuned", spy)
+    model = tiny_model("llama", attn_implementation="kvc")
+    ids = random_prompt(2, PROMPT)
+    options = {**method_options, "compression_ratio": 0.5, "tune_decode": True}
+    expected = reference_generate(model, ids, options, max_new_tokens=5)
+    tokens, cache, _, _ = compiled_greedy_steps(model, options, ids, torch.ones_like(ids), steps=5)
+    assert torch.equal(tokens, expected[:, :5])
+    assert cache.layers[0].packed == (method_options["method"] == "adakv")
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("kvc: compiling")]
+    decode_lines = [line for line in lines if "decode graph" in line]
+    assert decode_lines and all("inductor, tuned)" in line for line in decode_lines), lines
+    assert not any("prefill graph" in line and "tuned" in line for line in lines), lines
+    assert len(tuned) == len(decode_lines), (len(tuned), lines)

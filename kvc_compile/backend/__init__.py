@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from kvc_compile.backend.grad_mode import builds_backward, compile_for_inference
+from kvc_compile.backend.tuning import compile_tuned
 from kvc_compile.config import CompressionConfig
 from kvc_compile.passes import PassManager
 from kvc_compile.passes.attention_sites import compiled_code, dynamo_compile_frame, root_module_name
@@ -61,6 +62,8 @@ def kvc_backend(
     try:
         if config.inner_backend == "eager":
             compiled = gm.forward
+        elif config.tune_decode and manager.sites and not manager.compiles_prefill:
+            compiled = compile_tuned(gm, example_inputs)
         else:
             from torch._inductor.compile_fx import compile_fx
 
@@ -82,13 +85,13 @@ class Progress:
     """One line on stderr per compilation: what is compiled, then how long it took."""
 
     def __init__(self, config: CompressionConfig, gm: fx.GraphModule, manager: PassManager) -> None:
-        prefill = sum(site.is_prefill for site in manager.sites)
-        kind = "prefill" if prefill else "decode"
+        kind = "prefill" if manager.compiles_prefill else "decode"
+        tuned = ", tuned" if config.tune_decode and kind == "decode" and config.inner_backend == "inductor" else ""
         method = config.method + (" + kqsvd" if config.lowrank is not None and config.evicts else "")
         sites = len(manager.sites)
         print(
             f"kvc: compiling the {kind} graph of {root_module_name(gm)} ({method}, {sites} attention "
-            f"site{'s' if sites != 1 else ''}, {config.inner_backend}) ...",
+            f"site{'s' if sites != 1 else ''}, {config.inner_backend}{tuned}) ...",
             end="", file=sys.stderr, flush=True,
         )
 

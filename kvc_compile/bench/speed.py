@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
+from kvc_compile.backend.tuning import compile_tuned
 from kvc_compile.cache import CompressedCache, cache_nbytes
 from kvc_compile.reference import attention_implementation
 from kvc_compile.transformers_compat import output_cache, with_cache
@@ -234,7 +235,7 @@ def size_label(options: dict) -> str:
 def bench_variants(
     model: PreTrainedModel, input_ids: torch.Tensor, options: dict | Sequence[dict], new_tokens: int,
     repeats: int = 3, inductor_baseline: bool = False, engine_target: str | None = None, progress: bool = False,
-    bandwidth_bytes: int | None = None, engine_max_contexts: Sequence[int] = (),
+    bandwidth_bytes: int | None = None, engine_max_contexts: Sequence[int] = (), tune_decode: bool = False,
 ) -> list[SpeedResult]:
     """Plain transformers with the full cache, optionally Inductor with the full cache, the kvc
     model for each of ``options`` (one method's options, or several side by side), and optionally an
@@ -242,7 +243,10 @@ def bench_variants(
     prompt's length, or once for each of ``engine_max_contexts`` (its ``max_context``). Every variant
     runs the prompt's rows as one batch. Each result carries the run's :class:`ReadBound`, with the
     bandwidth measured here over ``bandwidth_bytes`` (default :func:`default_bandwidth_bytes`).
-    ``progress``: say on stderr what each step does before it starts (compiling takes minutes)."""
+    ``progress``: say on stderr what each step does before it starts (compiling takes minutes).
+    ``tune_decode``: compile with Inductor's max-autotune and frozen weights (``kvc_compile.backend.tuning``):
+    the kvc variants' decode graphs (their ``tune_decode`` option) and every graph of the Inductor baseline
+    (which has no kvc pass to tell its decode graphs apart). Engines are built as without it."""
     variants = [options] if isinstance(options, dict) else list(options)
     batch, length = input_ids.shape
     rows = f" × {batch} rows" if batch > 1 else ""
@@ -274,7 +278,10 @@ def bench_variants(
     # A fresh Dynamo cache after each compiled variant: past its recompile limit Dynamo would run the
     # next variants eagerly, without compression.
     if inductor_baseline:
-        compiled, variant = torch.compile(model, dynamic=True), "inductor, full cache"
+        # Inductor's own settings would arrive after Dynamo has made the weights graph inputs, which
+        # freezing cannot fold: the tuned baseline goes through compile_tuned, as kvc's decode graphs do.
+        inductor = compile_tuned if tune_decode else "inductor"
+        compiled, variant = torch.compile(model, backend=inductor, dynamic=True), "inductor, full cache"
         try:
             result = measure(variant, compiled, DynamicCache, input_ids, new_tokens, repeats, say(variant, True))
         finally:
@@ -283,7 +290,8 @@ def bench_variants(
     for variant_options in variants:
         with attention_implementation(model, "kvc"):  # the packed / low-rank layouts need it; SDPA otherwise
             variant = f"kvc: {label(variant_options)}"
-            compiled = torch.compile(model, backend="kvc", options=variant_options, dynamic=True)
+            kvc_options = {**variant_options, "tune_decode": True} if tune_decode else variant_options
+            compiled = torch.compile(model, backend="kvc", options=kvc_options, dynamic=True)
             try:
                 result = measure(variant, compiled, CompressedCache, input_ids, new_tokens, repeats,
                                  say(variant, True))

@@ -148,6 +148,11 @@ class PassManager:
         order = tuple(p for p in PASSES if p not in left_out)
         self.passes: list[GraphPass] = [p(config) for p in order if p.applies(config)]
 
+    @property
+    def compiles_prefill(self) -> bool:
+        """Whether the graph ``run`` rewrote prefills the cache (else it decodes, or has no site)."""
+        return any(site.is_prefill for site in self.sites)
+
     def run(self, gm: fx.GraphModule) -> int:
         """Rewrite ``gm`` in place; returns the number of prefill sites (0 for decode graphs)."""
         sites = self.sites = find_attention_sites(gm.graph)
