@@ -10,8 +10,8 @@ weight bytes per second: eager (MKL), Inductor's default, Inductor with frozen w
 Inductor's max-autotune with frozen weights (what ``tune_decode`` compiles decode graphs with).
 
 ``--aoti-check`` compiles the same stack with AOTInductor, frozen weights and max-autotune into a
-package, then loads and runs it in a new process and reports the exit status (on torch 2.13 the
-packed weights are left out of the package and the new process crashes).
+package, with the weights inside the package's library (AOTInductor's default) and outside it (what
+engines use, to share one weights file), then loads and times each in a new process.
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 import torch
 from torch import nn
 
-from kvc_compile.backend.tuning import DECODE_TUNING
+from kvc_compile.backend.tuning import DECODE_TUNING, compile_tuned
 
+# Inductor settings per way, set process-wide before Dynamo traces: Dynamo makes the weights graph
+# attributes (which freezing folds) only when ``freezing`` is set while it traces. "compile_tuned" is the
+# kvc backend's path, which does that itself.
 WAYS = {"eager": None, "inductor": {}, "inductor, frozen weights": {"freezing": True},
-        "inductor, max-autotune and frozen weights": DECODE_TUNING}
+        "inductor, max-autotune and frozen weights": DECODE_TUNING, "compile_tuned (tune_decode)": "compile_tuned"}
 
 
 class MlpStack(nn.Module):
@@ -53,7 +57,14 @@ def stack_and_rows(rows: int) -> tuple[MlpStack, torch.Tensor, int]:
 def time_one_way(way: str, rows: int, repeats: int = 20) -> str:
     model, x, weight_bytes = stack_and_rows(rows)
     settings = WAYS[way]
-    run = model if settings is None else torch.compile(model, options=settings)
+    if settings is None:
+        run = model
+    elif settings == "compile_tuned":
+        run = torch.compile(model, backend=compile_tuned)
+    else:
+        for key, value in settings.items():
+            setattr(torch._inductor.config, key, value)
+        run = torch.compile(model)
     with torch.no_grad():
         start = time.perf_counter()
         run(x)
@@ -67,20 +78,22 @@ def time_one_way(way: str, rows: int, repeats: int = 20) -> str:
     return (f"| {way} | {rows} | {seconds * 1e3:.2f} | {weight_bytes / seconds / 1e9:.1f} | {compile_s:.0f} |")
 
 
-def aoti_check(rows: int) -> str:
-    model, x, _ = stack_and_rows(rows)
+def aoti_check(rows: int, constants_in_so: bool) -> str:
+    model, x, weights = stack_and_rows(rows)
+    settings = {**DECODE_TUNING, "aot_inductor.package_constants_in_so": constants_in_so}
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         exported = torch.export.export(model, (x,))
         path = torch._inductor.aoti_compile_and_package(exported, package_path=f"{folder}/stack.pt2",
-                                                         inductor_configs=dict(DECODE_TUNING))
-        size = sum(info.file_size for info in __import__("zipfile").ZipFile(path).infolist())
-        code = (f"import torch; p = torch._inductor.aoti_load_package({path!r}); "
-                f"print(p(torch.randn({rows}, 576)).shape)")
+                                                         inductor_configs=settings)
+        size = sum(info.file_size for info in zipfile.ZipFile(path).infolist())
+        code = (f"import time, torch; p = torch._inductor.aoti_load_package({path!r}); x = torch.randn({rows}, 576)\n"
+                f"with torch.no_grad():\n    [p(x) for _ in range(3)]; t = time.perf_counter()\n"
+                f"    [p(x) for _ in range(20)]\n"
+                f"print(f'{{(time.perf_counter() - t) / 20 * 1e3:.2f}} ms per call')")
         loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return (f"AOTInductor, frozen weights, max-autotune: package {size:,} bytes for {weights:,} bytes of weights; "
-            f"loading and running it in a new process: exit status {loaded.returncode} "
-            f"{loaded.stdout.strip()}")
+    return (f"AOTInductor, frozen weights, max-autotune, package_constants_in_so={constants_in_so}: package "
+            f"{size:,} bytes for {weights:,} bytes of weights; in a new process: exit status {loaded.returncode}, "
+            f"{loaded.stdout.strip() or 'no output'}")
 
 
 def main() -> None:
@@ -90,7 +103,8 @@ def main() -> None:
     parser.add_argument("--aoti-check", action="store_true")
     args = parser.parse_args()
     if args.aoti_check:
-        print(aoti_check(args.rows))
+        for constants_in_so in (True, False):
+            print(aoti_check(args.rows, constants_in_so), flush=True)
     elif args.way is not None:
         print(time_one_way(args.way, args.rows))
     else:
