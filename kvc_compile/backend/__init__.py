@@ -58,11 +58,14 @@ def kvc_backend(
     warn_at_recompile_limit(gm)
     manager = PassManager(config)
     manager.run(gm)
-    progress = Progress(config, gm, manager) if config.reports_progress else None
+    # Only decode graphs are tuned (kvc_compile.backend.tuning), and only when Inductor compiles them.
+    tuned = (config.tune_decode and config.inner_backend == "inductor" and bool(manager.sites)
+             and not manager.compiles_prefill)
+    progress = Progress(config, gm, manager, tuned) if config.reports_progress else None
     try:
         if config.inner_backend == "eager":
             compiled = gm.forward
-        elif config.tune_decode and manager.sites and not manager.compiles_prefill:
+        elif tuned:
             compiled = compile_tuned(gm, example_inputs)
         else:
             from torch._inductor.compile_fx import compile_fx
@@ -84,14 +87,13 @@ def kvc_backend(
 class Progress:
     """One line on stderr per compilation: what is compiled, then how long it took."""
 
-    def __init__(self, config: CompressionConfig, gm: fx.GraphModule, manager: PassManager) -> None:
+    def __init__(self, config: CompressionConfig, gm: fx.GraphModule, manager: PassManager, tuned: bool) -> None:
         kind = "prefill" if manager.compiles_prefill else "decode"
-        tuned = ", tuned" if config.tune_decode and kind == "decode" and config.inner_backend == "inductor" else ""
         method = config.method + (" + kqsvd" if config.lowrank is not None and config.evicts else "")
         sites = len(manager.sites)
         print(
             f"kvc: compiling the {kind} graph of {root_module_name(gm)} ({method}, {sites} attention "
-            f"site{'s' if sites != 1 else ''}, {config.inner_backend}{tuned}) ...",
+            f"site{'s' if sites != 1 else ''}, {config.inner_backend}{', tuned' if tuned else ''}) ...",
             end="", file=sys.stderr, flush=True,
         )
 
