@@ -26,16 +26,16 @@ def user_error(capsys, main, argv: list[str]) -> str:
     return err
 
 
+def no_model_load_refusal(*args, **kwargs):
+    raise AssertionError("the model loaded before the arguments were checked")
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail a test whose command loads a model: its error must be found before that."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model loaded before the arguments were checked")
-
     for module in (eval_cli, bench, demo, calibrate):
-        monkeypatch.setattr(module, "load_model", refuse)
-    monkeypatch.setattr(eval_cli, "load_fixture", refuse)
+        monkeypatch.setattr(module, "load_model", no_model_load_refusal)
+    monkeypatch.setattr(eval_cli, "load_fixture", no_model_load_refusal)
 
 
 # kvc-eval: arguments
@@ -422,3 +422,14 @@ def test_bench_tune_decode_reaches_the_measurement_and_the_title(capsys, monkeyp
     assert bench.main(argv) == 0
     assert seen == {"tune_decode": True, "inductor": True}
     assert out.read_text().splitlines()[0].endswith(", decode graphs tuned (max-autotune, frozen weights)")
+
+
+def test_tune_decode_is_refused_for_engines_inductor_does_not_compile(capsys, no_model_load, monkeypatch, tmp_path):
+    message = user_error(capsys, bench.main, ["--tune-decode", "--engine", "onnx"])
+    assert "--tune-decode" in message and "--engine aoti" in message
+    from kvc_compile.cli import build as build_cli
+
+    monkeypatch.setattr(build_cli, "load_model", no_model_load_refusal)
+    message = user_error(capsys, build_cli.main, ["--model", "smollm2-135m", "--method", "snapkv", "--tune-decode",
+                                                  "--target", "exported", "--out", str(tmp_path / "engine")])
+    assert "tune_decode" in message and "--target aoti" in message

@@ -262,7 +262,26 @@ def test_prompt_ranges_split_where_the_kept_length_changes_form():
         _prefill_ranges(snapkv, 8)
 
 
+def test_tuned_aoti_engine_carries_its_decode_weights_and_keeps_the_compiled_tokens(tmp_path):
+    options = method_options("snapkv")
+    result = quiet_build(tiny_model("llama", attn_implementation="kvc"), {**options, "tune_decode": True},
+                         tmp_path / "engine")
+    manifest = result.manifest
+    assert manifest.tuned_decode and manifest.self_contained == [manifest.decode.file]
+    # The decode program carries its packed weights; the prefill programs still share the weights file.
+    assert set(manifest.weights["programs"]) == {entry.file for entry in manifest.prefill}
+    # Three rows, one left-padded: not the batch size the GEMMs were autotuned at.
+    ids, mask, prompts = padded_batch()
+    ids, mask = torch.cat([ids, random_prompt(1, 40, seed=3)]), torch.cat([mask, torch.ones(1, 40, dtype=mask.dtype)])
+    prompts.append(ids[2].tolist())
+    tokens = Engine.load(tmp_path / "engine", trusted=True).generate(prompts, STEPS).tokens
+    compiled, *_ = compiled_greedy_steps(tiny_model("llama", attn_implementation="kvc"),
+                                         {**options, "inner_backend": "eager"}, ids, mask, STEPS)
+    assert tokens == compiled.tolist()
+
+
 @pytest.mark.parametrize("options, target, message", [
+    ({**PERIODIC_SNAPKV, "tune_decode": True}, "exported", "tune_decode.*--target aoti"),
     ({**PERIODIC_SNAPKV, "budget": 40}, "exported", "keeps up to 40 entries.*at most 19"),
     ({"method": "adakv", "scorer_options": {"window_size": 4}, "budget": 16, "decoding_interval": 4,
       "target_size": 16}, "exported", "per-head budgets.*only dense caches.*torch.compile"),
@@ -333,6 +352,12 @@ def test_damaged_engines_are_reported(built_engine, tmp_path):
     (future / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="format version 99"):
         Engine.load(future, trusted=True)
+    tuned = copy_engine(built_engine, tmp_path / "tuned")  # only AOTInductor programs are tuned
+    manifest = json.loads((tuned / MANIFEST).read_text())
+    manifest["tuned_decode"] = True
+    (tuned / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="'tuned_decode' must be .*'aoti'"):
+        Engine.load(tuned, trusted=True)
     garbled = copy_engine(built_engine, tmp_path / "garbled")
     (garbled / MANIFEST).write_text("{")
     with pytest.raises(EngineError, match="corrupted"):

@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-# Inductor settings of a tuned decode graph: frozen weights let the CPU GEMM template pack them.
-DECODE_TUNING = {"freezing": True, "max_autotune": True}
+# Inductor settings of a tuned decode graph: frozen weights let the CPU GEMM template pack them. The
+# timing table of every autotuned GEMM, which Inductor writes to stderr, is left out.
+DECODE_TUNING = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0}
 
 
 def parameters_as_attributes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[fx.GraphModule, list[int]]:

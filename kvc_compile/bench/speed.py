@@ -246,7 +246,7 @@ def bench_variants(
     ``progress``: say on stderr what each step does before it starts (compiling takes minutes).
     ``tune_decode``: compile with Inductor's max-autotune and frozen weights (``kvc_compile.backend.tuning``):
     the kvc variants' decode graphs (their ``tune_decode`` option) and every graph of the Inductor baseline
-    (which has no kvc pass to tell its decode graphs apart). Engines are built as without it."""
+    (which has no kvc pass to tell its decode graphs apart), and an AOTInductor engine's decode programs."""
     variants = [options] if isinstance(options, dict) else list(options)
     batch, length = input_ids.shape
     rows = f" × {batch} rows" if batch > 1 else ""
@@ -301,7 +301,8 @@ def bench_variants(
     if engine_target is not None:
         for variant_options in variants:
             for max_context in engine_max_contexts or (length,):
-                result = _bench_engine(model, input_ids, variant_options, new_tokens, repeats, engine_target,
+                engine_options = {**variant_options, "tune_decode": tune_decode and engine_target == "aoti"}
+                result = _bench_engine(model, input_ids, engine_options, new_tokens, repeats, engine_target,
                                        progress, label(variant_options), max_context)
                 results.append(judged(result, "engine", False))
     return results

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-decode", action="store_true",
                         help="compile decode graphs with Inductor's max-autotune and frozen weights (the kvc option "
                              "tune_decode; the Inductor baseline tunes all its graphs): minutes more compiling, a "
-                             "faster decode on the CPU. Engines are built as without it")
+                             "faster decode on the CPU. An --engine aoti gets tuned decode programs too")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--bandwidth-mib", type=int,
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = variant_options(methods, ratios, args.budget, args.option)
     positive_int("--context", args.context)
     engine_max_contexts = engine_contexts(args.engine_max_context, args.engine, args.context)
+    if args.tune_decode and args.engine not in (None, "aoti"):
+        raise UsageError(f"--tune-decode tunes what Inductor compiles, and an --engine {args.engine} is not "
+                         f"compiled by Inductor; use --engine aoti, or leave out --tune-decode")
     positive_int("--batch", args.batch)
     positive_int("--bandwidth-mib", args.bandwidth_mib)
     positive_int("--new-tokens", args.new_tokens)

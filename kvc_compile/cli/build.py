@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tune-decode", action="store_true",
+                        help="compile the decode programs with Inductor's max-autotune and frozen weights (--target "
+                             "aoti): faster decode steps, for minutes more compiling and one more copy of the "
+                             "weights, carried in the decode program")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     # Everything that can be refused is refused before the model loads (minutes for a large one).
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     check_out_parent(args.out)
     positive_int("--layers", args.layers)
     options = {"method": args.method, **dict(parse_option(item) for item in args.option)}
+    if args.tune_decode:
+        options["tune_decode"] = True
     if args.compression_ratio is not None:
         options["compression_ratio"] = args.compression_ratio
     elif args.budget is not None:
@@ -114,7 +120,8 @@ def report(console: Console, result) -> None:
                   f"{(full - kept) / manifest.max_context:.0f} bytes saved per prompt token")
     evicts = (f" (compressed back to {manifest.decode_target} while decoding)"
               if manifest.decode_target is not None else "")
-    console.print(f"decode capacity per layer: {max(manifest.capacity)} slots{evicts}; run it with: "
+    tuned = " (tuned: max-autotune, frozen weights)" if manifest.tuned_decode else ""
+    console.print(f"decode capacity per layer: {max(manifest.capacity)} slots{evicts}{tuned}; run it with: "
                   f"{run_command(result.out, manifest)}", markup=False)
 
 

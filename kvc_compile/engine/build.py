@@ -10,7 +10,9 @@
 3. Each program is compiled with AOTInductor into a ``.pt2`` package (target ``aoti``) or saved as
    a serialized ``ExportedProgram`` (target ``exported``: no C++ compile, for tests and debugging);
    target ``onnx`` writes ONNX graphs with the compression as custom-domain nodes. The programs
-   share one copy of the weights (``weights.safetensors``, or ``weights.onnx.data`` for ONNX).
+   share one copy of the weights (``weights.safetensors``, or ``weights.onnx.data`` for ONNX),
+   except tuned decode programs (option ``tune_decode``, AOTInductor), which carry their own packed
+   copy (``_save_program``).
 4. The tokenizer and ``manifest.json`` go beside them.
 
 Everything is checked before the model is touched, and the engine is written into a temporary
@@ -40,6 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
+from kvc_compile.backend.tuning import DECODE_TUNING
 from kvc_compile.cache import sliding_windows
 from kvc_compile.cache.attention import ATTENTION_IMPLEMENTATION
 from kvc_compile.compression.layout import INDEX_DTYPE
@@ -226,6 +229,10 @@ def check_build_request(config: CompressionConfig, *, target: str, dtype: torch.
     if max_positions is not None and max_context + max_new_tokens > max_positions:
         raise EngineError(f"max_context + max_new_tokens ({max_context + max_new_tokens}) exceeds the model's "
                           f"{max_positions} positions; lower --max-context or --max-new-tokens")
+    if config.tune_decode and target != "aoti":
+        raise EngineError(f"tune_decode compiles the decode programs with Inductor's max-autotune and frozen weights, "
+                          f"and only AOTInductor engines are compiled by Inductor; build with --target aoti, or "
+                          f"without --tune-decode for --target {target}")
     _prefill_ranges(config, max_context)
     layout = StateLayout.of(config)
     if layout.rolling and layout.packed:
@@ -464,17 +471,25 @@ class SharedWeights:
         return {"file": self.FILE, "programs": self.programs}
 
 
-def _save_program(exported, path: Path, target: str, weights=None) -> str:
+def _save_program(exported, path: Path, target: str, weights=None, tuned: bool = False) -> str:
     """Write one program; ``weights`` gathers the constants of every program into one file
-    (``SharedWeights`` for AOTInductor and exported programs, ``SharedOnnxWeights`` for ONNX)."""
+    (``SharedWeights`` for AOTInductor and exported programs, ``SharedOnnxWeights`` for ONNX).
+
+    A ``tuned`` program (AOTInductor only) is compiled with max-autotune and frozen weights
+    (``kvc_compile.backend.tuning``): its GEMMs read weights packed at compile time, which exist only
+    inside its library, so it carries them there and takes nothing from the shared file. Compiled
+    without them (``package_constants_in_so`` off), such a package crashes when loaded (torch 2.13)."""
     if target == "onnx":
         from kvc_compile.plugins.onnx import export_onnx
 
         return export_onnx(exported, path.with_suffix(".onnx"), weights).name
     if target == "aoti":
+        settings = {**DECODE_TUNING, "aot_inductor.package_constants_in_so": True} if tuned \
+            else {"aot_inductor.package_constants_in_so": False}
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path.with_suffix(".pt2")),
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
-        weights.add(path.with_suffix(".pt2").name, exported)
+                                                 inductor_configs=settings)
+        if not tuned:
+            weights.add(path.with_suffix(".pt2").name, exported)
         return path.with_suffix(".pt2").name
     weights.add(path.with_suffix(".ep.pt2").name, exported)
     with without_weights(exported):  # torch.export.save would store a copy of the weights in every program
@@ -537,6 +552,7 @@ class _Program:
     exported: torch.export.ExportedProgram
     min_length: int = 1
     max_length: int = 1
+    tuned: bool = False  # compiled with max-autotune and frozen weights, which it carries (``_save_program``)
 
 
 @dataclass
@@ -630,15 +646,16 @@ def _export_programs(model, config: CompressionConfig, ranges: list[tuple[int, i
     if layout.rolling:
         with stages.stage(f"export decode_evict (back to {config.decode_target} entries) and insert eviction"):
             evicting, _ = _export_rewritten(program, example, shapes, config)
-        decode_evict = _Program("decode_evict", evicting, 1, max(capacity))
-    return _ExportedEngine(layout, prefill, _Program("decode", decode, 1, max(capacity)), prompt_slots, capacity,
-                           kept, decode_evict, **lookahead)
+        decode_evict = _Program("decode_evict", evicting, 1, max(capacity), tuned=config.tune_decode)
+    return _ExportedEngine(layout, prefill, _Program("decode", decode, 1, max(capacity), tuned=config.tune_decode),
+                           prompt_slots, capacity, kept, decode_evict, **lookahead)
 
 
 def _compile_program(program: _Program, out: Path, target: str, weights, stages: _Stages) -> str:
     """Stage 2: one exported program compiled for ``target`` and written; returns its file name."""
-    with stages.stage(f"compile {program.name} ({target})"):
-        return _save_program(program.exported, out / program.name, target, weights)
+    tuned = ", tuned: max-autotune, frozen weights" if program.tuned else ""
+    with stages.stage(f"compile {program.name} ({target}{tuned})"):
+        return _save_program(program.exported, out / program.name, target, weights, program.tuned)
 
 
 def _shared_weights(target: str, out: Path):
@@ -698,6 +715,7 @@ def _write_manifest(model, config: CompressionConfig, exported: _ExportedEngine,
         decode=entry(exported.decode),
         decode_evict=entry(exported.decode_evict) if exported.decode_evict is not None else None,
         decode_target=config.decode_target,
+        tuned_decode=config.tune_decode,
         lookahead=lookahead,
         eos_token_ids=eos_ids(model, tokenizer),
         pad_token_id=pad_id(model, tokenizer),

@@ -22,7 +22,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 # 2: AOTInductor packages without constants, beside one weights file; 3: compression while decoding
-FORMAT_VERSION = 5  # 5: decode reads the live prefix (mask length), its token slot given; 4: shared weights, hashes
+# 4: shared weights, hashes; 5: decode reads the live prefix (mask length), its token slot given;
+FORMAT_VERSION = 6  # 6: tuned decode programs, which hold their own weights
 MANIFEST = "manifest.json"
 # The ONNX programs' shared weights (kvc_compile.plugins.onnx.weights.WEIGHTS_FILE, which needs onnx).
 ONNX_WEIGHTS_FILE = "weights.onnx.data"
@@ -69,6 +70,9 @@ class Manifest:
     # LAQ: {"steps": pseudo tokens, "capacity": rollout slots, "rollout": file, "stage2": [ProgramEntry
     # fields per prompt range]}
     lookahead: dict[str, Any] | None = None
+    # AOTInductor: the decode programs were compiled with max-autotune and frozen weights, which they
+    # carry in their own library (they take nothing from the weights file).
+    tuned_decode: bool = False
     # AOTInductor: {"file": weights file, "programs": {program file: {constant name: key in the file}}}
     weights: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
@@ -86,6 +90,13 @@ class Manifest:
         if self.lookahead is not None:
             programs += [ProgramEntry(self.lookahead["rollout"]), *self.stage2]
         return programs
+
+    @property
+    def self_contained(self) -> list[str]:
+        """The program files that hold their own weights: the tuned decode programs."""
+        if not self.tuned_decode:
+            return []
+        return [self.decode.file, *([self.decode_evict.file] if self.decode_evict is not None else [])]
 
     def write(self, folder: Path) -> None:
         self.files = {str(path.relative_to(folder)): sha256(path) for path in sorted(folder.rglob("*"))
@@ -302,6 +313,9 @@ class _ManifestChecker:
             self.integer("lookahead.capacity", lookahead["capacity"], 1)
             self.text("lookahead.rollout", lookahead["rollout"])
             self.prompt_ranges("lookahead.stage2", lookahead["stage2"], max_context)
+        tuned_decode = get("tuned_decode", optional=True) or False
+        if not isinstance(tuned_decode, bool) or (tuned_decode and get("target") != "aoti"):
+            raise self.fail("tuned_decode", "true or false, and true only for an 'aoti' engine", tuned_decode)
         weights = get("weights", optional=True)
         if weights is not None:
             self.mapping("weights", weights)
@@ -322,13 +336,14 @@ class _ManifestChecker:
             prompt_slots=prompt_slots, capacity=capacity, budgets=self.mapping("budgets", get("budgets")),
             prefill=prefill, decode=self.entry("decode", get("decode")), eos_token_ids=eos, pad_token_id=pad,
             versions=versions, tokenizer=tokenizer, decode_evict=decode_evict, decode_target=decode_target,
-            lookahead=lookahead, weights=weights, files=files,
+            lookahead=lookahead, tuned_decode=tuned_decode, weights=weights, files=files,
         )
         self.check_weights_map(manifest)
         return manifest
 
     def check_weights_map(self, manifest: Manifest) -> None:
-        """Programs that take their constants from the shared weights file each have a map of them."""
+        """Programs that take their constants from the shared weights file (all but the tuned decode
+        programs) each have a map of them."""
         weights = manifest.weights
         if weights is None or "programs" not in weights:
             if weights is not None and manifest.target != "onnx":
@@ -336,6 +351,8 @@ class _ManifestChecker:
             return
         per_program = self.mapping("weights.programs", weights["programs"])
         for entry in manifest.programs:
+            if entry.file in manifest.self_contained:
+                continue
             names = per_program.get(entry.file)
             if not isinstance(names, dict) or not all(isinstance(key, str) and isinstance(value, str)
                                                       for key, value in names.items()):

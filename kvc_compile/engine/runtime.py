@@ -175,6 +175,8 @@ def _load_shared_weights(folder: Path, manifest: Manifest, programs: dict) -> di
 
         tensors = load_file(str(folder / manifest.weights["file"]), device=manifest.device)
     for file, program in programs.items():
+        if file in manifest.self_contained:  # tuned: compiled with its own (packed) weights
+            continue
         names = manifest.weights["programs"][file] if manifest.weights is not None else {}
         if manifest.target == "exported":
             from kvc_compile.engine.programs import with_weights
