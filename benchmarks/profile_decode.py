@@ -1,10 +1,13 @@
 """Where a compiled decode step's time goes: ``torch.profiler`` over a few steps of the kvc-compiled model.
 
     python benchmarks/profile_decode.py --batch 8 --context 2048 --method snapkv --compression-ratio 0.5
+    python benchmarks/profile_decode.py --batch 8 --context 2048 --tune-decode   # decode graphs tuned
 
 Loads the model (a preset or checkpoint, as ``kvc-bench``), compiles it with ``backend="kvc"``,
 prefills a random prompt, runs warm-up steps (the in-place cache's first steps compile their own
 graphs), times some steps, then prints the profiler's table of ops by their own CPU time.
+Inductor's generated C++ kernels (the fused ops, and the GEMMs of a tuned graph) are profiled one by
+one (``cpp.enable_kernel_profile``), so they show up by name instead of as one compiled region.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--warmup-steps", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (as many are timed first)")
+    parser.add_argument("--tune-decode", action="store_true", help="the kvc option tune_decode")
+    parser.add_argument("--rows", type=int, default=25, help="rows of the profiler's table")
     args = parser.parse_args()
+    torch._inductor.config.cpp.enable_kernel_profile = True
 
     model, _ = load_model(args.model, torch.float32)
     ids = torch.randint(100, model.config.vocab_size, (args.batch, args.context),
                         generator=torch.Generator().manual_seed(0))
-    options = {"method": args.method, "compression_ratio": args.compression_ratio}
+    options = {"method": args.method, "compression_ratio": args.compression_ratio, "tune_decode": args.tune_decode}
     with attention_implementation(model, "kvc"), torch.no_grad():
         compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
         cache = CompressedCache()
@@ -52,12 +58,13 @@ def main() -> None:
         for _ in range(args.steps):
             token, mask = step(token, mask)
         print(f"{1000 * (time.perf_counter() - start) / args.steps:.1f} ms per step "
-              f"({args.batch} rows, {args.context}-token prompt, {args.method} {args.compression_ratio})")
+              f"({args.batch} rows, {args.context}-token prompt, {args.method} {args.compression_ratio}"
+              f"{', decode tuned' if args.tune_decode else ''})")
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             for _ in range(args.steps):
                 token, mask = step(token, mask)
     print(f"over {args.steps} steps:")
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":
