@@ -15,6 +15,10 @@ SDPA) and the time of SnapKV's compression of that layer's cache (window 32, max
   attention in the model's dtype, softmax in fp32, mean over the window and the GQA group,
   pooling, ``topk`` and ``gather`` of the kept indices.
 
+AdaKV over the same SnapKV scorer (head-adaptive budgets: the layer's heads compete for one budget,
+stored in the packed layout) is timed the same way, fused scoring then the head-adaptive selection
+and packing, and through the reference.
+
 Every layer costs the same, so the per-layer ratio is the model's. Targets: overhead <= 2 % of
 prefill at 32K. Compression runs eagerly, as the pass calls it once per prompt. Decode attention
 bandwidth: one decoding step's bytes of K and V (and entry labels) over its time, as a fraction of
@@ -23,6 +27,12 @@ half-size packed cache (target >= 70 %); timed eagerly and as a replayed CUDA gr
 compiled decode step with ``mode="reduce-overhead"`` runs: no Python launch cost per kernel).
 
     python benchmarks/kernels_gpu.py --out benchmarks/results/kernels-h100.md
+    python benchmarks/kernels_gpu.py --batch 8 --contexts 32768 --out benchmarks/results/kernels-h100-b8.md
+    python benchmarks/kernels_gpu.py --dry-run --out /tmp/kernels.md   # tiny shapes, any machine
+
+``--dry-run`` runs every path on tiny shapes (4 query heads, 2 KV heads, contexts 256 and 512) on
+whatever device there is, so the script is known to run before GPU time is spent on it; its numbers
+mean nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.compression.prefill import compress_layer
+from kvc_compile.methods.adakv import AdaKV
 from kvc_compile.methods.base import ScoreInputs
 from kvc_compile.methods.kernels import REFERENCE, Kernels, using_kernels
 from kvc_compile.methods.snapkv import SnapKV
@@ -46,7 +57,10 @@ from kvc_compile.ops.kernels import GPU_KERNELS, packed_attention, use_kernels
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              num_hidden_layers=1, max_position_embeddings=40000)
+TINY_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=1, max_position_embeddings=1024)
 METHOD = SnapKV(window_size=32, kernel_size=7, pooling="max")
+HEAD_ADAPTIVE = AdaKV(scorer="snapkv", scorer_options={"window_size": 32, "kernel_size": 7, "pooling": "max"})
 
 
 def timed(fn, repeats: int) -> float:
@@ -117,24 +131,29 @@ def kvpress_style(queries, keys, values, n_kept: int, window: int = 32, kernel: 
 
 
 def measure(
-    n: int, layer, rotary, device: str, dtype: torch.dtype, repeats: int, peak_gbps: float
+    n: int, batch: int, shape: dict, layer, rotary, device: str, dtype: torch.dtype, repeats: int, peak_gbps: float
 ) -> tuple[list[str], list[str]]:
-    """Table rows for one context length: prefill of one layer and the three compression paths; decode."""
-    heads, kv_heads, head_dim = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], 128
-    hidden = torch.randn(1, n, SHAPE["hidden_size"], device=device, dtype=dtype)
+    """Table rows for one context length: prefill of one layer and the compression paths; decode."""
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = shape["hidden_size"] // heads
+    hidden = torch.randn(batch, n, shape["hidden_size"], device=device, dtype=dtype)
     embeddings = rotary(hidden, torch.arange(n, device=device)[None])
     prefill = timed(lambda: layer(hidden, position_embeddings=embeddings, attention_mask=None), repeats)
-    queries = torch.randn(1, heads, n, head_dim, device=device, dtype=dtype)
-    keys = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=dtype)
+    queries = torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype)
+    keys = torch.randn(batch, kv_heads, n, head_dim, device=device, dtype=dtype)
     values = torch.randn_like(keys)
-    valid = torch.ones(1, n, dtype=torch.bool, device=device)
+    valid = torch.ones(batch, n, dtype=torch.bool, device=device)
     kernels = GPU_KERNELS if use_kernels(keys) else REFERENCE
+    fused = "fused" if kernels is GPU_KERNELS else "fused (no kernels here: reference)"
     inputs = ScoreInputs(queries, keys, values, valid, 0)
     times = {
-        "fused" if kernels is GPU_KERNELS else "fused (no kernels here: reference)": timed_with(
-            kernels, lambda: compress_layer(METHOD, n // 2, inputs), repeats),
-        "reference": timed_with(REFERENCE, lambda: compress_layer(METHOD, n // 2, inputs), repeats),
-        "kvpress-style": timed(lambda: kvpress_style(queries, keys, values, n // 2), repeats),
+        f"snapkv, {fused}": timed_with(kernels, lambda: compress_layer(METHOD, n // 2, inputs), repeats),
+        "snapkv, reference": timed_with(REFERENCE, lambda: compress_layer(METHOD, n // 2, inputs), repeats),
+        "snapkv, kvpress-style": timed(lambda: kvpress_style(queries, keys, values, n // 2), repeats),
+        f"adakv over snapkv, {fused}": timed_with(
+            kernels, lambda: compress_layer(HEAD_ADAPTIVE, n // 2, inputs), repeats),
+        "adakv over snapkv, reference": timed_with(
+            REFERENCE, lambda: compress_layer(HEAD_ADAPTIVE, n // 2, inputs), repeats),
     }
     rows = [f"| {n} | {name} | {prefill * 1e3:.2f} | {seconds * 1e3:.2f} | {seconds / prefill:.2%} |"
             for name, seconds in times.items()]
@@ -144,13 +163,13 @@ def measure(
                               device, repeats, peak_gbps)]
     # The packed layout AdaKV-style budgets leave: half the entries, heads of different lengths.
     total = kv_heads * n // 2
-    packed_keys = torch.randn(1, 1, total, head_dim, device=device, dtype=dtype)
+    packed_keys = torch.randn(batch, 1, total, head_dim, device=device, dtype=dtype)
     packed_values = torch.randn_like(packed_keys)
-    labels = torch.randint(0, kv_heads, (1, 1, total), device=device, dtype=torch.int32)
+    labels = torch.randint(0, kv_heads, (batch, 1, total), device=device, dtype=torch.int32)
     labels[..., -kv_heads:] = torch.arange(kv_heads, device=device, dtype=torch.int32)
     packed_bytes = 2 * packed_keys.numel() * packed_keys.element_size() + labels.numel() * labels.element_size()
     decode_rows.append(decode_row(
-        n, f"packed, half the entries, {'Triton' if kernels else 'reference'}", packed_bytes,
+        n, f"packed, half the entries, {'Triton' if kernels is GPU_KERNELS else 'reference'}", packed_bytes,
         lambda: packed_attention(query, packed_keys, packed_values, labels, kv_heads, head_dim**-0.5),
         device, repeats, peak_gbps))
     return rows, decode_rows
@@ -194,36 +213,46 @@ def spec_peak_gbps(device: str) -> float:
     return peak
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="4096,16384,32768")
+    parser.add_argument("--batch", type=int, default=1, help="prompt rows compressed and decoded together")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="HBM peak in GB/s (default: the device's spec when known: H100 SXM 3350, H200 4800)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes (contexts 256,512, 2 repeats) on any device: checks that every path runs")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = TINY_SHAPE if args.dry_run else SHAPE
+    if args.dry_run:
+        args.contexts, args.repeats = "256,512", 2
+        args.peak_gbps = args.peak_gbps or 1.0  # the fractions of peak mean nothing in a dry run
     if args.peak_gbps is None:
         args.peak_gbps = spec_peak_gbps(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = LlamaConfig(**SHAPE, attn_implementation="sdpa")
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
     rotary = LlamaRotaryEmbedding(config).to(device)
     start = time.perf_counter()
     rows, decode_rows = [], []
     with torch.no_grad():
         for n in args.contexts.split(","):
-            compression, decode = measure(int(n), layer, rotary, device, dtype, args.repeats, args.peak_gbps)
+            compression, decode = measure(int(n), args.batch, shape, layer, rotary, device, dtype, args.repeats,
+                                          args.peak_gbps)
             rows += compression
             decode_rows += decode
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    name = "tiny shapes, a dry run: the numbers mean nothing" if args.dry_run else "Llama-3-8B shapes"
     lines = [
-        f"# Compression overhead per layer, Llama-3-8B shapes ({dtype}, {device})",
+        f"# Compression overhead per layer, {name} ({dtype}, {device}, batch {args.batch})",
         "",
         "| context | path | prefill ms (one layer) | compression ms | overhead |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"## Decode attention, one step (32 query heads, 8 KV heads; peak {args.peak_gbps:.0f} GB/s)",
+        f"## Decode attention, one step ({heads} query heads, {kv_heads} KV heads; peak {args.peak_gbps:.0f} GB/s)",
         "",
         "| context | path | MiB read | eager ms | CUDA graph ms | bandwidth (graph), % of peak |",
         "|---|---|---|---|---|---|",

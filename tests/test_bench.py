@@ -89,3 +89,22 @@ def test_engine_max_context_needs_an_engine_and_room_for_the_prompt(text, engine
     assert engine_contexts(None, None, 64) == [] and engine_contexts("64,256", "aoti", 64) == [64, 256]
     with pytest.raises(UsageError, match=message):
         engine_contexts(text, engine, 64)
+
+
+def test_the_gpu_kernel_benchmark_runs_every_path_in_a_dry_run(tmp_path):
+    """benchmarks/kernels_gpu.py is run on a GPU only when one is lent: its dry run (tiny shapes, this
+    device) checks beforehand that every path, AdaKV's head-adaptive selection included, runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "kernels_gpu.py"
+    spec = importlib.util.spec_from_file_location("kernels_gpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "kernels.md"
+    assert script.main(["--dry-run", "--batch", "2", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "a dry run: the numbers mean nothing" in report and "batch 2" in report
+    for path_name in ("snapkv, reference", "snapkv, kvpress-style", "adakv over snapkv, reference",
+                      "SDPA, dense, full cache", "packed, half the entries"):
+        assert sum(f"| {path_name}" in line for line in report.splitlines()) == 2, path_name  # both contexts
