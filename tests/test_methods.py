@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from kvc_compile.compression.prefill import compress_layer
 from kvc_compile.methods.base import ScoreInputs
+from kvc_compile.methods.keydiff import KeyDiff
 from kvc_compile.methods.knorm import KNorm
+from kvc_compile.methods.lagkv import LagKV
 from kvc_compile.methods.random import Random
 from kvc_compile.methods.selection import select_uniform
 from kvc_compile.methods.snapkv import SnapKV
@@ -88,6 +90,43 @@ def test_knorm_keeps_the_smallest_keys():
     torch.testing.assert_close(scores[0, 0], torch.tensor([-5.0, -1.0, -2.0, -0.5]))
     kept = select_uniform(scores, torch.ones(1, 4, dtype=torch.bool), 2)
     assert kept[0, 0].tolist() == [1, 3]
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
+    # Unit keys [1, 0], [1, 0], [0, 1] (the first also scaled by 3: only directions count). Their mean
+    # is [2/3, 1/3], of norm sqrt(5)/3, so the cosines are 2/sqrt(5), 2/sqrt(5) and 1/sqrt(5).
+    keys = torch.tensor([[[[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]]]])
+    scores = KeyDiff().score(inputs(keys))
+    torch.testing.assert_close(scores[0, 0], -torch.tensor([2.0, 2.0, 1.0]) / math.sqrt(5))
+    assert select_uniform(scores, torch.ones(1, 3, dtype=torch.bool), 1)[0, 0].tolist() == [2]
+    # Left padding does not move the anchor: a padded [0, 1] key in front changes no real key's score.
+    padded = torch.cat([torch.tensor([[[[0.0, 5.0]]]]), keys], dim=2)
+    valid = torch.tensor([[False, True, True, True]])
+    torch.testing.assert_close(KeyDiff().score(inputs(padded, valid=valid))[0, 0, 1:], scores[0, 0])
+
+
+# LagKV, 1 sink, chunks of 2 tokens, head_dim 2, values = keys (their scores average to the keys'):
+# chunk 0 (positions 1-2) is normalised by chunk 1's channel range (min [0, 0], max [1, 2]): [0.5, 1] ->
+# [0.5, 0.5] (std 0), [1, 0] -> [1, 0] (std 0.71), ranks 0 and 1, scores 0 and 1/2. Chunk 1 by chunk 2's
+# (min [0, 0], max [2, 2]): [0, 0] -> std 0, [1, 2] -> [0.5, 1] (std 0.35), scores 0 and 1/2. The sink
+# and chunk 2, the last (no lag), score 1.
+LAG_KEYS = [[[[9.0, 9.0], [0.5, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 2.0], [0.0, 0.0], [2.0, 2.0]]]]
+
+
+def test_lagkv_ranks_each_chunk_against_the_next():
+    method = LagKV(n_sink=1, lag_size=2)
+    scores = method.score(inputs(LAG_KEYS))
+    torch.testing.assert_close(scores[0, 0], torch.tensor([1.0, 0.0, 0.5, 0.0, 0.5, 1.0, 1.0]))
+    assert select_uniform(scores, torch.ones(1, 7, dtype=torch.bool), 5)[0, 0].tolist() == [0, 2, 4, 5, 6]
+    # A left-padded row scores its real tokens as the row alone does: chunks start at its first token.
+    padded = torch.cat([torch.full((1, 1, 3, 2), 7.0), torch.tensor(LAG_KEYS)], dim=2)
+    valid = torch.tensor([[False] * 3 + [True] * 7])
+    torch.testing.assert_close(method.score(inputs(padded, valid=valid))[0, 0, 3:], scores[0, 0])
+    # Shorter than n_sink + 2 chunks: nothing to compare, so the sink and the newest tokens are kept.
+    short = method.score(inputs(torch.tensor(LAG_KEYS)[:, :, :4]))
+    torch.testing.assert_close(short[0, 0], torch.tensor([1.0, 0.0, 1 / 3, 2 / 3]))
+    with pytest.raises(ValueError, match="lag_size must be >= 1"):
+        LagKV(lag_size=0)
 
 
 def test_random_is_seeded_per_layer_and_seed():

@@ -16,6 +16,8 @@ METHOD_OPTIONS = {
     "snapkv": {"window_size": 8},
     "streamingllm": {},
     "knorm": {},
+    "keydiff": {},
+    "lagkv": {"n_sink": 2, "lag_size": 8},
     "random": {"seed": 3},
     "h2o": {},
     "tova": {},

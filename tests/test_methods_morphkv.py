@@ -108,8 +108,8 @@ def test_query_buffer_keeps_the_newest_queries():
          r"must exceed expected_attention's window of recent tokens \(256\), which it scores from"),
         ({"method": "lava", "budget": 64, "decoding_interval": 8, "target_size": 64},
          "every layer's scores at once.*layer_allocation='uniform'.*Methods that can: adacurdkv, adakv, chunkkv, "
-         "compactor, curdkv, "
-         "expected_attention, h2o, knorm, morphkv, obcache, pyramidkv, random, snapkv, streamingllm, tova$"),
+         "compactor, curdkv, expected_attention, h2o, keydiff, knorm, lagkv, morphkv, obcache, pyramidkv, random, "
+         "snapkv, streamingllm, tova$"),
         ({"method": "adakv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "snapkv", "budget": 64, "decoding_interval": 8, "target_size": 64}, "must exceed"),
         ({"method": "morphkv", "budget": 32, "window_size": 32}, "must exceed"),

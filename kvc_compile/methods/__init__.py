@@ -11,7 +11,9 @@ from kvc_compile.methods.compactor import Compactor
 from kvc_compile.methods.curdkv import CurDKV
 from kvc_compile.methods.expected_attention import ExpectedAttention
 from kvc_compile.methods.h2o import H2O
+from kvc_compile.methods.keydiff import KeyDiff
 from kvc_compile.methods.knorm import KNorm
+from kvc_compile.methods.lagkv import LagKV
 from kvc_compile.methods.laq import LAQ
 from kvc_compile.methods.lava import LAVa
 from kvc_compile.methods.morphkv import MorphKV
@@ -33,7 +35,7 @@ from kvc_compile.methods.tova import TOVA
 
 for _cls in (
     SnapKV, StreamingLLM, KNorm, Random, H2O, TOVA, ExpectedAttention, OBCache, CurDKV, AdaCurDKV, Compactor,
-    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ,
+    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ, KeyDiff, LagKV,
 ):
     register(_cls)
 
