@@ -24,11 +24,16 @@ import copy
 from collections.abc import Callable, Sequence
 
 import torch
+import torch._inductor.config
 from torch import fx
 
-# Inductor settings of a tuned decode graph: frozen weights let the CPU GEMM template pack them. The
-# timing table of every autotuned GEMM, which Inductor writes to stderr, is left out.
-DECODE_TUNING = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0}
+# Inductor settings of a tuned decode graph: frozen weights let the CPU GEMM template pack them.
+DECODE_TUNING = {"freezing": True, "max_autotune": True}
+# The timings of every autotuned GEMM, which Inductor writes to stderr, are left out (settings of the
+# torch versions that have them).
+DECODE_TUNING |= {name: value for name, value in (("autotune_num_choices_displayed", 0),
+                                                   ("max_autotune_report_choices_stats", False))
+                  if hasattr(torch._inductor.config, name)}
 
 
 def parameters_as_attributes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[fx.GraphModule, list[int]]:
