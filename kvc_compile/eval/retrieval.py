@@ -159,6 +159,7 @@ FIXTURE_OPTIONS: dict[str, dict] = {
     "compactor": {"protected_first": 1, "protected_last": 1},
     "expected_attention": {"n_sink": 1},
     "streamingllm": {"n_sink": 1},
+    "lagkv": {"n_sink": 1, "lag_size": 4},
 }
 
 
