@@ -313,7 +313,8 @@ class _ManifestChecker:
             self.integer("lookahead.capacity", lookahead["capacity"], 1)
             self.text("lookahead.rollout", lookahead["rollout"])
             self.prompt_ranges("lookahead.stage2", lookahead["stage2"], max_context)
-        tuned_decode = get("tuned_decode", optional=True) or False
+        tuned_decode = get("tuned_decode", optional=True)
+        tuned_decode = False if tuned_decode is None else tuned_decode
         if not isinstance(tuned_decode, bool) or (tuned_decode and get("target") != "aoti"):
             raise self.fail("tuned_decode", "true or false, and true only for an 'aoti' engine", tuned_decode)
         weights = get("weights", optional=True)
