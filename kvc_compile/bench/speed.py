@@ -301,7 +301,8 @@ def bench_variants(
     if engine_target is not None:
         for variant_options in variants:
             for max_context in engine_max_contexts or (length,):
-                engine_options = {**variant_options, "tune_decode": tune_decode and engine_target == "aoti"}
+                tuned = tune_decode and engine_target == "aoti"
+                engine_options = {**variant_options, "tune_decode": True} if tuned else variant_options
                 result = _bench_engine(model, input_ids, engine_options, new_tokens, repeats, engine_target,
                                        progress, label(variant_options), max_context)
                 results.append(judged(result, "engine", False))
