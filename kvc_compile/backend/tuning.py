@@ -62,11 +62,10 @@ def parameters_as_attributes(gm: fx.GraphModule, example_inputs: Sequence[object
 def compile_tuned(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
     """``gm`` compiled by Inductor with ``DECODE_TUNING``, its parameters frozen; it must be an inference
     graph (no grad). The result takes the graph's original inputs."""
-    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
     frozen, kept = parameters_as_attributes(gm, example_inputs)
-    with config.patch(DECODE_TUNING):
+    with torch._inductor.config.patch(DECODE_TUNING):
         compiled = compile_fx(frozen, [example_inputs[index] for index in kept])
 
     def run(*args):

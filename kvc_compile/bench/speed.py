@@ -246,8 +246,11 @@ def bench_variants(
     ``progress``: say on stderr what each step does before it starts (compiling takes minutes).
     ``tune_decode``: compile with Inductor's max-autotune and frozen weights (``kvc_compile.backend.tuning``):
     the kvc variants' decode graphs (their ``tune_decode`` option) and every graph of the Inductor baseline
-    (which has no kvc pass to tell its decode graphs apart), and an AOTInductor engine's decode programs."""
+    (which has no kvc pass to tell its decode graphs apart), and an AOTInductor engine's decode programs
+    (other engine targets refuse it: Inductor does not compile them)."""
     variants = [options] if isinstance(options, dict) else list(options)
+    if tune_decode:
+        variants = [{**variant_options, "tune_decode": True} for variant_options in variants]
     batch, length = input_ids.shape
     rows = f" × {batch} rows" if batch > 1 else ""
 
@@ -290,8 +293,7 @@ def bench_variants(
     for variant_options in variants:
         with attention_implementation(model, "kvc"):  # the packed / low-rank layouts need it; SDPA otherwise
             variant = f"kvc: {label(variant_options)}"
-            kvc_options = {**variant_options, "tune_decode": True} if tune_decode else variant_options
-            compiled = torch.compile(model, backend="kvc", options=kvc_options, dynamic=True)
+            compiled = torch.compile(model, backend="kvc", options=variant_options, dynamic=True)
             try:
                 result = measure(variant, compiled, CompressedCache, input_ids, new_tokens, repeats,
                                  say(variant, True))
@@ -301,9 +303,7 @@ def bench_variants(
     if engine_target is not None:
         for variant_options in variants:
             for max_context in engine_max_contexts or (length,):
-                tuned = tune_decode and engine_target == "aoti"
-                engine_options = {**variant_options, "tune_decode": True} if tuned else variant_options
-                result = _bench_engine(model, input_ids, engine_options, new_tokens, repeats, engine_target,
+                result = _bench_engine(model, input_ids, variant_options, new_tokens, repeats, engine_target,
                                        progress, label(variant_options), max_context)
                 results.append(judged(result, "engine", False))
     return results

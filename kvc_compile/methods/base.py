@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from kvc_compile.methods import scoring
@@ -189,6 +190,11 @@ def positions_from_first_valid(valid: Tensor) -> Tensor:
     return valid.long().cumsum(dim=-1) - 1
 
 
+def valid_first_order(valid: Tensor) -> Tensor:
+    """[batch, n] permutation putting each row's real tokens first, in their original order."""
+    return torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+
+
 def kv_heads_view(x: Tensor, kv_heads: int) -> Tensor:
     """Broadcast a [batch, n] tensor to [batch, kv_heads, n]."""
     return x[:, None, :].expand(-1, kv_heads, -1)
@@ -205,4 +211,5 @@ __all__ = [
     "gqa_mean",
     "kv_heads_view",
     "positions_from_first_valid",
+    "valid_first_order",
 ]

@@ -64,6 +64,7 @@ from kvc_compile.methods.base import (
     check_decoding_window,
     gqa_mean,
     positions_from_first_valid,
+    valid_first_order,
 )
 from kvc_compile.methods.capabilities import UnrotatesKeys
 
@@ -124,11 +125,6 @@ def key_leverage(keys: Tensor, valid: Tensor, sketch: Tensor | None, ridge: floa
     centred = (keys - (keys * mask).sum(dim=2, keepdim=True) / count) * mask
     sketched = centred if sketch is None else centred @ sketch.float()
     return leverage_scores(sketched, valid[:, None, :].expand(sketched.shape[:-1]), ridge)
-
-
-def valid_first_order(valid: Tensor) -> Tensor:
-    """[batch, n] permutation putting each row's real tokens first, in their original order."""
-    return torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
 
 
 def chunk_attention(queries: Tensor, keys: Tensor, valid: Tensor, chunk_size: int) -> Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvc_compile.methods.base import Method, ScoreInputs
+from kvc_compile.methods.base import Method, ScoreInputs, kv_heads_view, positions_from_first_valid, valid_first_order
 
 
 @dataclass(frozen=True)
@@ -45,23 +45,20 @@ class LagKV(Method):
         valid = inputs.valid
         batch, heads, n, dim = inputs.keys.shape
         sinks, lag = self.n_sink, self.lag_size
-        # Each token's index among its row's real tokens, and where a row's k-th real token sits.
-        real_index = valid.long().cumsum(-1) - 1
+        real_index = positions_from_first_valid(valid)  # each token's index among its row's real tokens
         real = valid.sum(-1, keepdim=True)  # [batch, 1]
-        slot = torch.where(valid, real_index, n)  # padding goes to a spare column
-        position = torch.zeros(batch, n + 1, dtype=torch.long, device=valid.device)
-        position.scatter_(1, slot, torch.arange(n, device=valid.device).expand(batch, n))
         # Sinks score 1; the rest ramps up with recency, which a row with chunks to score overrides.
         after_sinks = (real - sinks).clamp_min(1)
         ramp = ((real_index - sinks).clamp_min(0) / after_sinks).clamp_max(1)
         scores = torch.where(real_index < sinks, 1.0, ramp.float())
         full_chunks = (real - sinks).clamp_min(0) // lag  # [batch, 1]
         scores = torch.where((full_chunks >= 2) & (real_index >= sinks), 1.0, scores)
-        scores = scores[:, None, :].expand(batch, heads, n).contiguous()
+        scores = kv_heads_view(scores, heads).contiguous()
         chunks = max((n - sinks) // lag, 0)  # full chunks of the longest row
         if chunks < 2:
             return scores
-        index = position[:, sinks:sinks + chunks * lag]  # [batch, chunks * lag]: real tokens in order
+        # Where each row's real tokens after its sinks sit, in order: [batch, chunks * lag].
+        index = valid_first_order(valid)[:, sinks:sinks + chunks * lag]
         gather = index[:, None, :, None].expand(batch, heads, -1, dim)
 
         def chunked(states: Tensor) -> Tensor:
