@@ -8,6 +8,7 @@ given; the streaming read is the same ``sum()`` as ``kvc-bench``'s bound.
 
     python benchmarks/decode_ops_cpu.py [--batch 8] [--entries 1024,2048,4096]
     python benchmarks/decode_ops_cpu.py --entries 1024 --layers 30   # cold caches, as in a decode step
+    python benchmarks/decode_ops_cpu.py --entries 1024 --layers 30 --compile   # each candidate through Inductor
 
 With ``--layers N`` each attention candidate runs over N layers' caches in turn, as a decode step
 does, so that each call reads keys and values that are not in the CPU's caches (30 layers of
@@ -53,10 +54,19 @@ def gemm_softmax_gemm(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return torch.bmm(torch.softmax(scores, -1), values.flatten(0, 1))
 
 
+def masked_gemm_softmax_gemm(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """The form a decode graph can use: matmuls over the grouped cache, the boolean mask in the softmax."""
+    scores = torch.matmul(query, keys.mT) * query.shape[-1] ** -0.5
+    scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1), values)
+
+
 def attention_candidates(batch: int, kv_heads: int, group: int, dim: int, entries: int,
-                         layers: int = 1) -> dict[str, Callable]:
-    """Each candidate over ``layers`` layers' caches in turn (one call per layer)."""
-    per_layer = [_layer_candidates(batch, kv_heads, group, dim, entries) for _ in range(layers)]
+                         layers: int = 1, compiled: bool = False) -> dict[str, Callable]:
+    """Each candidate over ``layers`` layers' caches in turn (one call per layer); ``compiled``: each
+    candidate's function through ``torch.compile`` (Inductor), as a compiled decode graph runs it."""
+    per_layer = [_layer_candidates(batch, kv_heads, group, dim, entries, compiled) for _ in range(layers)]
 
     def in_turn(name: str) -> Callable:
         calls = [candidates[name] for candidates in per_layer]
@@ -65,18 +75,31 @@ def attention_candidates(batch: int, kv_heads: int, group: int, dim: int, entrie
     return {name: in_turn(name) for name in per_layer[0]}
 
 
-def _layer_candidates(batch: int, kv_heads: int, group: int, dim: int, entries: int) -> dict[str, Callable]:
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _layer_candidates(batch: int, kv_heads: int, group: int, dim: int, entries: int,
+                      compiled: bool = False) -> dict[str, Callable]:
     query = torch.randn(batch, kv_heads, group, dim)
     keys, values = torch.randn(batch, kv_heads, entries, dim), torch.randn(batch, kv_heads, entries, dim)
     mask = torch.ones(batch, 1, 1, entries, dtype=torch.bool)
-    sdpa = F.scaled_dot_product_attention
+    sdpa = _compiled(F.scaled_dot_product_attention) if compiled else F.scaled_dot_product_attention
+    gemms = _compiled(gemm_softmax_gemm) if compiled else gemm_softmax_gemm
+    masked_gemms = _compiled(masked_gemm_softmax_gemm) if compiled else masked_gemm_softmax_gemm
     return {
         "grouped SDPA, mask": partial(sdpa, query, keys, values, attn_mask=mask),
         "grouped SDPA, no mask": partial(sdpa, query, keys, values),
         "SDPA enable_gqa, mask": partial(sdpa, query.reshape(batch, kv_heads * group, 1, dim), keys, values,
                                          attn_mask=mask, enable_gqa=True),
-        "baddbmm+softmax+bmm": partial(gemm_softmax_gemm, query, keys, values,
+        "baddbmm+softmax+bmm": partial(gemms, query, keys, values,
                                        torch.zeros(batch * kv_heads, group, entries)),
+        "matmul+masked softmax+matmul": partial(masked_gemms, query, keys, values, mask),
     }
 
 
@@ -88,6 +111,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=3, help="query heads per KV head")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=1, help="caches read in turn (30: cold, as in a step)")
+    parser.add_argument("--compile", action="store_true", help="run each attention candidate through Inductor")
     args = parser.parse_args()
     torch.manual_seed(0)
     stream = torch.randn(128 * 2**20)  # 512 MiB
@@ -103,9 +127,11 @@ def main() -> None:
                   f"row(s): F.linear {linear:.1f} GB/s, W @ x^T {left:.1f} GB/s")
 
     print(f"\ndecode attention, batch {args.batch}, {args.kv_heads} KV heads x {args.group} query heads, "
-          f"head_dim {args.head_dim}, {args.layers} layer(s) read in turn")
+          f"head_dim {args.head_dim}, {args.layers} layer(s) read in turn"
+          + (", compiled (Inductor)" if args.compile else ""))
     for entries in (int(item) for item in args.entries.split(",")):
-        candidates = attention_candidates(args.batch, args.kv_heads, args.group, args.head_dim, entries, args.layers)
+        candidates = attention_candidates(args.batch, args.kv_heads, args.group, args.head_dim, entries, args.layers,
+                                          args.compile)
         nbytes = 2 * args.batch * args.kv_heads * entries * args.head_dim * 4 * args.layers
         cells = []
         for name, fn in candidates.items():
