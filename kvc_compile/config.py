@@ -39,6 +39,8 @@ def decoding_problem(method: Method) -> str | None:
     if method.budgets_across_layers:
         return ("its layer budgets come from every layer's scores at once, and decoding evicts each layer on its own "
                 "(lava: layer_allocation='uniform' keeps the heads' shared budgets and compresses while decoding)")
+    if method.needs_output_projection:
+        return "it weighs entries by the layer's output projection (o_proj), which only prefill hands the op"
     if method.decoding_queries is None:
         return "it reads every query of the sequence, and decoding keeps only a window of recent ones"
     return None

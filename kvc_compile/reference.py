@@ -38,12 +38,14 @@ CAPTURE_ATTENTION = "kvc_reference_capture"
 
 
 class CapturedAttention(NamedTuple):
-    """What one layer's attention saw in one forward: post-RoPE queries, keys and values, and its mask."""
+    """What one layer's attention saw in one forward: post-RoPE queries, keys and values, its mask,
+    and the layer's output projection weight (``o_proj``, None where it has none)."""
 
     query: Tensor
     keys: Tensor
     values: Tensor
     mask: Tensor | None
+    output_weight: Tensor | None = None
 
 
 _captured: dict[int, CapturedAttention] | None = None
@@ -55,7 +57,9 @@ def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
     packed = isinstance(key, CachedKeys)
     prefill = not packed and key.shape[-2] == query.shape[-2]  # nothing cached before: a prompt, even of one token
     if _captured is not None and (prefill or _capture_decode):
-        _captured[module.layer_idx] = CapturedAttention(query, key, value, attention_mask)
+        o_proj = getattr(module, "o_proj", None)
+        output_weight = o_proj.weight if isinstance(o_proj, torch.nn.Linear) else None
+        _captured[module.layer_idx] = CapturedAttention(query, key, value, attention_mask, output_weight)
     attend = kvc_attention if packed else sdpa_attention_forward
     return attend(module, query, key, value, attention_mask, **kwargs)
 
@@ -149,6 +153,7 @@ class PrefillSite(NamedTuple):
     sin: Tensor | None
     layer_idx: int
     n_layers: int
+    output_weight: Tensor | None = None
 
 
 class SlidingPrefill(NamedTuple):
@@ -193,7 +198,8 @@ def capture_prefill(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
     for site_idx, layer_idx in enumerate(layers):
         attention = captured[layer_idx]
         cos, sin = _rotary_tables(model, attention.values, position_ids)
-        sites.append(PrefillSite(*attention, cos, sin, site_idx, len(layers)))
+        sites.append(PrefillSite(attention.query, attention.keys, attention.values, attention.mask, cos, sin, site_idx,
+                                 len(layers), attention.output_weight))
     sliding = {layer_idx: SlidingPrefill(captured[layer_idx].keys, captured[layer_idx].values, windows[layer_idx])
                for layer_idx in windows}
     return CapturedPrefill(sites, out.logits, sliding)

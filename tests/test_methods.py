@@ -1,5 +1,6 @@
 """Each method's formula pinned on a case small enough to check by hand."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,12 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvc_compile.compression.prefill import compress_layer
-from kvc_compile.methods.base import ScoreInputs
+from kvc_compile.config import CompressionConfig
+from kvc_compile.methods.adakv import AdaKV
+from kvc_compile.methods.base import OutputProjectionNotFoundError, ScoreInputs
+from kvc_compile.methods.criticalkv import CriticalKV
 from kvc_compile.methods.keydiff import KeyDiff
 from kvc_compile.methods.knorm import KNorm
 from kvc_compile.methods.lagkv import LagKV
 from kvc_compile.methods.random import Random
-from kvc_compile.methods.selection import select_uniform
+from kvc_compile.methods.scoring import output_l1_norms
+from kvc_compile.methods.selection import select_two_stage_head_adaptive, select_uniform
 from kvc_compile.methods.snapkv import SnapKV
 from kvc_compile.methods.streamingllm import StreamingLLM
 
@@ -178,3 +183,60 @@ def test_selection_properties(n, pad, kept_fraction, seed):
     assert (kept.diff(dim=-1) > 0).all()
     padding_kept = (kept < pad).sum(dim=-1)
     assert (padding_kept == max(0, n_kept - (n - pad))).all()
+
+
+def test_output_norms_average_each_group_through_o_proj():
+    # One KV head, two query heads of head_dim 2, hidden 2. Values v0 = [1, 0], v1 = [0, 2]. Head 0's slice
+    # of o_proj is the identity (L1 norms 1 and 2), head 1's is [[1, 1], [1, -1]] (W v0 = [1, 1]: 2;
+    # W v1 = [2, -2]: 4). Averaged over the group: 1.5 and 3.
+    values = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]])
+    weight = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, -1.0]])
+    torch.testing.assert_close(output_l1_norms(values, weight), torch.tensor([[[1.5, 3.0]]]))
+
+
+def test_criticalkv_keeps_a_first_share_by_the_scorer_and_the_rest_by_value_weighted_scores():
+    # SnapKV on SNAP_KEYS (window 2, no pooling) scores the prefix [15, 45, 15, 15] / 112 and the window inf.
+    # o_proj [[1], [1]] makes each value's norm 2|v|: values [0.5, 0.5, 2, 1, 0, 0] give norms [1, 1, 4, 2, 0, 0],
+    # so the second stage scores the prefix about [15, 45, 60, 30] / 112. Keeping 4: the first stage's
+    # int(4 * 0.5) = 2 are the window (4, 5), the value-weighted rest 2 and 1. SnapKV alone keeps 0, 1, 4, 5.
+    method = CriticalKV(scorer_options={"window_size": 2, "kernel_size": 1})
+    values = torch.tensor([0.5, 0.5, 2.0, 1.0, 0.0, 0.0]).reshape(1, 1, 6, 1)
+    site = dataclasses.replace(inputs(SNAP_KEYS, values=values), output_weight=torch.tensor([[1.0], [1.0]]))
+    first, second = method.score(site)[:, 0, 0]
+    torch.testing.assert_close(first[:4], torch.tensor([15.0, 45.0, 15.0, 15.0]) / 112)
+    torch.testing.assert_close(second[:4], (first[:4] + 1e-4) * torch.tensor([1.0, 1.0, 4.0, 2.0]))
+    assert torch.isinf(second[4:]).all()  # a zero-norm window is still kept
+    assert compress_layer(method, 4, site).positions[0, 0].tolist() == [1, 2, 4, 5]
+    snapkv = SnapKV(window_size=2, kernel_size=1)
+    assert compress_layer(snapkv, 4, site).positions[0, 0].tolist() == [0, 1, 4, 5]
+    # All of the budget by the scorer's own ranking: the inner scorer's selection.
+    whole_first = CriticalKV(scorer_options={"window_size": 2, "kernel_size": 1}, first_stage_ratio=1.0)
+    assert compress_layer(whole_first, 4, site).positions[0, 0].tolist() == [0, 1, 4, 5]
+
+
+def test_two_stage_head_adaptive_selection_by_hand():
+    # Two KV heads, four tokens, 2 kept per head on average, no safeguard. The first-stage scores
+    # [10, 9, 8, 0] and [1, .5, .2, .1] give head 0 three of the layer's four slots and head 1 one.
+    # Head 0 keeps floor(3 / 2) = 1 by the first scores (token 0), then its best two by the second
+    # scores [0, 1, 5, 7] (tokens 3 and 2); head 1 keeps floor(1 / 2) = 0 first, then token 1 ([0, 3, 1, 2]).
+    first = torch.tensor([[[10.0, 9.0, 8.0, 0.0], [1.0, 0.5, 0.2, 0.1]]])
+    second = torch.tensor([[[0.0, 1.0, 5.0, 7.0], [0.0, 3.0, 1.0, 2.0]]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    kept = select_two_stage_head_adaptive(first, second, valid, 2, alpha_safeguard=0.0, first_share=0.5)
+    assert kept[0].tolist() == [0, 2, 3, 4 + 1]
+    # Token 0 as padding: the layer's best four are 9, 8 (head 0) and .5, .2 (head 1), two each; each head
+    # keeps its best real token by the first scores (token 1) and its best other by the second (token 3).
+    padded = torch.tensor([[False, True, True, True]])
+    kept = select_two_stage_head_adaptive(first, second, padded, 2, alpha_safeguard=0.0, first_share=0.5)
+    assert kept[0].tolist() == [1, 3, 4 + 1, 4 + 3]
+
+
+def test_criticalkv_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="first_stage_ratio must be in"):
+        CriticalKV(first_stage_ratio=1.5)
+    with pytest.raises(ValueError, match="ranks in two stages.*criticaladakv"):
+        AdaKV(scorer="criticalkv")
+    with pytest.raises(OutputProjectionNotFoundError, match="o_proj"):
+        CriticalKV(scorer_options={"window_size": 2}).score(inputs(SNAP_KEYS))
+    with pytest.raises(ValueError, match="cannot compress while decoding: it weighs entries by the layer's output"):
+        CompressionConfig.from_options({"method": "criticalkv", "budget": 8, "decoding_interval": 4, "target_size": 8})

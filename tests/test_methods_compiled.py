@@ -30,6 +30,8 @@ METHOD_OPTIONS = {
     "pyramidkv": {"window_size": 8},
     "adakv": {"scorer_options": {"window_size": 8}},
     "chunkkv": {"scorer_options": {"window_size": 8}, "chunk_length": 5},
+    "criticalkv": {"scorer_options": {"window_size": 8}},
+    "criticaladakv": {"scorer_options": {"window_size": 8}},
     "morphkv": {"window_size": 4, "budget": 20},  # a constant-size cache: an absolute budget
     "laq": {"lookahead": 4, "window_size": 2, "stage1_options": {"window_size": 8}},
 }

@@ -8,6 +8,8 @@ from kvc_compile.methods.adakv import AdaKV
 from kvc_compile.methods.base import Method, ScoreInputs
 from kvc_compile.methods.chunkkv import ChunkKV
 from kvc_compile.methods.compactor import Compactor
+from kvc_compile.methods.criticaladakv import CriticalAdaKV
+from kvc_compile.methods.criticalkv import CriticalKV
 from kvc_compile.methods.curdkv import CurDKV
 from kvc_compile.methods.expected_attention import ExpectedAttention
 from kvc_compile.methods.h2o import H2O
@@ -35,7 +37,7 @@ from kvc_compile.methods.tova import TOVA
 
 for _cls in (
     SnapKV, StreamingLLM, KNorm, Random, H2O, TOVA, ExpectedAttention, OBCache, CurDKV, AdaCurDKV, Compactor,
-    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ, KeyDiff, LagKV,
+    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ, KeyDiff, LagKV, CriticalKV, CriticalAdaKV,
 ):
     register(_cls)
 

@@ -25,6 +25,10 @@ from kvc_compile.methods.selection import EXCLUDED, PROTECTED, select_uniform
 LAYOUTS = ("dense", "packed")
 
 
+class OutputProjectionNotFoundError(ValueError):
+    """A method reads the output projection, and the attention site has none the pass could find."""
+
+
 @dataclass(frozen=True)
 class ScoreInputs:
     """Everything a scorer may read for one attention layer at the end of prefill.
@@ -53,6 +57,9 @@ class ScoreInputs:
     # (cos, sin) [batch, kv_heads, n, head_dim] at each entry's own position, while decoding, for
     # methods that un-rotate keys (``Method.unrotates_keys``); None: ``cos``/``sin`` serve keys too.
     key_tables: tuple[Tensor, Tensor] | None = None
+    # [hidden, q_heads * head_dim]: the layer's output projection (``o_proj.weight``), for methods that
+    # weigh entries by what their values add to the residual stream (``ReadsOutputProjection``).
+    output_weight: Tensor | None = None
 
     def window_votes(self, window: int) -> Tensor:
         """Attention of the last ``window`` queries over every key, summed over them: [batch, q_heads, n] fp32."""
@@ -63,6 +70,17 @@ class ScoreInputs:
         """OBCache's saliency of every key for the last ``window`` queries' outputs: [batch, q_heads, n] fp32."""
         kernel = active_kernels().output_saliency or scoring.window_output_saliency
         return kernel(self.queries, self.keys, self.values, self.valid, window, variant)
+
+    def output_norms(self, who: str = "this method") -> Tensor:
+        """``‖W_O^h v_j‖₁`` of every value through its query heads' slices of ``o_proj``, averaged over
+        each KV head's group: [batch, kv_heads, n] fp32."""
+        if self.output_weight is None:
+            raise OutputProjectionNotFoundError(
+                f"{who} weighs entries by the output projection (o_proj), but none was found after the attention "
+                f"of layer {self.layer_idx}; it supports models whose attention output goes through a linear o_proj "
+                f"(Llama, Mistral, Qwen2, Qwen3)"
+            )
+        return scoring.output_l1_norms(self.values, self.output_weight)
 
     def _rotary(self, who: str) -> tuple[Tensor, Tensor]:
         if self.cos is None or self.sin is None:
@@ -104,6 +122,8 @@ class Method(ABC):
     unrotates_keys: ClassVar[bool] = False
     # Compresses at every decoding step too, back to the prefill budget (``CompressesWhileDecoding``).
     compresses_while_decoding: ClassVar[bool] = False
+    # Reads the layer's output projection: the pass hands it to the op (``ReadsOutputProjection``).
+    needs_output_projection: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> Tensor:

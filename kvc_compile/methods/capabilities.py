@@ -10,6 +10,8 @@ says everything it needs (``class LAVa(LayerBudgets, SnapKV)``):
 * ``LayerBudgets``: a layer's budget depends on every layer's scores (LAVa): ``layer_budgets``.
 * ``PreRopeScorer``: reads queries or keys before RoPE (Expected Attention); ``UnrotatesKeys``:
   rotates cached keys back, so while decoding each entry needs its own position's tables (Compactor).
+* ``ReadsOutputProjection``: weighs entries by what their values add through ``o_proj``
+  (CriticalKV): ``ScoreInputs.output_norms``.
 * ``CompressesWhileDecoding``: evicts at every decoding step, back to the budget (MorphKV).
 * ``Lookahead``: re-scores the prompt after rolling out pseudo tokens (LAQ): ``lookahead_queries``,
   ``lookahead_scores``.
@@ -47,6 +49,10 @@ class UnrotatesKeys(PreRopeScorer):
     unrotates_keys = True
 
 
+class ReadsOutputProjection(Method):
+    needs_output_projection = True
+
+
 class CompressesWhileDecoding(Method):
     compresses_while_decoding = True
 
@@ -62,4 +68,12 @@ class Lookahead(Method):
         """Stage-2 scores [batch, kv_heads, n] of the prompt ``keys`` by the buffered ``voters``."""
 
 
-__all__ = ["CompressesWhileDecoding", "Lookahead", "LayerBudgets", "PackedLayout", "PreRopeScorer", "UnrotatesKeys"]
+__all__ = [
+    "CompressesWhileDecoding",
+    "LayerBudgets",
+    "Lookahead",
+    "PackedLayout",
+    "PreRopeScorer",
+    "ReadsOutputProjection",
+    "UnrotatesKeys",
+]

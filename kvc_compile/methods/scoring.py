@@ -85,3 +85,23 @@ def window_output_saliency(
     # A padding query that sees only padding has a 0/0 softmax row: it casts no vote.
     attention = window_attention(queries, keys, valid, window)
     return output_saliency(attention, window_logits(queries, keys, window), values, variant)
+
+
+def output_l1_norms(values: Tensor, output_weight: Tensor) -> Tensor:
+    """``‖W_O^h v_j‖₁``: the L1 norm of what value ``j`` adds to the residual stream through query head
+    ``h``'s slice of the output projection, averaged over each KV head's query heads.
+
+    ``values`` [batch, kv_heads, n, d]; ``output_weight`` [hidden, q_heads * d] (``o_proj.weight``).
+    Returns [batch, kv_heads, n] fp32. One query head at a time, so the intermediate stays
+    [batch, n, hidden].
+    """
+    batch, kv_heads, n, head_dim = values.shape
+    q_heads = output_weight.shape[1] // head_dim
+    group = q_heads // kv_heads
+    weight = output_weight.float().reshape(output_weight.shape[0], kv_heads, group, head_dim)
+    norms = []
+    for kv_head in range(kv_heads):
+        head_values = values[:, kv_head].float()  # [batch, n, d]
+        group_norms = [(head_values @ weight[:, kv_head, member].T).abs().sum(-1) for member in range(group)]
+        norms.append(torch.stack(group_norms).mean(0))
+    return torch.stack(norms, dim=1)

@@ -39,6 +39,57 @@ def select_uniform(scores: Tensor, valid: Tensor, n_kept) -> Tensor:
     return top_positions(scores, n_kept)
 
 
+def score_ranks(scores: Tensor) -> Tensor:
+    """Rank of each score along the last axis (0: the best), ties to the lowest position as in
+    ``top_positions``."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+def two_stage_scores(first: Tensor, second: Tensor, budgets, first_share: float) -> Tensor:
+    """Scores whose top ``budgets`` per head are a two-stage selection: a head's best
+    ``floor(budget * first_share)`` entries by ``first``, then its best by ``second`` among the rest.
+
+    ``first``/``second`` [batch, kv_heads, n] fp32 with padding at ``EXCLUDED`` in both; ``budgets``
+    an int (every head) or [batch, kv_heads]. First-stage entries rank above every finite score and
+    below ``PROTECTED`` ones (windows, sinks), as AdaKV's safeguard floor does.
+    """
+    first_count = budgets * first_share
+    first_count = first_count.floor() if isinstance(first_count, Tensor) else int(first_count)
+    if isinstance(first_count, Tensor):
+        first_count = first_count[..., None]
+    chosen = score_ranks(first) < first_count
+    forced = torch.full_like(second, torch.finfo(torch.float32).max)
+    return torch.where(chosen & torch.isfinite(second), forced, second)
+
+
+def select_two_stage(first: Tensor, second: Tensor, valid: Tensor, n_kept, first_share: float) -> Tensor:
+    """``select_uniform`` over ``two_stage_scores``: [batch, kv_heads, n_kept] positions, ascending."""
+    excluded = ~valid[:, None, :]
+    first, second = (x.float().masked_fill(excluded, EXCLUDED) for x in (first, second))
+    return top_positions(two_stage_scores(first, second, n_kept, first_share), n_kept)
+
+
+def head_budgets(flat_kept: Tensor, kv_heads: int, n) -> Tensor:
+    """[batch, kv_heads] entries each head holds among ``flat_kept`` ``head * n + position`` indices."""
+    counts = torch.zeros(flat_kept.shape[0], kv_heads, dtype=torch.long, device=flat_kept.device)
+    return counts.scatter_add_(1, flat_kept.div(n, rounding_mode="floor"), torch.ones_like(flat_kept))
+
+
+def select_two_stage_head_adaptive(first: Tensor, second: Tensor, valid: Tensor, n_kept, alpha_safeguard: float,
+                                   first_share: float) -> Tensor:
+    """AdaKV's head budgets from ``first`` (``select_head_adaptive``), then each head's budget filled in
+    two stages (``two_stage_scores``). Returns [batch, kv_heads * n_kept] flat indices, ascending."""
+    batch, kv_heads, n = first.shape
+    budgets = head_budgets(select_head_adaptive(first, valid, n_kept, alpha_safeguard), kv_heads, n)
+    excluded = ~valid[:, None, :]
+    first, second = (x.float().masked_fill(excluded, EXCLUDED) for x in (first, second))
+    kept = score_ranks(two_stage_scores(first, second, budgets, first_share)) < budgets[..., None]
+    # The heads' budgets sum to kv_heads * n_kept, so exactly that many entries are marked kept.
+    return top_positions(kept.float().reshape(batch, kv_heads * n), kv_heads * n_kept)
+
+
 def select_head_adaptive(scores: Tensor, valid: Tensor, n_kept, alpha_safeguard: float) -> Tensor:
     """AdaKV selection: ``kv_heads * n_kept`` entries per row, shared out between heads by score.
 

@@ -21,6 +21,11 @@ def build_scorer(wrapper: str, scorer: str, scorer_options: dict[str, Any]) -> M
             f"{wrapper}: scorer {scorer!r} already chooses its own per-head or per-layer budgets; "
             f"wrap a method that scores tokens for a uniform budget (e.g. snapkv, knorm, compactor)"
         )
+    if inner.needs_output_projection:
+        raise ValueError(
+            f"{wrapper}: scorer {scorer!r} ranks in two stages with its own selection; wrap the scorer it wraps "
+            f"instead (e.g. snapkv), or use criticaladakv for CriticalKV with head-adaptive budgets"
+        )
     return inner
 
 

@@ -48,8 +48,10 @@ def site_inputs(
     sin: Tensor | None,
     layer_idx: int,
     n_layers: int,
+    output_weight: Tensor | None = None,
 ) -> ScoreInputs:
-    """What a scorer sees at one site; warns when the prompt is too short to compress."""
+    """What a scorer sees at one site; warns when the prompt is too short to compress.
+    ``output_weight``: the layer's ``o_proj.weight``, for methods that read it (None otherwise)."""
     batch, _, n, _ = keys.shape
     method = config.method_impl
     if 0 < n <= method.min_uncompressed_length:
@@ -63,7 +65,7 @@ def site_inputs(
             stacklevel=2,
         )
     valid = valid_keys_from_mask(attn_mask, batch, n, keys.device)
-    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin)
+    return ScoreInputs(query, keys, values, valid, layer_idx, n_layers, cos, sin, output_weight=output_weight)
 
 
 def compress_site(config: CompressionConfig, *site: Tensor | int | None, scores: Tensor | None = None) -> CompressedKV:
@@ -115,14 +117,17 @@ def compress_kv(
     layer_idx: int,
     n_layers: int,
     spec: str,
+    output_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Compress one layer's prefill cache: kept keys, kept values, their positions and KV heads."""
+    """Compress one layer's prefill cache: kept keys, kept values, their positions and KV heads.
+    ``output_weight``: the layer's ``o_proj.weight``, passed only for methods that read it."""
     config = CompressionConfig.from_spec(spec)
-    return tuple(compress_site(config, query, keys, values, attn_mask, cos, sin, layer_idx, n_layers))
+    site = (query, keys, values, attn_mask, cos, sin, layer_idx, n_layers, output_weight)
+    return tuple(compress_site(config, *site))
 
 
 @compress_kv.register_fake
-def _(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
+def _(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str, output_weight=None):
     batch, kv_heads, n, _ = keys.shape
     config = CompressionConfig.from_spec(spec)
     entries = compressed_shapes(config.method_impl, config.kept_length(n), batch, kv_heads, n, layer_idx, n_layers)

@@ -137,6 +137,25 @@ def is_layout_op(node: fx.Node) -> bool:
     return _is_call(node, LAYOUT_FUNCTIONS, LAYOUT_METHODS)
 
 
+LINEAR_TARGETS = {F.linear, torch._C._nn.linear, aten.linear.default}
+
+
+def output_projection(node: fx.Node) -> fx.Node | None:
+    """The ``linear`` (``o_proj``) that ``node``'s attention output reaches through layout-only ops."""
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+            return node
+        if not is_layout_op(node):
+            return None
+    return None
+
+
+def linear_weight(linear: fx.Node) -> fx.Node:
+    """The weight operand of a ``linear`` node."""
+    return linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
+
+
 def in_place_write(node: fx.Node) -> fx.Node | None:
     """What the graph last writes into a slice of ``node`` (``node[:, :, a:b].copy_(new)``: a decode
     step appending its entries to a cache layer's storage), or None."""

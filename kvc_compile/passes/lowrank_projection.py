@@ -14,7 +14,7 @@ from torch import fx
 import kvc_compile.ops.kernels  # noqa: F401  (registers torch.ops.kvc.rope_lowrank_project)
 from kvc_compile.compression.lowrank import FACTOR_NAMES
 from kvc_compile.config import CompressionConfig
-from kvc_compile.passes.attention_sites import AttentionSite, fake_value, is_layout_op
+from kvc_compile.passes.attention_sites import AttentionSite, fake_value, linear_weight, output_projection
 from kvc_compile.passes.base import GraphPass, RewriteRecord
 from kvc_compile.passes.prefill_compression import (
     CacheLayoutError,
@@ -27,8 +27,6 @@ from kvc_compile.transformers_compat import CACHE_ARG
 FACTORS_MARKER = {torch.ops.kvc.lowrank_factors.default, torch.ops.kvc.lowrank_factors}
 
 
-LINEAR_TARGETS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
-
 
 def factor_markers(k_rope: fx.Node | None) -> list[fx.Node] | None:
     """The five getitems of ``kvc.lowrank_factors(k_rope)``, if the cache records factors."""
@@ -38,17 +36,6 @@ def factor_markers(k_rope: fx.Node | None) -> list[fx.Node] | None:
         if user.op == "call_function" and user.target in FACTORS_MARKER:
             items = {u.args[1]: u for u in user.users if u.target is operator.getitem}
             return [items.get(index) for index in range(5)]
-    return None
-
-
-def output_projection(node: fx.Node) -> fx.Node | None:
-    """The ``linear`` (``o_proj``) that ``node``'s attention output reaches through layout-only ops."""
-    while len(node.users) == 1:
-        node = next(iter(node.users))
-        if node.op == "call_function" and node.target in LINEAR_TARGETS:
-            return node
-        if not is_layout_op(node):
-            return None
     return None
 
 
@@ -123,8 +110,7 @@ class ProjectCacheToLowRank(GraphPass):
         linear = output_projection(site.attention)
         if linear is None or marker is None:
             return marker
-        weight = linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
-        op, args = torch.ops.kvc.fold_output_projection.default, (weight, value_up)
+        op, args = torch.ops.kvc.fold_output_projection.default, (linear_weight(linear), value_up)
         with graph.inserting_before(graph.output_node()):
             node = graph.call_function(op, args)
         propagate_meta(node, op, args)

@@ -15,7 +15,13 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv, compute_unbacked_bin
 
 import kvc_compile.ops  # noqa: F401  (registers torch.ops.kvc.*)
 from kvc_compile.config import CompressionConfig
-from kvc_compile.passes.attention_sites import ADD_TARGETS, AttentionSite, fake_value
+from kvc_compile.passes.attention_sites import (
+    ADD_TARGETS,
+    AttentionSite,
+    fake_value,
+    linear_weight,
+    output_projection,
+)
 from kvc_compile.passes.base import GraphPass, RewriteRecord, SiteRewrite
 from kvc_compile.transformers_compat import CACHE_ARG
 
@@ -81,14 +87,15 @@ class InsertPrefillCompression(GraphPass):
 
         ...
         out = scaled_dot_product_attention(q_rope, keys, values, attn_mask=mask, enable_gqa=True)
-        kept = kvc.compress_kv(q_rope, keys, values, mask, cos, sin, layer_idx, n_layers, spec)
+        kept = kvc.compress_kv(q_rope, keys, values, mask, cos, sin, layer_idx, n_layers, spec[, o_proj.weight])
         return (..., kept[0], kept[1], kept[2], kept[3], ...)
 
     Prefill attention itself still reads the full cache; only the cache outputs are rewired, so the
     cache object ends up holding the kept entries. ``cos``/``sin`` are the rotary tables applied to
     ``k_rope`` (found from the RoPE pattern ``k * cos + rotate_half(k) * sin``), for methods that
-    score pre-RoPE keys. Decode graphs (query length 1) and continuation chunks (something already
-    cached) are left as they are.
+    score pre-RoPE keys; ``o_proj.weight`` is passed only to methods that read it (CriticalKV), found
+    from the attention output through layout-only ops. Decode graphs (query length 1) and continuation
+    chunks (something already cached) are left as they are.
 
     For methods whose layer budgets depend on every layer (``budgets_across_layers``), each site
     gets a ``kvc::score_kv(...)`` instead, and one ``kvc::compress_layers(scores, keys, values, mask,
@@ -159,6 +166,16 @@ class InsertPrefillCompression(GraphPass):
         args = (
             site.query, site.cached_keys, site.cached_values, site.mask, cos, sin, site.layer_idx, n_layers, self.spec,
         )
+        if method.needs_output_projection:
+            o_proj = output_projection(site.attention)
+            if o_proj is None:
+                raise CacheLayoutError(
+                    f"kvc: {self.config.method} weighs entries by the output projection, but no linear o_proj "
+                    f"follows the attention of layer {site.layer_idx}; use a method that does not read it "
+                    f"(e.g. {getattr(method, 'scorer', 'snapkv')}), or a model whose attention output goes "
+                    f"through o_proj (Llama, Mistral, Qwen2, Qwen3)"
+                )
+            args += (linear_weight(o_proj),)
         return args, markers
 
     @staticmethod
