@@ -30,7 +30,7 @@ from kvc_compile.plugins.onnx import plugin_nodes
 
 STEPS = 8
 WINDOWED = {"snapkv", "pyramidkv", "lava", "obcache"}
-SNAPKV_SCORED = {"adakv", "chunkkv"}  # wrap a scorer, SnapKV by default
+SNAPKV_SCORED = {"adakv", "chunkkv", "criticalkv", "criticaladakv"}  # wrap a scorer, SnapKV by default
 # LAQ decodes through lookahead_generate on the compiled path: test_laq_engine_keeps_the_compiled_tokens.
 NOT_IN_ENGINES = {"laq"}
 LAQ = {"method": "laq", "compression_ratio": 0.5, "window_size": 4, "stage1_options": {"window_size": 8}}

@@ -17,9 +17,11 @@ from kvc_compile.plugins.onnx import PLUGIN_DOMAIN, OnnxExportError, export_onnx
 
 # One method per ONNX plugin: KvcCompressKV (dense with rotary tables, packed; without rotary
 # tables: snapkv in test_engine.py's AOTInductor test), KvcPackedAttention (packed decode),
-# KvcScoreKV + KvcCompressLayers (budgets across layers).
+# KvcScoreKV + KvcCompressLayers (budgets across layers), KvcCompressKVWeighted (the output projection
+# as an input: CriticalAdaKV, packed).
 PLUGINS_USED = {
     "expected_attention": ({"KvcCompressKV"}, set()),
+    "criticaladakv": ({"KvcCompressKVWeighted"}, {"KvcPackedAttention"}),
     "adakv": ({"KvcCompressKV"}, {"KvcPackedAttention"}),
     "lava": ({"KvcScoreKV", "KvcCompressLayers"}, {"KvcPackedAttention"}),
 }

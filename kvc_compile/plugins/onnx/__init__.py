@@ -90,6 +90,11 @@ PLUGINS = {
     "compress_kv": Plugin(
         "KvcCompressKV", "kvc::compress_kv: score one layer's prefill cache and keep its budget.",
         _SCORE_INPUTS, (("kept_keys", "T"), ("kept_values", "T"), ("positions", "I"), ("heads", "I")), _LAYER_ATTRS),
+    "compress_kv_weighted": Plugin(
+        "KvcCompressKVWeighted", "kvc::compress_kv for methods that weigh entries by the output projection "
+        "(CriticalKV): KvcCompressKV's inputs and the layer's o_proj weight [hidden, q_heads * head_dim].",
+        (*_SCORE_INPUTS, ("output_weight", "T")),
+        (("kept_keys", "T"), ("kept_values", "T"), ("positions", "I"), ("heads", "I")), _LAYER_ATTRS),
     "score_kv": Plugin(
         "KvcScoreKV", "kvc::score_kv: one layer's scores [batch, kv_heads, n], for KvcCompressLayers.",
         _SCORE_INPUTS, (("scores", "F"),), _LAYER_ATTRS),
@@ -161,9 +166,13 @@ def _lookup() -> dict[str, str]:
     return {"plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 
 
-def _compress_kv(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):
-    return PLUGIN_OPSET.KvcCompressKV(*_score_inputs(query, keys, values, attn_mask, cos, sin),
-                                      layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
+def _compress_kv(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str,
+                 output_weight=None):
+    inputs = _score_inputs(query, keys, values, attn_mask, cos, sin)
+    if output_weight is not None:  # a separate node type, so engines built before it keep their schema
+        return PLUGIN_OPSET.KvcCompressKVWeighted(*inputs, output_weight, layer_idx=layer_idx, n_layers=n_layers,
+                                                  spec=spec, **_lookup())
+    return PLUGIN_OPSET.KvcCompressKV(*inputs, layer_idx=layer_idx, n_layers=n_layers, spec=spec, **_lookup())
 
 
 def _score_kv(query, keys, values, attn_mask, cos, sin, layer_idx: int, n_layers: int, spec: str):

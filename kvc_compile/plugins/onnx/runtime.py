@@ -43,6 +43,13 @@ def _compress_kv(query, keys, values, mask, cos, sin, layer_idx, n_layers, spec,
     return _arrays(kvc.compress_kv(*map(_tensor, (query, keys, values, mask, cos, sin)), layer_idx, n_layers, spec))
 
 
+@onnx_op(op_type=PLUGINS["compress_kv_weighted"].name, inputs=[*SCORE_INPUTS, F32], outputs=[F32, F32, I32, I32],
+         attrs=LAYER_ATTRS)
+def _compress_kv_weighted(query, keys, values, mask, cos, sin, output_weight, layer_idx, n_layers, spec, **_lookup):
+    site = map(_tensor, (query, keys, values, mask, cos, sin))
+    return _arrays(kvc.compress_kv(*site, layer_idx, n_layers, spec, _tensor(output_weight)))
+
+
 @onnx_op(op_type=PLUGINS["score_kv"].name, inputs=SCORE_INPUTS, outputs=[F32], attrs=LAYER_ATTRS)
 def _score_kv(query, keys, values, mask, cos, sin, layer_idx, n_layers, spec, **_lookup):
     return kvc.score_kv(*map(_tensor, (query, keys, values, mask, cos, sin)), layer_idx, n_layers, spec).numpy()
