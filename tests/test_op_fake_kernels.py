@@ -102,6 +102,7 @@ EXTENDED = {
     "expected attention while decoding": (
         {"method": "expected_attention", "decoding_window": 4, "decoding_interval": 2, "target_size": 6}, True),
     "morphkv": ({"method": "morphkv", "window_size": 4}, True),
+    "criticaladakv (packed, o_proj as an input)": ({"method": "criticaladakv", "scorer_options": WINDOW}, False),
 }
 # The budgets, each with the prompt lengths it runs: one token, shorter than and as long as the
 # window (kept whole), a prompt that compresses, and budgets that keep everything or one entry.
