@@ -46,6 +46,14 @@ def decoding_problem(method: Method) -> str | None:
     return None
 
 
+def _decodes_by_default(name: str) -> bool:
+    """Whether method ``name`` with its default options can compress while decoding."""
+    try:
+        return decoding_problem(method_class(name)()) is None
+    except ValueError:  # a method that needs an option (a calibration file) cannot be built bare
+        return False
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """What to compress and how much.
@@ -158,7 +166,7 @@ class CompressionConfig:
                 f"target_size), or drop kqsvd"
             )
         if problem is not None:
-            able = [name for name in list_token_methods() if decoding_problem(method_class(name)()) is None]
+            able = [name for name in list_token_methods() if _decodes_by_default(name)]
             raise ValueError(
                 f"{self.method} cannot compress while decoding: {problem}. Methods that can: {', '.join(able)}"
             )
@@ -282,11 +290,15 @@ class CompressionConfig:
     def check_model(self, model) -> None:
         """Refuse a model this configuration was not made for: KQ-SVD projections calibrated on another
         model (``CalibrationMismatchError``). The compiled and the reference paths both call it."""
-        if self.lowrank is not None:
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
+        if self.lowrank is None and not self.evicts:
+            return
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-            with unset_fake_temporarily():  # the weights are hashed: real tensors, even inside a compile
+        with unset_fake_temporarily():  # the weights are hashed: real tensors, even inside a compile
+            if self.lowrank is not None:
                 self.projections.check_model(model, self.lowrank["projections"])
+            if self.evicts:
+                self.method_impl.check_model(model)
 
     @staticmethod
     def from_spec(spec: str) -> CompressionConfig:

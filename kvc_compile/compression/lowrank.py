@@ -21,14 +21,10 @@ from transformers import PreTrainedModel
 
 from kvc_compile.files import default_mode
 from kvc_compile.methods.kqsvd import check_rank
-from kvc_compile.models.identity import model_identity
+from kvc_compile.models.identity import CalibrationMismatchError, check_identity
 
 FORMAT = "kvc-compile/lowrank-projections/1"
 FACTOR_NAMES = ("key_down", "key_up", "value_down", "value_up")  # the calibrated ones; then output_fold
-
-
-class CalibrationMismatchError(ValueError):
-    """A projections file used with a model (or settings) it was not calibrated for."""
 
 
 def project_entries(x: Tensor, heads: Tensor | None, down: Tensor) -> Tensor:
@@ -132,16 +128,7 @@ class LowRankProjections:
         return projections
 
     def check_model(self, model: PreTrainedModel, source: str | Path = "these projections") -> None:
-        expected = model_identity(model)
-        # The name records where the weights came from; the same weights load from several places.
-        different = {key: (self.identity.get(key), value) for key, value in expected.items()
-                     if key != "name" and self.identity.get(key) != value}
-        if different:
-            details = ", ".join(f"{key}: file {file!r} vs model {now!r}" for key, (file, now) in different.items())
-            raise CalibrationMismatchError(
-                f"{source} was calibrated for another model ({details}; calibrated on "
-                f"{self.identity.get('name')!r}); calibrate on this one: kvc-calibrate --model MODEL --out FILE"
-            )
+        check_identity(self.identity, model, source, "kvc-calibrate --model MODEL --out FILE")
 
     def truncated(self, key_rank: int | None = None, value_rank: int | None = None) -> LowRankProjections:
         """The same projections with every layer at the given ranks (None: the calibrated ranks)."""

@@ -151,6 +151,7 @@ _SNAPKV_LIKE = {"window_size": 1, "kernel_size": 3}
 FIXTURE_OPTIONS: dict[str, dict] = {
     "snapkv": _SNAPKV_LIKE, "pyramidkv": _SNAPKV_LIKE, "lava": _SNAPKV_LIKE, "obcache": _SNAPKV_LIKE,
     "adakv": {"scorer_options": _SNAPKV_LIKE},
+    "criticalkv": {"scorer_options": _SNAPKV_LIKE}, "criticaladakv": {"scorer_options": _SNAPKV_LIKE},
     "chunkkv": {"scorer_options": _SNAPKV_LIKE, "chunk_length": 2},
     "laq": {**_SNAPKV_LIKE, "stage1_options": _SNAPKV_LIKE},
     "morphkv": {"window_size": 2},

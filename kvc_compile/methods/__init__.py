@@ -21,6 +21,7 @@ from kvc_compile.methods.lava import LAVa
 from kvc_compile.methods.morphkv import MorphKV
 from kvc_compile.methods.obcache import OBCache
 from kvc_compile.methods.pyramidkv import PyramidKV
+from kvc_compile.methods.qfilters import QFilters
 from kvc_compile.methods.random import Random
 from kvc_compile.methods.registry import (
     LOWRANK_METHOD,
@@ -37,7 +38,7 @@ from kvc_compile.methods.tova import TOVA
 
 for _cls in (
     SnapKV, StreamingLLM, KNorm, Random, H2O, TOVA, ExpectedAttention, OBCache, CurDKV, AdaCurDKV, Compactor,
-    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ, KeyDiff, LagKV, CriticalKV, CriticalAdaKV,
+    LAVa, PyramidKV, AdaKV, ChunkKV, MorphKV, LAQ, KeyDiff, LagKV, CriticalKV, CriticalAdaKV, QFilters,
 ):
     register(_cls)
 

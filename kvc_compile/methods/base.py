@@ -181,6 +181,11 @@ class Method(ABC):
         [batch, kv_heads * n_kept] flat indices ``head * n + position`` (see ``select_head_adaptive``)."""
         return select_uniform(scores, valid, n_kept)
 
+    def check_model(self, model) -> None:
+        """Refuse a model this method's options were not made for (a calibration file of another
+        model); the compiled and the reference paths both call it. Most methods fit any model."""
+        return None
+
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
