@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,16 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, **ov
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def calibrated_filters(arch: str, directory) -> str:
+    """Q-Filters of the tiny ``arch`` model, calibrated on two prompts, in ``directory`` (made once)."""
+    from kvc_compile.eval.qfilters import calibrate_query_filters
+
+    path = Path(directory) / f"{arch}-qfilters.safetensors"
+    if not path.exists():
+        calibrate_query_filters(tiny_model(arch), [random_prompt(1, 48, seed=s) for s in (5, 6)]).save(path)
+    return str(path)
 
 
 def random_prompt(batch: int, length: int, seed: int = 1, vocab: int = TINY["vocab_size"]) -> torch.Tensor:

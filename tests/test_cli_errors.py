@@ -279,6 +279,7 @@ def test_demo_takes_float_and_string_options(capsys, monkeypatch):
     (["--rank", "0"], "--rank must be at least 1"),
     (["--max-error", "nan"], "--max-error must be a finite number"),
     (["--max-error", "1.5"], "--max-error must be in [0, 1)"),
+    (["--method", "qfilters", "--rank", "4"], "Q-Filters keep one direction per head, drop --rank"),
 ])
 def test_calibrate_refuses_bad_arguments_before_loading(capsys, tmp_path, no_model_load, argv, message):
     assert message in user_error(capsys, calibrate.main, [*argv, "--out", str(tmp_path / "p.safetensors")])

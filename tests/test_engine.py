@@ -12,7 +12,7 @@ import warnings
 import onnx
 import pytest
 import torch
-from conftest import compiled_greedy_steps, random_prompt, tiny_model
+from conftest import calibrated_filters, compiled_greedy_steps, random_prompt, tiny_model
 from safetensors import safe_open
 
 from kvc_compile import lookahead_generate, reference_generate
@@ -84,6 +84,8 @@ CORE_METHODS = {"snapkv", "knorm"}
 ])
 def test_every_method_builds_and_keeps_the_compiled_tokens(method, tmp_path):
     options = method_options(method)
+    if method == "qfilters":
+        options["filters"] = calibrated_filters("llama", tmp_path)
     quiet_build(tiny_model("llama", attn_implementation="kvc"), options, tmp_path / "engine", target="exported")
     engine_tokens, compiled_tokens = engine_and_compiled_tokens(tmp_path / "engine", options)
     assert engine_tokens == compiled_tokens

@@ -3,7 +3,7 @@ the reference's tokens (tiny random Llama and Qwen3, a left-padded batch, eager 
 
 import pytest
 import torch
-from conftest import random_prompt, tiny_model
+from conftest import calibrated_filters, random_prompt, tiny_model
 
 from kvc_compile import CompressedCache, lookahead_generate, reference_prefill
 from kvc_compile.methods import list_token_methods
@@ -34,6 +34,7 @@ METHOD_OPTIONS = {
     "criticaladakv": {"scorer_options": {"window_size": 8}},
     "morphkv": {"window_size": 4, "budget": 20},  # a constant-size cache: an absolute budget
     "laq": {"lookahead": 4, "window_size": 2, "stage1_options": {"window_size": 8}},
+    "qfilters": {},  # filters calibrated on the test's own tiny model (calibrated_filters)
 }
 
 
@@ -43,7 +44,7 @@ def test_every_registered_method_is_covered():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
-def test_compiled_method_keeps_reference_entries_and_tokens(method, arch):
+def test_compiled_method_keeps_reference_entries_and_tokens(method, arch, tmp_path_factory):
     model = tiny_model(arch, attn_implementation="kvc")
     ids = random_prompt(2, PROMPT, seed=4)
     mask = torch.ones_like(ids)
@@ -52,6 +53,8 @@ def test_compiled_method_keeps_reference_entries_and_tokens(method, arch):
     opts = {"method": method, "inner_backend": "eager", **METHOD_OPTIONS[method]}
     if "budget" not in opts:
         opts["compression_ratio"] = 0.5
+    if method == "qfilters":
+        opts["filters"] = calibrated_filters(arch, tmp_path_factory.getbasetemp())
     reference = reference_prefill(model, ids, opts, attention_mask=mask)
     decoded_reference = reference_decode(model, ids, opts, max_new_tokens=NEW, attention_mask=mask)
     model.compile(backend="kvc", options=opts, dynamic=True)

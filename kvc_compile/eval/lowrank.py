@@ -44,7 +44,7 @@ def collect_activations(model: PreTrainedModel, texts_ids: Sequence[Tensor]) -> 
     for input_ids in texts_ids:
         with capture_prefill_attention(model) as captured:
             model.forward(input_ids=input_ids, use_cache=True)
-        for layer_idx, (query, keys, values, _) in captured.items():
+        for layer_idx, (query, keys, values, *_) in captured.items():
             kv_heads = keys.shape[1]
             group = query.shape[1] // kv_heads
             grouped = query[0].reshape(kv_heads, group * query.shape[2], query.shape[3])  # head-major, then tokens
