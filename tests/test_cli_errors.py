@@ -56,6 +56,9 @@ def test_eval_refuses_ratios_outside_0_1(capsys, tmp_path, no_model_load, ratios
     (["--methods", ","], "--methods is empty"),
     (["--model", FIXTURE_MODEL, "--context", "512"], "drop --context"),
     (["--model", FIXTURE_MODEL, "--query-aware"], "drop --query-aware"),
+    (["--method-option", "filters=x.safetensors"], "must look like METHOD:KEY=VALUE"),
+    (["--methods", "knorm", "--method-option", "qfilters:filters=x"], "'qfilters' is not among --methods (knorm)"),
+    (["--method-option", "snapkv:window_size"], "must look like KEY=VALUE"),
 ])
 def test_eval_refuses_bad_arguments_before_loading(capsys, tmp_path, no_model_load, argv, message):
     err = user_error(capsys, eval_cli.main, [*argv, "--out", str(tmp_path / "out")])
@@ -85,6 +88,9 @@ def test_eval_refuses_to_resume_a_folder_of_another_model(capsys, tmp_path):
     assert "model.name (was \"retrieval-fixture\", now \"smollm2-135m\")" in err and "new --out" in err
     err = user_error(capsys, eval_cli.main, [*FIXTURE_GRID[:-1], "compiled", "--out", str(out)])
     assert "path (was \"reference\", now \"compiled\")" in err
+    # A method option given on the command line is recorded, so the folder is not resumed without it.
+    err = user_error(capsys, eval_cli.main, [*FIXTURE_GRID, "--method-option", "knorm:seed=1", "--out", str(out)])
+    assert "method_options.knorm (was \"(not recorded)\", now {\"seed\": 1})" in err
 
 
 def test_grid_refuses_a_folder_of_another_architecture(tmp_path):

@@ -12,7 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
-from kvc_compile.cli.common import UsageError, check_out_dir, positive_int, user_errors
+from kvc_compile.cli.common import UsageError, check_out_dir, parse_option, positive_int, user_errors
 from kvc_compile.eval.leaderboard import PATHS, TextTasks, check_resume, run_grid, summarize
 from kvc_compile.eval.retrieval import FIXTURE_MODEL, FIXTURE_OPTIONS, FIXTURE_TASK, PAIRS, FixtureTasks, load_fixture
 from kvc_compile.eval.tasks import HAYSTACKS, TASKS
@@ -57,6 +57,21 @@ def model_settings(name: str) -> dict:
     return {"name": str(path.resolve()) if path.is_dir() else name, "weights": "pretrained"}
 
 
+def method_options_given(items: list[str], methods: list[str], base: dict[str, dict]) -> dict[str, dict]:
+    """``base`` with each ``METHOD:KEY=VALUE`` of ``--method-option`` added to its method's options."""
+    options = {method: dict(values) for method, values in base.items()}
+    for item in items:
+        method, sep, option = item.partition(":")
+        if not sep or not method:
+            raise UsageError(f"--method-option {item!r} must look like METHOD:KEY=VALUE, e.g. "
+                             f"--method-option qfilters:filters=smollm2-qfilters.safetensors")
+        if method not in methods:
+            raise UsageError(f"--method-option {item!r}: {method!r} is not among --methods ({', '.join(methods)})")
+        key, value = parse_option(option)
+        options.setdefault(method, {})[key] = value
+    return options
+
+
 @user_errors("kvc-eval")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvc-eval", description=__doc__.splitlines()[0])
@@ -78,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compiled: torch.compile(backend='kvc'), what users run; reference: the eager "
                              "oracle; shared-prefill: one prefill per sample for every configuration, the "
                              "same answers in a fraction of the time on a CPU")
+    parser.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="an option of one method, e.g. --method-option qfilters:filters=FILE (repeatable); "
+                             "recorded in the results folder's settings")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     asked = "query-aware" if args.query_aware else "question after compression"
     identity = model_settings(args.model)
     task_settings = FixtureTasks().settings if fixture else TextTasks(None, context, haystack).settings
-    extra = FIXTURE_OPTIONS if fixture else None
+    extra = method_options_given(args.method_option, methods, FIXTURE_OPTIONS if fixture else {}) or None
     # A folder made with other settings is refused now, not after a model load of minutes.
     check_resume(args.out, {**task_settings, "model": identity, "method_options": extra or {},
                             "query_aware": args.query_aware, "path": args.path})
