@@ -22,7 +22,7 @@ from pathlib import Path
 from kvc_compile import load_model
 from kvc_compile.bench import provenance_lines, write_report
 from kvc_compile.eval.leaderboard import FULL_CACHE, SHARED_PREFILL, TextTasks, read_records, run_grid
-from kvc_compile.methods import list_token_methods
+from kvc_compile.methods import list_methods
 
 
 def read_predictions(cells: Path, filename: str, seeds: int) -> list[str]:
@@ -55,7 +55,7 @@ def main() -> None:
     settings = json.loads((args.leaderboard / "settings.json").read_text())
     if settings.get("path") != SHARED_PREFILL:
         raise SystemExit(f"{args.leaderboard} was not made with --path {SHARED_PREFILL} (settings: {settings})")
-    methods = list_token_methods() if args.methods == "all" else args.methods.split(",")
+    methods = list_methods() if args.methods == "all" else args.methods.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
     tasks = args.tasks.split(",")
 
@@ -68,7 +68,8 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         cells = run_grid(model, source, Path(scratch), methods, ratios, tasks, args.seeds,
-                         query_aware=settings["query_aware"], path="compiled", compile_model=compile_model)
+                         query_aware=settings["query_aware"], path="compiled", compile_model=compile_model,
+                         extra_options=settings.get("method_options") or None)
         rows, same, total = [], 0, 0
         for cell in cells:
             compiled = read_predictions(Path(scratch) / "cells", cell.filename, args.seeds)

@@ -9,6 +9,7 @@ from conftest import tiny_model
 
 import kvc_compile.eval.leaderboard as leaderboard
 from kvc_compile.eval.leaderboard import FULL_CACHE, TextTasks, run_grid, summarize
+from kvc_compile.eval.lowrank import calibrate_lowrank
 from kvc_compile.eval.tasks import make_sample
 
 pytestmark = pytest.mark.smollm2  # needs a real tokenizer (SmolLM2's); the model is a tiny random Llama
@@ -101,3 +102,19 @@ def test_shared_prefill_grid_records_what_the_reference_grid_does_and_resumes(mo
     run_grid(model, TextTasks(tokenizer, 160), tmp_path / "shared", path="shared-prefill", **grid)
     assert calls == [("niah_single", 1, ["knorm"])]
     assert cell.read_text() == (tmp_path / "reference" / "cells" / cell.name).read_text()
+
+
+def test_kqsvd_cells_keep_entries_at_the_ratio_s_rank_on_both_paths(model, tokenizer, tmp_path):
+    # A ratio removes that share of each entry's width: rank 16 of 64 at 0.75, at least 1.
+    assert leaderboard.method_options("kqsvd", 0.75, {"projections": "p"}, head_dim=64) == {
+        "method": "kqsvd", "key_rank": 16, "value_rank": 16, "projections": "p"}
+    assert leaderboard.method_options("kqsvd", 0.99, head_dim=64)["key_rank"] == 1
+    projections = tmp_path / "kqsvd.safetensors"
+    calibrate_lowrank(model, [torch.randint(0, len(tokenizer), (1, 96), generator=torch.Generator().manual_seed(0))],
+                      rank=8).save(projections)
+    grid = dict(methods=["kqsvd"], ratios=[0.5], tasks=["passkey"], samples=2,
+                extra_options={"kqsvd": {"projections": str(projections)}})
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path / "reference", path="reference", **grid)
+    run_grid(model, TextTasks(tokenizer, 160), tmp_path / "shared", path="shared-prefill", **grid)
+    cell = "kqsvd__0.5__passkey.jsonl"
+    assert (tmp_path / "shared" / "cells" / cell).read_text() == (tmp_path / "reference" / "cells" / cell).read_text()

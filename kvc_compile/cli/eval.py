@@ -16,7 +16,7 @@ from kvc_compile.cli.common import UsageError, check_out_dir, parse_option, posi
 from kvc_compile.eval.leaderboard import PATHS, TextTasks, check_resume, run_grid, summarize
 from kvc_compile.eval.retrieval import FIXTURE_MODEL, FIXTURE_OPTIONS, FIXTURE_TASK, PAIRS, FixtureTasks, load_fixture
 from kvc_compile.eval.tasks import HAYSTACKS, TASKS
-from kvc_compile.methods import list_token_methods
+from kvc_compile.methods import list_methods
 from kvc_compile.models import load_model
 
 # Tasks SmolLM2-135M answers well above chance with the full cache at 2K tokens of filler
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Everything the user gave is checked before the model loads.
-    methods = parse_list(args.methods, list_token_methods(), "methods")
+    methods = parse_list(args.methods, list_methods(), "methods")
     fixture = args.model == FIXTURE_MODEL
     valid_tasks = FixtureTasks.tasks if fixture else TASKS
     tasks = parse_list(args.tasks or ",".join(FixtureTasks.tasks if fixture else DEFAULT_TASKS), valid_tasks, "tasks")

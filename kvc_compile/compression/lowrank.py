@@ -9,17 +9,15 @@ identity; a file that does not fit the model it is used with is refused. Fitting
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from kvc_compile.files import default_mode
+from kvc_compile.files import save_safetensors
 from kvc_compile.methods.kqsvd import check_rank
 from kvc_compile.models.identity import CalibrationMismatchError, check_identity
 
@@ -83,18 +81,7 @@ class LowRankProjections:
             "identity": json.dumps(self.identity, sort_keys=True),
             "settings": json.dumps(self.settings, sort_keys=True),
         }
-        # Written beside ``path`` and renamed over it: an interrupted save never leaves half a file. safetensors
-        # writes 0600; a projections file is meant to be shared, so it gets what ``open`` would give.
-        path = Path(path)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, staging, metadata=metadata)
-            os.chmod(staging, default_mode())
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
+        save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path, model: PreTrainedModel | None = None) -> LowRankProjections:

@@ -32,7 +32,7 @@ from kvc_compile.config import CompressionConfig
 from kvc_compile.eval.shared_prefill import answer_configs
 from kvc_compile.eval.tasks import TaskSample, make_sample, score_cell, string_match_all
 from kvc_compile.lookahead import decode_step, lookahead_stage
-from kvc_compile.methods import method_class
+from kvc_compile.methods import LOWRANK_METHOD, method_class
 from kvc_compile.reference import attention_implementation, reference_prefill
 from kvc_compile.transformers_compat import with_cache
 
@@ -54,9 +54,17 @@ class Cell:
         return f"{self.method.replace(' ', '_')}__{self.ratio:g}__{self.task}.jsonl"
 
 
-def method_options(method: str, ratio: float, extra: dict | None = None, context_tokens: int | None = None) -> dict:
+def method_options(method: str, ratio: float, extra: dict | None = None, context_tokens: int | None = None,
+                   head_dim: int | None = None) -> dict:
     """A cell's options. Constant-size caches (MorphKV) take the ratio as a budget of the context's
-    length: ``context_tokens * (1 - ratio)`` entries per KV head."""
+    length: ``context_tokens * (1 - ratio)`` entries per KV head. Rank compression (KQ-SVD) takes it
+    as the share of each entry's width removed: keys and values at rank ``head_dim * (1 - ratio)``, so a
+    ratio frees the same share of cache bytes as eviction does."""
+    if method == LOWRANK_METHOD:
+        if head_dim is None:
+            raise ValueError(f"{method} stores entries at a rank: its rank needs the head dimension")
+        rank = max(round(head_dim * (1 - ratio)), 1)
+        return {"method": method, "key_rank": rank, "value_rank": rank, **(extra or {})}
     if method_class(method).compresses_while_decoding:
         if context_tokens is None:
             raise ValueError(f"{method} keeps a constant-size cache: its budget needs the context length")
@@ -125,6 +133,11 @@ def answer_ids(
         if appended_ids is None:
             return out[:, context_ids.shape[1]:]
     return out[:, full_ids.shape[1]:]
+
+
+def head_dim_of(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int, kv_heads: int) -> None:
@@ -256,7 +269,8 @@ def run_grid(
     cells_dir.mkdir(parents=True, exist_ok=True)
     configs, skipped = [(FULL_CACHE, 0.0, None)], {}
     for method, ratio in ((m, r) for m in methods for r in ratios):
-        options = method_options(method, ratio, (extra_options or {}).get(method), source.context_tokens)
+        options = method_options(method, ratio, (extra_options or {}).get(method), source.context_tokens,
+                                 head_dim_of(model))
         try:
             CompressionConfig.from_options(options)
         except ValueError as error:  # e.g. a constant-size cache smaller than its window at this ratio

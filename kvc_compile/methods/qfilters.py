@@ -20,8 +20,6 @@ own queries, with the sign defined above, and the score is ``filter · key``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kvc_compile.files import default_mode
+from kvc_compile.files import save_safetensors
 from kvc_compile.methods.base import Method, ScoreInputs
 from kvc_compile.models.identity import CalibrationMismatchError, check_identity
 
@@ -47,21 +45,9 @@ class QueryFilters:
     settings: dict[str, object]
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         metadata = {"format": FORMAT, "identity": json.dumps(self.identity, sort_keys=True),
                     "settings": json.dumps(self.settings, sort_keys=True)}
-        # Written beside ``path`` and renamed over it: an interrupted save never leaves half a file.
-        path = Path(path)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file({"filters": self.filters.float().contiguous()}, staging, metadata=metadata)
-            os.chmod(staging, default_mode())
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
+        save_safetensors({"filters": self.filters.float().contiguous()}, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> QueryFilters:
