@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import random_prompt, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvc_compile import reference_prefill
 from kvc_compile.compression.prefill import compress_layer
 from kvc_compile.config import CompressionConfig
 from kvc_compile.methods.adakv import AdaKV
@@ -229,6 +231,19 @@ def test_two_stage_head_adaptive_selection_by_hand():
     padded = torch.tensor([[False, True, True, True]])
     kept = select_two_stage_head_adaptive(first, second, padded, 2, alpha_safeguard=0.0, first_share=0.5)
     assert kept[0].tolist() == [1, 3, 4 + 1, 4 + 3]
+
+
+def test_criticalkv_on_a_model_without_o_proj_is_refused_with_the_reason():
+    model = tiny_model("llama", attn_implementation="kvc")
+    for layer in model.model.layers:
+        layer.self_attn.o_proj = torch.nn.Identity()  # hidden size = heads * head_dim: the model still runs
+    options = {"method": "criticalkv", "compression_ratio": 0.5, "scorer_options": {"window_size": 4},
+               "inner_backend": "eager"}
+    with pytest.raises(OutputProjectionNotFoundError, match="no linear o_proj|none was found"):
+        reference_prefill(model, random_prompt(1, 20), options)
+    compiled = torch.compile(model, backend="kvc", options=options, dynamic=True)
+    with pytest.raises(Exception, match="no linear o_proj follows the attention of layer 0"), torch.no_grad():
+        compiled(random_prompt(1, 20), use_cache=True)
 
 
 def test_criticalkv_refuses_what_it_cannot_do():

@@ -1,16 +1,18 @@
-"""Q-Filters: the filter maths by hand, calibration on a tiny model, and the file with the model's
-identity (the compiled path against the reference: tests/test_methods_compiled.py)."""
+"""Q-Filters: the filter maths by hand, calibration on a tiny model, the file with the model's
+identity, and compression while decoding (the compiled prefill against the reference:
+tests/test_methods_compiled.py)."""
 
 import pytest
 import torch
 from conftest import calibrated_filters, random_prompt, tiny_model
 
-from kvc_compile import reference_prefill
+from kvc_compile import CompressedCache, reference_prefill
 from kvc_compile.config import CompressionConfig
 from kvc_compile.methods.base import ScoreInputs
 from kvc_compile.methods.qfilters import QFilters, QueryFilters, fit_filters
 from kvc_compile.models.identity import CalibrationMismatchError
-from kvc_compile.reference import capture_prefill
+from kvc_compile.reference import capture_prefill, reference_decode
+from kvc_compile.transformers_compat import output_cache, with_cache
 
 
 def test_filter_is_the_signed_principal_query_direction_and_keys_score_by_projection(tmp_path):
@@ -58,3 +60,22 @@ def test_filters_of_another_model_or_no_file_are_refused(llama_filters, tmp_path
         CompressionConfig.from_options({"method": "qfilters", "compression_ratio": 0.5})
     with pytest.raises(FileNotFoundError, match="no Q-Filters file at .*kvc-calibrate --method qfilters"):
         CompressionConfig.from_options({**options, "filters": str(tmp_path / "missing.safetensors")})
+
+
+def test_compiled_qfilters_compress_while_decoding_as_the_reference_does(llama_filters):
+    options = {"method": "qfilters", "filters": llama_filters, "budget": 16, "decoding_interval": 4, "target_size": 16}
+    model = tiny_model("llama", attn_implementation="kvc")
+    ids = random_prompt(2, 30, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[mask == 0] = 0
+    reference = reference_decode(model, ids, options, max_new_tokens=12, attention_mask=mask)
+    torch._dynamo.reset()
+    model.compile(backend="kvc", options={**options, "inner_backend": "eager"}, dynamic=True)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             **with_cache(CompressedCache()), return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, 30:], reference.tokens)
+    for layer, reference_layer in zip(output_cache(out).layers, reference.cache.layers, strict=True):
+        assert layer.keys.shape[2] < 30 + 12  # evicted while decoding, back to the target
+        assert torch.equal(layer.positions, reference_layer.positions)
