@@ -28,6 +28,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from kvc_compile.backend.tuning import compile_tuned
 from kvc_compile.cache import CompressedCache, cache_nbytes
+from kvc_compile.models import attention_head_dim
 from kvc_compile.reference import attention_implementation
 from kvc_compile.transformers_compat import output_cache, with_cache
 
@@ -112,7 +113,7 @@ def token_kv_bytes(config: PretrainedConfig, batch: int, dtype: torch.dtype) -> 
     config = config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = attention_head_dim(config)
     return 2 * config.num_hidden_layers * batch * kv_heads * head_dim * dtype.itemsize
 
 

@@ -57,6 +57,7 @@ from kvc_compile.engine.programs import (
 )
 from kvc_compile.engine.state import RollingState, SlotState, Stage2Input, Stage2Output, flatten, unflatten
 from kvc_compile.files import default_mode
+from kvc_compile.models import attention_head_dim
 from kvc_compile.ops.compress import ShortPromptWarning
 from kvc_compile.passes import PassManager
 from kvc_compile.plugins import TargetUnavailableError
@@ -266,10 +267,6 @@ def _example_prompt(length: int, vocab: int, device: torch.device) -> tuple[Tens
     return ids, mask
 
 
-def _head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def _batch_dim() -> torch.export.Dim:
     """The dynamic batch dimension. Its upper bound is not ``max_batch`` (the runtime enforces that):
     a bound below the example batch, or a Dim with min == max, cannot be exported."""
@@ -316,7 +313,7 @@ def _decode_example(model, layout: StateLayout, capacity: list[int], dtype: torc
     """Example inputs of a decode program; the mask spans ``live`` slots (default: the capacity)."""
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
-    head_dim = _head_dim(cfg)
+    head_dim = attention_head_dim(cfg)
     layers = []
     for layer, slots in enumerate(capacity):
         heads = 1 if layout.packed else kv_heads
@@ -384,7 +381,7 @@ def _export_lookahead(model, config: CompressionConfig, ranges, stage1_lengths: 
 def _stage2_example(model, config: CompressionConfig, length: int) -> tuple:
     cfg = model.config
     parameter = next(model.parameters())
-    head_dim = _head_dim(cfg)
+    head_dim = attention_head_dim(cfg)
     generator = torch.Generator().manual_seed(0)
 
     def states(heads: int, count: int) -> Tensor:
@@ -729,7 +726,7 @@ def _write_manifest(model, config: CompressionConfig, exported: _ExportedEngine,
 
 def model_summary(model, name: str | None, dtype: torch.dtype) -> dict[str, Any]:
     cfg = model.config
-    head_dim = _head_dim(cfg)
+    head_dim = attention_head_dim(cfg)
     return {
         "name": name or getattr(cfg, "_name_or_path", "") or cfg.model_type,
         "architecture": (cfg.architectures or [type(model).__name__])[0],

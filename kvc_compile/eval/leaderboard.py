@@ -33,6 +33,7 @@ from kvc_compile.eval.shared_prefill import answer_configs
 from kvc_compile.eval.tasks import TaskSample, make_sample, score_cell, string_match_all
 from kvc_compile.lookahead import decode_step, lookahead_stage
 from kvc_compile.methods import LOWRANK_METHOD, method_class
+from kvc_compile.models import attention_head_dim
 from kvc_compile.reference import attention_implementation, reference_prefill
 from kvc_compile.transformers_compat import with_cache
 
@@ -133,11 +134,6 @@ def answer_ids(
         if appended_ids is None:
             return out[:, context_ids.shape[1]:]
     return out[:, full_ids.shape[1]:]
-
-
-def head_dim_of(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config(decoder=True)
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _check_compressed(config: CompressionConfig, cache: CompressedCache, n: int, kv_heads: int) -> None:
@@ -270,7 +266,7 @@ def run_grid(
     configs, skipped = [(FULL_CACHE, 0.0, None)], {}
     for method, ratio in ((m, r) for m in methods for r in ratios):
         options = method_options(method, ratio, (extra_options or {}).get(method), source.context_tokens,
-                                 head_dim_of(model))
+                                 attention_head_dim(model.config))
         try:
             CompressionConfig.from_options(options)
         except ValueError as error:  # e.g. a constant-size cache smaller than its window at this ratio

@@ -29,10 +29,9 @@ def calibrate_query_filters(model: PreTrainedModel, texts_ids: Sequence[Tensor])
         queries = torch.stack([site.query[0].float() for site in sites])  # [layers, q_heads, T, d]
         kv_heads = sites[0].keys.shape[1]
         layers, q_heads, length, head_dim = queries.shape
-        grouped = queries.reshape(layers, kv_heads, (q_heads // kv_heads) * length, head_dim)
-        step_gram = grouped.double().mT @ grouped.double()
+        grouped = queries.reshape(layers, kv_heads, (q_heads // kv_heads) * length, head_dim).double()
+        step_gram, step_sum = grouped.mT @ grouped, grouped.sum(dim=2)
         gram = step_gram if gram is None else gram + step_gram
-        step_sum = grouped.double().sum(dim=2)
         query_sum = step_sum if query_sum is None else query_sum + step_sum
         tokens += length
     if gram is None:

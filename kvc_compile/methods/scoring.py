@@ -97,11 +97,10 @@ def output_l1_norms(values: Tensor, output_weight: Tensor) -> Tensor:
     """
     batch, kv_heads, n, head_dim = values.shape
     q_heads = output_weight.shape[1] // head_dim
+    values = values.float()
+    weight = output_weight.float().reshape(output_weight.shape[0], q_heads, head_dim)
     group = q_heads // kv_heads
-    weight = output_weight.float().reshape(output_weight.shape[0], kv_heads, group, head_dim)
-    norms = []
-    for kv_head in range(kv_heads):
-        head_values = values[:, kv_head].float()  # [batch, n, d]
-        group_norms = [(head_values @ weight[:, kv_head, member].T).abs().sum(-1) for member in range(group)]
-        norms.append(torch.stack(group_norms).mean(0))
-    return torch.stack(norms, dim=1)
+    per_query_head = torch.stack(
+        [(values[:, head // group] @ weight[:, head].T).abs().sum(-1) for head in range(q_heads)], dim=1
+    )  # [batch, q_heads, n]
+    return per_query_head.view(batch, kv_heads, group, n).mean(dim=2)

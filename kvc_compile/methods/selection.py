@@ -55,19 +55,23 @@ def two_stage_scores(first: Tensor, second: Tensor, budgets, first_share: float)
     an int (every head) or [batch, kv_heads]. First-stage entries rank above every finite score and
     below ``PROTECTED`` ones (windows, sinks), as AdaKV's safeguard floor does.
     """
-    first_count = budgets * first_share
-    first_count = first_count.floor() if isinstance(first_count, Tensor) else int(first_count)
-    if isinstance(first_count, Tensor):
-        first_count = first_count[..., None]
+    if isinstance(budgets, Tensor):
+        first_count = (budgets * first_share).floor()[..., None]
+    else:
+        first_count = int(budgets * first_share)
     chosen = score_ranks(first) < first_count
     forced = torch.full_like(second, torch.finfo(torch.float32).max)
     return torch.where(chosen & torch.isfinite(second), forced, second)
 
 
+def _excluding_padding(valid: Tensor, *scores: Tensor) -> tuple[Tensor, ...]:
+    """Each [batch, kv_heads, n] score tensor in fp32 with padding positions at ``EXCLUDED``."""
+    return tuple(x.float().masked_fill(~valid[:, None, :], EXCLUDED) for x in scores)
+
+
 def select_two_stage(first: Tensor, second: Tensor, valid: Tensor, n_kept, first_share: float) -> Tensor:
     """``select_uniform`` over ``two_stage_scores``: [batch, kv_heads, n_kept] positions, ascending."""
-    excluded = ~valid[:, None, :]
-    first, second = (x.float().masked_fill(excluded, EXCLUDED) for x in (first, second))
+    first, second = _excluding_padding(valid, first, second)
     return top_positions(two_stage_scores(first, second, n_kept, first_share), n_kept)
 
 
@@ -83,8 +87,7 @@ def select_two_stage_head_adaptive(first: Tensor, second: Tensor, valid: Tensor,
     two stages (``two_stage_scores``). Returns [batch, kv_heads * n_kept] flat indices, ascending."""
     batch, kv_heads, n = first.shape
     budgets = head_budgets(select_head_adaptive(first, valid, n_kept, alpha_safeguard), kv_heads, n)
-    excluded = ~valid[:, None, :]
-    first, second = (x.float().masked_fill(excluded, EXCLUDED) for x in (first, second))
+    first, second = _excluding_padding(valid, first, second)
     kept = score_ranks(two_stage_scores(first, second, budgets, first_share)) < budgets[..., None]
     # The heads' budgets sum to kv_heads * n_kept, so exactly that many entries are marked kept.
     return top_positions(kept.float().reshape(batch, kv_heads * n), kv_heads * n_kept)

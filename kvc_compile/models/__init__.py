@@ -79,6 +79,12 @@ logger = logging.getLogger(__name__)
 WEIGHTS = ("pretrained", "random")
 
 
+def attention_head_dim(config: PretrainedConfig) -> int:
+    """Width of one attention head of ``config``'s decoder (``head_dim``, else hidden size / heads)."""
+    config = config.get_text_config(decoder=True)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def preset_config(name: str, layers: int | None = None) -> PretrainedConfig:
     """The architecture of preset ``name`` (shipped with the package), optionally cut to ``layers``."""
     path = CONFIGS / f"{name}.json"
@@ -250,4 +256,12 @@ def _load_tokenizer(directory: Path, name: str, required: bool) -> PreTrainedTok
                                  f"{' '.join(str(error).split())}") from error
 
 
-__all__ = ["PRESETS", "WEIGHTS", "ModelNotFoundError", "load_model", "preset_config", "random_model"]
+__all__ = [
+    "PRESETS",
+    "WEIGHTS",
+    "ModelNotFoundError",
+    "attention_head_dim",
+    "load_model",
+    "preset_config",
+    "random_model",
+]
